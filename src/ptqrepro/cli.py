@@ -1,0 +1,267 @@
+"""The ``ptqrepro`` command: one subcommand per pipeline stage, each usable by hand.
+
+    ptqrepro prepare-model  --name M --spec '{gguf: {...}}' --out results/models/M
+    ptqrepro prepare-corpus --name C [--spec '{path: ...}'] --out results/corpora/C
+    ptqrepro calibrate      --model DIR --corpus DIR --nsamples N --seqlen L --seed S --out FILE.pt
+    ptqrepro quantize       --model DIR --calibration FILE.pt --recipe NAME --spec '{steps: [rtn], weight: int4}' --out DIR --metrics FILE.json
+    ptqrepro eval-ppl       --model DIR --quantized DIR --corpus DIR --seqlen L [--max-windows K] --out FILE.json
+    ptqrepro tables         --out DIR RESULT.json...
+    ptqrepro plots          --table all.csv --out STEM
+
+Bad input ends with one line ``ptqrepro: error: ...`` and exit code 2; nothing already written
+is touched, since every output is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from ptqrepro.errors import PtqError
+from ptqrepro.io import atomic_path, read_json, write_json
+
+SPLIT_FILE = "{split}.jsonl"
+CORPUS_MANIFEST = "corpus.json"
+
+
+def _spec(text: str | None) -> dict:
+    """Parse an inline YAML/JSON mapping given on the command line."""
+    if not text:
+        return {}
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise PtqError(f"cannot parse --spec {text!r}: {error.problem}") from None
+    if not isinstance(value, dict):
+        raise PtqError(f"--spec must be a mapping, got {text!r}")
+    return value
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _corpus(corpus_dir: str):
+    from ptqrepro.data.corpora import CorpusSpec
+
+    manifest = Path(corpus_dir) / CORPUS_MANIFEST
+    if not manifest.is_file():
+        raise PtqError(f"{corpus_dir} is not a prepared corpus (no {CORPUS_MANIFEST}); run prepare-corpus")
+    return CorpusSpec(**read_json(manifest)["spec"])
+
+
+def _documents(corpus_dir: str, split: str) -> list[str]:
+    from ptqrepro.data.corpora import read_documents
+
+    return read_documents(Path(corpus_dir) / SPLIT_FILE.format(split=split))
+
+
+def cmd_prepare_model(args) -> None:
+    from ptqrepro.models.sources import ModelSource, prepare_model
+
+    manifest = prepare_model(ModelSource.from_config(args.name, _spec(args.spec)), args.out)
+    print(json.dumps(manifest))
+
+
+def cmd_prepare_corpus(args) -> None:
+    from ptqrepro.data.corpora import corpus_spec, write_corpus
+
+    spec = corpus_spec(args.name, _spec(args.spec) or None)
+    with atomic_path(args.out) as tmp:
+        stats = write_corpus(spec, tmp)
+        write_json(tmp / CORPUS_MANIFEST, {"spec": dataclasses.asdict(spec), "stats": stats})
+    print(json.dumps(stats))
+
+
+def cmd_calibrate(args) -> None:
+    from ptqrepro.data.windows import calibration_windows
+    from ptqrepro.models.sources import load_tokenizer
+
+    spec = _corpus(args.corpus)
+    windows = calibration_windows(
+        _documents(args.corpus, "train"), load_tokenizer(args.model), spec, args.nsamples, args.seqlen, args.seed
+    )
+    with atomic_path(args.out) as tmp:
+        torch.save({"input_ids": windows, "corpus": spec.name, "seed": args.seed}, tmp)
+    print(f"{tuple(windows.shape)} calibration windows from {spec.name} -> {args.out}")
+
+
+def cmd_quantize(args) -> None:
+    from ptqrepro.artifact import save_artifact
+    from ptqrepro.models.sources import load_model, resolve_device
+    from ptqrepro.pipeline import quantize_model
+    from ptqrepro.provenance import Provenance
+    from ptqrepro.recipes import recipe_from_config
+
+    _set_threads(args.threads)
+    provenance = Provenance()
+    spec = _spec(args.spec)
+    recipe = recipe_from_config(args.recipe, spec)
+    device = resolve_device(args.device)
+    calibration = torch.load(args.calibration)
+    model, _ = load_model(args.model)
+    result = quantize_model(
+        model, recipe, calibration["input_ids"], device=device, batch_size=args.batch_size, log=print
+    )
+    stored = sum(weight.stored_bits() for weight in result.quantized.values())
+    numel = sum(weight.codes.numel() for weight in result.quantized.values())
+    fmt = recipe.weight
+    description = {
+        "model": Path(args.model).name,
+        "recipe": recipe.name,
+        "method": recipe.method,
+        "weight_format": fmt.name if fmt else None,
+        "weight_scheme": fmt.scheme if fmt else "fp16",
+        "weight_bits": fmt.bits if fmt else 16,
+        "bits_per_weight": round(stored / numel, 4) if numel else 16,
+        "act_format": None,
+    }
+    settings = {"recipe": spec, "calibration": calibration["corpus"], "seed": calibration["seed"],
+                "nsamples": int(calibration["input_ids"].shape[0]), "seqlen": int(calibration["input_ids"].shape[1])}
+    record = provenance.record(settings, device)
+    errors = [r["weight_rel_error"] for r in result.records]
+    metrics = {
+        "quantize_time_s": record["wall_time_s"],
+        "bits_per_weight": description["bits_per_weight"],
+        "mean_weight_rel_error": sum(errors) / len(errors) if errors else 0.0,
+    }
+    if result.records and "output_rel_error" in result.records[0]:
+        metrics["mean_output_rel_error"] = sum(r["output_rel_error"] for r in result.records) / len(result.records)
+    save_artifact(args.out, result.quantized, {**description, "config_hash": record["config_hash"]})
+    write_json(args.metrics, {
+        "kind": "quantize", **description, "dataset": calibration["corpus"], "metrics": metrics,
+        "settings": settings, "provenance": record, "layers": result.records,
+    })
+    print(f"{recipe.name}: {len(result.quantized)} linears, {description['bits_per_weight']} bits/weight")
+
+
+def cmd_eval_ppl(args) -> None:
+    from ptqrepro.artifact import apply_artifact
+    from ptqrepro.data.windows import evaluation_windows
+    from ptqrepro.eval.perplexity import perplexity
+    from ptqrepro.models.sources import load_model, resolve_device, torch_dtype
+    from ptqrepro.provenance import Provenance
+
+    _set_threads(args.threads)
+    provenance = Provenance()
+    device = resolve_device(args.device)
+    spec = _corpus(args.corpus)
+    model, tokenizer = load_model(args.model)
+    manifest = apply_artifact(model, args.quantized)
+    windows, total = evaluation_windows(
+        _documents(args.corpus, "test"), tokenizer, spec, args.seqlen, args.max_windows,
+        nsamples=args.nsamples, seed=args.seed,
+    )
+    model.to(device=device, dtype=torch_dtype(args.dtype))
+    metrics = perplexity(model, windows, batch_size=args.batch_size, device=device)
+    protocol = {"seqlen": args.seqlen, "windows": int(windows.shape[0]), "total_windows": total,
+                "max_windows": args.max_windows, "dtype": args.dtype, "sampling": spec.sampling, "split": "test"}
+    description = {key: manifest[key] for key in (
+        "model", "recipe", "method", "weight_format", "weight_scheme", "weight_bits", "bits_per_weight", "act_format")}
+    write_json(args.out, {
+        "kind": "perplexity", **description, "dataset": spec.name, "metrics": metrics, "protocol": protocol,
+        "provenance": provenance.record({"protocol": protocol, "quantized": manifest["config_hash"]}, device),
+    })
+    print(f"{description['recipe']} on {spec.name}: ppl {metrics['ppl']:.3f} over {windows.shape[0]} windows")
+
+
+def cmd_tables(args) -> None:
+    from ptqrepro.report.tables import gather_results, write_tables
+
+    paths = write_tables(gather_results(args.results), args.out)
+    print(" ".join(str(path) for path in paths.values()))
+
+
+def cmd_plots(args) -> None:
+    import pandas
+
+    from ptqrepro.report.plots import plot_ppl_vs_bits
+
+    paths = plot_ppl_vs_bits(pandas.read_csv(args.table), args.out)
+    print(" ".join(str(path) for path in paths))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ptqrepro", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare-model", help="convert/record a model source into a prepared directory")
+    p.add_argument("--name", required=True)
+    p.add_argument("--spec", required=True, help="the model's config entry, inline YAML/JSON")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_prepare_model)
+
+    p = sub.add_parser("prepare-corpus", help="write a corpus's train/validation/test splits as JSONL")
+    p.add_argument("--name", required=True)
+    p.add_argument("--spec", help="overrides of the built-in corpus definition, inline YAML/JSON")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_prepare_corpus)
+
+    p = sub.add_parser("calibrate", help="draw seeded calibration windows from a corpus's train split")
+    p.add_argument("--model", required=True, help="prepared model directory (for its tokenizer)")
+    p.add_argument("--corpus", required=True, help="prepared corpus directory")
+    p.add_argument("--nsamples", type=int, required=True)
+    p.add_argument("--seqlen", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("quantize", help="apply a recipe layer by layer and write the quantized artifact")
+    p.add_argument("--model", required=True)
+    p.add_argument("--calibration", required=True)
+    p.add_argument("--recipe", required=True, help="recipe name")
+    p.add_argument("--spec", required=True, help="the recipe's config entry, inline YAML/JSON")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", required=True, help="artifact directory")
+    p.add_argument("--metrics", required=True, help="result JSON")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval-ppl", help="perplexity of a quantized model with the GPTQ protocol")
+    p.add_argument("--model", required=True)
+    p.add_argument("--quantized", required=True, help="artifact directory from quantize")
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, help="that many windows spread evenly over the test text")
+    p.add_argument("--nsamples", type=int, default=256, help="windows drawn by the per-document (C4) protocol")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_eval_ppl)
+
+    p = sub.add_parser("tables", help="gather result JSONs into all.csv and all.md")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("results", nargs="+")
+    p.set_defaults(func=cmd_tables)
+
+    p = sub.add_parser("plots", help="perplexity vs weight bits per method (PNG and PDF)")
+    p.add_argument("--table", required=True, help="all.csv from tables")
+    p.add_argument("--out", required=True, help="output path without extension")
+    p.set_defaults(func=cmd_plots)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except PtqError as error:
+        print(f"ptqrepro: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

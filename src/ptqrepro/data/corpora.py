@@ -1,0 +1,409 @@
+"""Corpus definitions and loaders: wiki-mini (offline Wikipedia), WikiText-2 and C4 (hub), local folders.
+
+Every corpus is materialised as ``{train,validation,test}.jsonl`` (one ``{"text": ...}`` document per
+line) so that later pipeline steps read plain files and never touch the original source again.
+"""
+
+from __future__ import annotations
+
+import bz2
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+from xml.etree import ElementTree
+
+from ptqrepro.errors import PtqError
+from ptqrepro.io import atomic_path
+
+SPLITS = ("train", "validation", "test")
+SOURCES = ("gensim-wiki", "hub", "local")
+SAMPLINGS = ("concatenated", "documents")
+
+GENSIM_WIKI_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+MIN_PARAGRAPH_WORDS = 12
+DROPPED_SECTIONS = frozenset(
+    {"references", "see also", "external links", "further reading", "notes", "bibliography"}
+)
+DROPPED_TAGS = frozenset(
+    {"ref", "references", "table", "math", "gallery", "imagemap", "timeline", "score", "chem", "hiero"}
+)
+NON_PROSE_LINK_NAMESPACES = frozenset({"file", "image", "category", "media"})
+LIST_MARKUP = ("*", "#", ";", ":")
+LIST_MARK = "\x00"
+MARKUP_RESIDUE = ("{{", "}}", "[[", "]]", "''", "<", ">", "|")
+
+
+def _identity_splits() -> dict[str, str]:
+    return {split: split for split in SPLITS}
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """Where a corpus comes from and which GPTQ window protocol applies to it."""
+
+    name: str
+    source: str
+    path: str | None = None
+    config_name: str | None = None
+    data_files: dict[str, str] | None = None
+    splits: dict[str, str] = field(default_factory=_identity_splits)
+    text_field: str = "text"
+    sampling: str = "concatenated"
+    train_join: str = " "
+    test_join: str = "\n\n"
+
+
+C4_TRAIN_SHARD = "en/c4-train.00000-of-01024.json.gz"
+C4_VALIDATION_SHARD = "en/c4-validation.00000-of-00008.json.gz"
+
+BUILTIN_CORPORA: dict[str, CorpusSpec] = {
+    "wiki-mini": CorpusSpec(name="wiki-mini", source="gensim-wiki"),
+    "wikitext2": CorpusSpec(
+        name="wikitext2",
+        source="hub",
+        path="wikitext",
+        config_name="wikitext-2-raw-v1",
+    ),
+    "c4": CorpusSpec(
+        name="c4",
+        source="hub",
+        path="allenai/c4",
+        data_files={"train": C4_TRAIN_SHARD, "validation": C4_VALIDATION_SHARD},
+        splits={"train": "train", "validation": "validation", "test": "validation"},
+        sampling="documents",
+    ),
+}
+
+
+def corpus_spec(name: str, overrides: dict | None = None) -> CorpusSpec:
+    """Resolve a corpus by name: a builtin with config ``overrides`` applied, or a corpus fully
+    defined in the config (then ``overrides`` must give ``source``)."""
+    overrides = dict(overrides or {})
+    _check_override_keys(name, overrides)
+    if name in BUILTIN_CORPORA:
+        spec = dataclasses.replace(BUILTIN_CORPORA[name], **overrides)
+    elif "source" in overrides:
+        spec = CorpusSpec(name=name, **overrides)
+    else:
+        known = ", ".join(sorted(BUILTIN_CORPORA))
+        raise PtqError(f"unknown corpus {name!r} (known: {known}; or give 'source' to define it)")
+    return _validated(spec)
+
+
+def _check_override_keys(name: str, overrides: dict) -> None:
+    allowed = {f.name for f in dataclasses.fields(CorpusSpec)} - {"name"}
+    for key in overrides:
+        if key not in allowed:
+            raise PtqError(
+                f"corpus {name!r}: unknown key {key!r} (allowed: {', '.join(sorted(allowed))})"
+            )
+
+
+def _validated(spec: CorpusSpec) -> CorpusSpec:
+    if spec.source not in SOURCES:
+        raise PtqError(f"corpus {spec.name!r}: source {spec.source!r} is not one of {', '.join(SOURCES)}")
+    if spec.sampling not in SAMPLINGS:
+        raise PtqError(
+            f"corpus {spec.name!r}: sampling {spec.sampling!r} is not one of {', '.join(SAMPLINGS)}"
+        )
+    if spec.source in ("hub", "local") and not spec.path:
+        raise PtqError(f"corpus {spec.name!r}: source {spec.source!r} needs a 'path'")
+    for split in spec.splits:
+        if split not in SPLITS:
+            raise PtqError(f"corpus {spec.name!r}: split {split!r} is not one of {', '.join(SPLITS)}")
+    return spec
+
+
+def load_documents(spec: CorpusSpec, split: str) -> list[str]:
+    """Read the documents of ``split`` (train/validation/test) from the corpus' original source."""
+    if split not in spec.splits:
+        raise PtqError(f"corpus {spec.name!r} has no split {split!r} (has: {', '.join(spec.splits)})")
+    source_split = spec.splits[split]
+    if spec.source == "gensim-wiki":
+        return _load_gensim_wiki(spec, source_split)
+    if spec.source == "hub":
+        return _load_hub(spec, source_split)
+    if spec.source == "local":
+        return _load_local(spec, source_split)
+    raise PtqError(f"corpus {spec.name!r}: source {spec.source!r} is not one of {', '.join(SOURCES)}")
+
+
+def write_corpus(spec: CorpusSpec, out_dir: str | os.PathLike) -> dict:
+    """Write ``out_dir/{split}.jsonl`` for every split of ``spec`` (atomically, one file at a time)
+    and return ``{split: {"documents": n, "characters": n}}``."""
+    out = Path(out_dir)
+    stats = {}
+    for split in (s for s in SPLITS if s in spec.splits):
+        documents = load_documents(spec, split)
+        _write_jsonl(out / f"{split}.jsonl", documents)
+        stats[split] = {"documents": len(documents), "characters": sum(len(d) for d in documents)}
+    return stats
+
+
+def read_documents(path: str | os.PathLike) -> list[str]:
+    """Read the documents of one ``{split}.jsonl`` file written by :func:`write_corpus`."""
+    return _read_jsonl_field(Path(path), "text")
+
+
+def _write_jsonl(path: Path, documents: list[str]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as stream:
+        for document in documents:
+            stream.write(json.dumps({"text": document}, ensure_ascii=False) + "\n")
+
+
+def _read_jsonl_field(path: Path, text_field: str) -> list[str]:
+    documents = []
+    with open(path, encoding="utf-8") as stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if text_field not in record:
+                raise PtqError(f"{path}:{number}: no field {text_field!r}")
+            documents.append(record[text_field])
+    return documents
+
+
+# --- source "local" -------------------------------------------------------------------------------
+
+
+def _load_local(spec: CorpusSpec, source_split: str) -> list[str]:
+    folder = Path(spec.path)
+    jsonl = folder / f"{source_split}.jsonl"
+    text = folder / f"{source_split}.txt"
+    if jsonl.is_file():
+        return _read_jsonl_field(jsonl, spec.text_field)
+    if text.is_file():
+        return [text.read_text(encoding="utf-8")]
+    raise PtqError(f"corpus {spec.name!r}: neither {jsonl} nor {text} exists")
+
+
+# --- source "hub" ---------------------------------------------------------------------------------
+
+
+def _load_hub(spec: CorpusSpec, source_split: str) -> list[str]:
+    """``datasets.load_dataset(path, config, data_files=..., split=...)[text_field]`` as in GPTQ
+    datautils (get_wikitext2, get_c4); ``path`` may also be a local mirror of the hub repository."""
+    import datasets
+
+    dataset = datasets.load_dataset(
+        spec.path,
+        spec.config_name,
+        data_files=_hub_data_files(spec, source_split),
+        split=source_split,
+    )
+    if spec.text_field not in dataset.column_names:
+        raise PtqError(
+            f"corpus {spec.name!r}: text_field {spec.text_field!r} not in columns {dataset.column_names}"
+        )
+    return list(dataset[spec.text_field])
+
+
+def _hub_data_files(spec: CorpusSpec, source_split: str) -> dict[str, str] | None:
+    if spec.data_files is None:
+        return None
+    if source_split not in spec.data_files:
+        raise PtqError(f"corpus {spec.name!r}: data_files has no entry for split {source_split!r}")
+    return {source_split: spec.data_files[source_split]}
+
+
+# --- source "gensim-wiki" -------------------------------------------------------------------------
+
+
+def gensim_wiki_dump() -> Path:
+    """Path of the shortened English Wikipedia dump shipped in the gensim wheel (gensim test data)."""
+    package = importlib.util.find_spec("gensim")
+    if package is None or not package.submodule_search_locations:
+        raise PtqError("corpus source 'gensim-wiki' needs gensim: pip install gensim")
+    dump = Path(next(iter(package.submodule_search_locations))) / GENSIM_WIKI_DUMP
+    if not dump.is_file():
+        raise PtqError(f"gensim is installed but its Wikipedia test dump is missing: {dump}")
+    return dump
+
+
+def wiki_split_of(article_index: int) -> str:
+    """Split of the ``article_index``-th kept article in dump order: 9 mod 10 -> test,
+    8 mod 10 -> validation, otherwise train (so every article is in exactly one split)."""
+    remainder = article_index % 10
+    if remainder == 9:
+        return "test"
+    if remainder == 8:
+        return "validation"
+    return "train"
+
+
+def parse_wiki_dump(dump_path: str | os.PathLike) -> list[str]:
+    """Clean WikiText-style documents of a MediaWiki ``.xml.bz2`` dump, in dump order.
+
+    Keeps main-namespace (ns 0) pages that are not redirects. Wikitext is cleaned with
+    mwparserfromhell: templates, comments, <ref>/<table>/<math> (and similar) tags, File:/Image:/
+    Category: and interlanguage links are dropped, then ``strip_code``. The sections References,
+    See also, External links, Further reading, Notes and Bibliography (with their subsections) are
+    dropped, list items are skipped, and only paragraphs of at least 12 words are kept.
+    Layout follows WikiText-2 raw: `` = Title = `` first, `` = = Section = = `` for level-2 headings,
+    `` = = = Sub = = = `` for level 3, one paragraph or heading per line (joined with ``"\\n"``).
+    Articles without any kept paragraph are left out.
+    """
+    articles = (_wiki_document(title, text) for title, text in _iter_articles(Path(dump_path)))
+    return [article for article in articles if article is not None]
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_wiki_dump(dump_path: str) -> tuple[str, ...]:
+    return tuple(parse_wiki_dump(dump_path))
+
+
+def _load_gensim_wiki(spec: CorpusSpec, source_split: str) -> list[str]:
+    """Articles of the gensim dump (or of ``spec.path``, another ``.xml.bz2`` dump) in ``source_split``,
+    split by article index as in :func:`wiki_split_of`."""
+    dump = Path(spec.path) if spec.path else gensim_wiki_dump()
+    if not dump.is_file():
+        raise PtqError(f"corpus {spec.name!r}: wiki dump {dump} does not exist")
+    articles = _cached_wiki_dump(str(dump))
+    return [a for index, a in enumerate(articles) if wiki_split_of(index) == source_split]
+
+
+def _iter_articles(dump_path: Path) -> Iterator[tuple[str, str]]:
+    """Yield (title, wikitext) of each main-namespace page of the dump that is not a redirect."""
+    with bz2.open(dump_path, "rb") as stream:
+        for _, element in ElementTree.iterparse(stream, events=("end",)):
+            if element.tag.rsplit("}", 1)[-1] != "page":
+                continue
+            is_article = element.findtext("{*}ns") == "0" and element.find("{*}redirect") is None
+            if is_article:
+                yield element.findtext("{*}title"), element.findtext("{*}revision/{*}text") or ""
+            element.clear()
+
+
+def _wiki_document(title: str, wikitext: str) -> str | None:
+    import mwparserfromhell
+
+    code = mwparserfromhell.parse(wikitext)
+    _remove_non_prose(code)
+    items = []
+    for level, heading, body in _kept_sections(_sections(code)):
+        if heading:
+            items.append((max(level, 2), heading))  # a rare level-1 heading inside an article ranks as 2
+        items.extend((0, paragraph) for paragraph in _paragraphs(body))
+    items = _without_empty_headings(items)
+    if not any(level == 0 for level, _ in items):
+        return None
+    lines = [_heading_line(1, title)] + [_heading_line(lv, text) if lv else text for lv, text in items]
+    return "\n".join(lines)
+
+
+def _heading_line(level: int, text: str) -> str:
+    return f" {'= ' * level}{text}{' =' * level} "
+
+
+def _remove_non_prose(code) -> None:
+    """Drop comments, templates, DROPPED_TAGS and non-prose links from ``code``, recursively, in place."""
+    code.nodes = [node for node in code.nodes if not _is_non_prose_node(node)]
+    for node in code.nodes:
+        for child in _prose_children(node):
+            _remove_non_prose(child)
+
+
+def _is_non_prose_node(node) -> bool:
+    from mwparserfromhell.nodes import Comment, Tag, Template, Wikilink
+
+    if isinstance(node, (Comment, Template)):
+        return True
+    if isinstance(node, Tag):
+        return str(node.tag).strip().lower() in DROPPED_TAGS
+    if isinstance(node, Wikilink):
+        return _is_non_prose_link(str(node.title))
+    return False
+
+
+def _prose_children(node) -> list:
+    """The nested wikicode of ``node`` that ``strip_code`` can turn into text."""
+    from mwparserfromhell.nodes import ExternalLink, Heading, Tag, Wikilink
+
+    if isinstance(node, Tag):
+        candidates = [node.contents]
+    elif isinstance(node, Wikilink):
+        candidates = [node.title, node.text]
+    elif isinstance(node, (ExternalLink, Heading)):
+        candidates = [node.title]
+    else:
+        candidates = []
+    return [child for child in candidates if child is not None]
+
+
+def _is_non_prose_link(title: str) -> bool:
+    """File:/Image:/Category:/Media: links and interlanguage links such as ``[[de:Anarchismus]]``."""
+    title = title.strip()
+    if ":" not in title or title.startswith(":"):
+        return False
+    prefix = title.split(":", 1)[0].strip()
+    return prefix.lower() in NON_PROSE_LINK_NAMESPACES or _is_language_code(prefix)
+
+
+def _is_language_code(prefix: str) -> bool:
+    head, _, tail = prefix.partition("-")
+    return 2 <= len(head) <= 3 and head.isascii() and head.isalpha() and head.islower() and (
+        not tail or (tail.isascii() and tail.isalpha() and tail.islower())
+    )
+
+
+def _sections(code) -> list[tuple[int, str, str]]:
+    """Split top-level nodes at headings into (level, heading text, plain body text); the lead has
+    level 0. List items (``*``, ``#``, ``;``, ``:`` markup) become lines starting with LIST_MARK."""
+    from mwparserfromhell.nodes import Heading, Tag, Text
+    from mwparserfromhell.wikicode import Wikicode
+
+    sections = [(0, "", [])]
+    for node in code.nodes:
+        if isinstance(node, Heading):
+            sections.append((node.level, " ".join(node.title.strip_code().split()), []))
+        elif isinstance(node, Tag) and node.wiki_markup in LIST_MARKUP:
+            sections[-1][2].append(Text(LIST_MARK))
+        else:
+            sections[-1][2].append(node)
+    return [(level, heading, Wikicode(body).strip_code()) for level, heading, body in sections]
+
+
+def _kept_sections(sections: list[tuple[int, str, str]]) -> Iterator[tuple[int, str, str]]:
+    """Leave out the reference-like sections in DROPPED_SECTIONS together with their subsections."""
+    dropped_level = None
+    for level, heading, body in sections:
+        if dropped_level is not None and level > dropped_level:
+            continue
+        dropped_level = None
+        if heading.lower() in DROPPED_SECTIONS:
+            dropped_level = level
+            continue
+        yield level, heading, body
+
+
+def _paragraphs(body: str) -> list[str]:
+    """Prose paragraphs of at least MIN_PARAGRAPH_WORDS words, one per line; list items are skipped."""
+    lines = (" ".join(line.split()) for line in body.split("\n") if LIST_MARK not in line)
+    return [line for line in lines if _is_clean_paragraph(line)]
+
+
+def _is_clean_paragraph(line: str) -> bool:
+    return len(line.split()) >= MIN_PARAGRAPH_WORDS and not any(mark in line for mark in MARKUP_RESIDUE)
+
+
+def _without_empty_headings(items: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """Drop headings (level > 0) with no paragraph before the next heading of the same or higher rank."""
+    return [
+        item for position, item in enumerate(items) if item[0] == 0 or _has_paragraph_under(items, position)
+    ]
+
+
+def _has_paragraph_under(items: list[tuple[int, str]], position: int) -> bool:
+    level = items[position][0]
+    for next_level, _ in items[position + 1 :]:
+        if next_level == 0:
+            return True
+        if next_level <= level:
+            return False
+    return False

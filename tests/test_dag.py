@@ -1,0 +1,83 @@
+"""The real Snakefile on a tiny random-initialised LLaMA and a tiny corpus, in a temp directory."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2"]
+
+
+def tiny_config(model_dir, corpus_dir, recipes=None) -> dict:
+    return {
+        "offline": True,
+        "device": "cpu",
+        "threads": 1,
+        "models": {"tiny": {"hub": str(model_dir)}},
+        "corpora": {"tiny": {"source": "local", "path": str(corpus_dir)}},
+        "calibration": {"corpus": "tiny", "nsamples": 4, "seqlen": 32, "seed": 0, "batch_size": 2},
+        "recipes": recipes or {
+            "fp16": {"steps": []},
+            "rtn@int8": {"steps": ["rtn"], "weight": "int8"},
+            "rtn@int4-g16": {"steps": ["rtn"], "weight": "int4-g16"},
+            "rtn@int2": {"steps": ["rtn"], "weight": "int2"},
+        },
+        "eval": {"ppl": {"datasets": ["tiny"], "seqlen": 32, "max_windows": 8, "batch_size": 4, "dtype": "float32"}},
+    }
+
+
+def snakemake(workdir: Path, *extra):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([*SNAKEMAKE, "--directory", str(workdir), *extra], capture_output=True, text=True, env=env)
+
+
+def write_config(workdir: Path, config: dict) -> None:
+    (workdir / "config").mkdir(parents=True, exist_ok=True)
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+@pytest.mark.slow
+def test_tiny_dag_end_to_end(tmp_path, tiny_model_dir, tiny_corpus):
+    write_config(tmp_path, tiny_config(tiny_model_dir, tiny_corpus))
+    run = snakemake(tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = pandas.read_csv(tmp_path / "results/tables/all.csv")
+    ppl = table[(table.kind == "perplexity") & (table.metric == "ppl")].set_index("recipe")["value"]
+    assert set(ppl.index) == {"fp16", "rtn@int8", "rtn@int4-g16", "rtn@int2"}
+    assert ppl["rtn@int8"] == pytest.approx(ppl["fp16"], rel=0.02)
+    assert ppl["rtn@int2"] > ppl["rtn@int4-g16"] > ppl["fp16"] * 0.99
+    assert (table.dataset == "tiny").all() and table.config_hash.notna().all()
+    assert "rtn@int4-g16" in (tmp_path / "results/tables/all.md").read_text()
+    for suffix in ("png", "pdf"):
+        assert (tmp_path / f"results/plots/ppl_vs_bits.{suffix}").stat().st_size > 1000
+    # a second run has nothing to do: every output is complete and up to date
+    again = snakemake(tmp_path, "-n")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.parametrize(
+    "recipes, message",
+    [
+        ({"bad": {"steps": ["rtn", "warp"], "weight": "int4"}}, "recipe 'bad': unknown step 'warp'"),
+        ({"bad": {"steps": ["rtn"], "weight": "int4-gx"}}, "cannot parse format 'int4-gx'"),
+    ],
+)
+def test_bad_config_stops_before_any_job(tmp_path, tiny_model_dir, tiny_corpus, recipes, message):
+    write_config(tmp_path, tiny_config(tiny_model_dir, tiny_corpus, recipes))
+    run = snakemake(tmp_path, "-n")
+    assert run.returncode != 0
+    assert f"config error: {message}" in run.stdout + run.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_schema_rejects_an_unknown_key(tmp_path, tiny_model_dir, tiny_corpus):
+    config = tiny_config(tiny_model_dir, tiny_corpus)
+    config["calibration"]["nsampels"] = 3
+    write_config(tmp_path, config)
+    run = snakemake(tmp_path, "-n")
+    assert run.returncode != 0 and "Additional properties are not allowed ('nsampels'" in run.stdout + run.stderr

@@ -1,0 +1,38 @@
+import math
+
+import pytest
+import torch
+
+from ptqrepro.eval.perplexity import perplexity
+
+
+def hand_perplexity(model, windows):
+    """exp of the mean over windows of the mean next-token negative log-probability, by loops."""
+    window_means = []
+    with torch.no_grad():
+        for window in windows:
+            logits = model(input_ids=window[None]).logits[0].double()
+            total = 0.0
+            for position in range(len(window) - 1):
+                log_probs = logits[position] - torch.logsumexp(logits[position], dim=0)
+                total -= float(log_probs[window[position + 1]])
+            window_means.append(total / (len(window) - 1))
+    return math.exp(sum(window_means) / len(window_means))
+
+
+def test_perplexity_equals_hand_computation(model):
+    windows = torch.randint(0, 96, (5, 16), generator=torch.Generator().manual_seed(1))
+    assert perplexity(model, windows, batch_size=2)["ppl"] == pytest.approx(hand_perplexity(model, windows), rel=1e-5)
+
+
+def test_perplexity_does_not_depend_on_batch_size(model):
+    windows = torch.randint(0, 96, (7, 16), generator=torch.Generator().manual_seed(2))
+    values = {perplexity(model, windows, batch_size=b)["ppl"] for b in (1, 3, 7)}
+    assert max(values) == pytest.approx(min(values), rel=1e-5)
+
+
+def test_a_model_that_knows_the_text_has_lower_perplexity(model):
+    windows = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0)  # uniform predictions: ppl == vocab size
+    assert perplexity(model, windows)["ppl"] == pytest.approx(96, rel=1e-4)

@@ -1,0 +1,116 @@
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+
+from ptqrepro.artifact import apply_artifact, save_artifact
+from ptqrepro.errors import PtqError
+from ptqrepro.formats import parse_format
+from ptqrepro.methods.rtn import rtn
+from ptqrepro.models.adapters import LLAMA, architecture_of
+from ptqrepro.pipeline import quantize_model, relative_output_error
+from ptqrepro.recipes import Recipe, recipe_from_config
+from ptqrepro.steps import LayerContext, RtnStep
+
+
+@dataclass(frozen=True)
+class RecordingRtn(RtnStep):
+    """RTN that also keeps the Gram matrices the pipeline handed it (test double)."""
+
+    name: ClassVar[str] = "recording-rtn"
+    needs_gram: ClassVar[bool] = True
+    seen: list = None
+
+    def apply(self, context: LayerContext) -> None:
+        self.seen.append({name: gram.clone() for name, gram in context.grams.items()})
+        super().apply(context)
+
+
+def calibration(vocab=96, n=5, seqlen=24, seed=0):
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def test_fp16_recipe_changes_nothing(model):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = quantize_model(model, recipe_from_config("fp16", {"steps": []}), calibration())
+    assert result.quantized == {}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_rtn_pipeline_equals_rtn_of_each_weight(model):
+    fmt = parse_format("int4-g16")
+    originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n}
+    result = quantize_model(model, recipe_from_config("r", {"steps": ["rtn"], "weight": "int4-g16"}), calibration())
+    assert set(result.quantized) == set(originals)
+    for name, weight in originals.items():
+        expected = rtn(weight, fmt)
+        assert torch.equal(result.quantized[name].codes, expected.codes)
+        assert torch.equal(model.get_submodule(name).weight, expected.dequantize())
+    assert len(result.records) == len(originals)
+    assert all(0 < r["weight_rel_error"] < 0.2 for r in result.records)
+
+
+def test_pipeline_grams_come_from_the_quantized_previous_layers(model):
+    """Layer i's statistics must be taken on the outputs of the already-quantized layers < i."""
+    seen = []
+    recipe = Recipe(name="rec", steps=(RecordingRtn(seen=seen),), weight=parse_format("int3"))
+    data = calibration()
+    result = quantize_model(model, recipe, data, batch_size=2)
+    assert len(seen) == 2 and "output_rel_error" in result.records[0]
+    # In the final model every layer is quantized; q_proj's input in layer i depends only on
+    # layers < i and layer i's (unchanged) input norm, so it must reproduce the pipeline's Gram.
+    for index, grams in enumerate(seen):
+        captured = []
+        q_proj = model.model.layers[index].self_attn.q_proj
+        handle = q_proj.register_forward_pre_hook(lambda _m, args: captured.append(args[0].reshape(-1, 64)))
+        with torch.no_grad():
+            model(input_ids=data)
+        handle.remove()
+        x = torch.cat(captured)
+        assert torch.allclose(grams["self_attn.q_proj"], x.T @ x, rtol=1e-4, atol=1e-2)
+    # and the two layers saw different data, so propagation happened
+    assert not torch.allclose(seen[0]["self_attn.q_proj"], seen[1]["self_attn.q_proj"])
+
+
+def test_relative_output_error_matches_direct_computation():
+    x = torch.randn(200, 32)
+    w = torch.randn(8, 32)
+    q = rtn(w, parse_format("int3")).dequantize()
+    direct = (x @ (w - q).T).norm() / (x @ w.T).norm()
+    assert relative_output_error(w, q, x.T @ x) == pytest.approx(float(direct), rel=1e-4)
+
+
+def test_artifact_round_trip_reproduces_the_quantized_model(model, tmp_path):
+    import copy
+
+    fresh = copy.deepcopy(model)
+    result = quantize_model(model, recipe_from_config("r", {"steps": ["rtn"], "weight": "int3"}), calibration())
+    save_artifact(tmp_path / "artifact", result.quantized, {"recipe": "r"})
+    manifest = apply_artifact(fresh, tmp_path / "artifact")
+    assert manifest["recipe"] == "r" and set(manifest["linears"]) == set(result.quantized)
+    for name, parameter in model.state_dict().items():
+        assert torch.equal(parameter, fresh.state_dict()[name]), name
+
+
+def test_unknown_architecture_is_a_clear_error(model):
+    model.config.model_type = "gpt_neox"
+    with pytest.raises(PtqError, match="unsupported model_type 'gpt_neox'"):
+        architecture_of(model)
+    assert LLAMA.linears[0] == "self_attn.q_proj"
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"steps": ["rtm"], "weight": "int4"}, "unknown step 'rtm'"),
+        ({"steps": ["rtn"], "weight": "int4-q"}, "cannot parse format 'int4-q'"),
+        ({"steps": ["rtn"]}, "need a 'weight' format"),
+        ({"steps": [], "weight": "int4"}, "no quantizer step"),
+        ({"steps": [{"rtn": {"alpha": 1}}], "weight": "int4"}, "step 'rtn' has no setting"),
+        ({"steps": ["rtn"], "weight": "int4", "wieght": 1}, "unknown key"),
+    ],
+)
+def test_bad_recipes_name_the_problem(entry, message):
+    with pytest.raises(PtqError, match=message):
+        recipe_from_config("bad", entry)

@@ -1,0 +1,197 @@
+"""Tables and plots built from a small hand-written set of result JSONs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.image
+import pandas as pd
+import pytest
+
+from ptqrepro.errors import PtqError
+from ptqrepro.report.plots import plot_ppl_vs_bits, use_log_scale
+from ptqrepro.report.tables import COLUMNS, gather_results, render_markdown, write_tables
+
+MODEL = "smollm2-135m"
+# recipe -> (method, weight_format, weight_scheme, weight_bits, bits_per_weight, ppl on wiki-mini)
+RECIPES = {
+    "fp16": ("fp16", None, "fp16", 16, 16.0, 20.25),
+    "rtn@int8": ("rtn", "int8", "int", 8, 8.0, 20.31),
+    "rtn@int4": ("rtn", "int4", "int", 4, 4.0, 41.7),
+    "rtn@int3": ("rtn", "int3", "int", 3, 3.0, 9876.5),
+    "rtn@int4-g64": ("rtn", "int4-g64", "int-g64", 4, 4.5, 29.3),
+    "rtn@int3-g64": ("rtn", "int3-g64", "int-g64", 3, 3.5, 88.04),
+}
+SECOND_DATASET_PPL = {"fp16": 15.5, "rtn@int4": 30.126}
+QUANTIZE_TIME_S = 30.14
+
+
+def result(recipe, kind="perplexity", dataset="wiki-mini", metrics=None):
+    """One result JSON as the pipeline writes it."""
+    method, weight_format, scheme, bits, bpw, ppl = RECIPES[recipe]
+    return {
+        "kind": kind,
+        "model": MODEL,
+        "recipe": recipe,
+        "method": method,
+        "weight_format": weight_format,
+        "weight_scheme": scheme,
+        "weight_bits": bits,
+        "bits_per_weight": bpw,
+        "act_format": None,
+        "dataset": dataset,
+        "metrics": metrics if metrics is not None else {"ppl": ppl, "nll": 3.0 + bits / 100},
+        "protocol": {"seqlen": 512, "windows": 40, "total_windows": 117, "dtype": "bfloat16"},
+        "provenance": {
+            "config_hash": f"hash-{recipe}",
+            "git_commit": "0123abc",
+            "packages": {"torch": "2.13.0"},
+            "device": "cpu",
+            "wall_time_s": 12.3,
+            "peak_rss_mb": 1234.5,
+            "peak_cuda_mb": None,
+            "created": "2026-11-23T14:00:00+00:00",
+        },
+    }
+
+
+def write(path: Path, data) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture
+def result_files(tmp_path) -> list[Path]:
+    """Perplexity for every recipe, a second dataset for two, and one quantize result."""
+    files = [write(tmp_path / f"ppl-{recipe}.json", result(recipe)) for recipe in RECIPES]
+    files += [
+        write(
+            tmp_path / f"ppl2-{recipe}.json",
+            result(recipe, dataset="c4-mini", metrics={"ppl": ppl}),
+        )
+        for recipe, ppl in SECOND_DATASET_PPL.items()
+    ]
+    quantize_metrics = {"quantize_time_s": QUANTIZE_TIME_S, "mean_output_rel_error": 0.05}
+    quantize = result("rtn@int4-g64", kind="quantize", dataset="calib-mini", metrics=quantize_metrics)
+    quantize["layers"] = [{"name": "model.layers.0.mlp.up_proj", "rel_error": 0.04}]
+    files.append(write(tmp_path / "quantize-rtn@int4-g64.json", quantize))
+    return files
+
+
+def markdown_rows(markdown: str) -> dict[str, dict[str, str]]:
+    """Body rows of the Markdown table(s), keyed by recipe then column header."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    body = [line for line in lines[1:] if not set(line) <= set("|:- ")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in body]
+    return {row["recipe"]: row for row in rows}
+
+
+def test_csv_has_one_row_per_file_and_metric_in_column_order(result_files, tmp_path):
+    written = write_tables(gather_results(result_files), tmp_path / "tables")
+    table = pd.read_csv(written["csv"])
+    assert list(table.columns) == list(COLUMNS)
+    expected_rows = 2 * len(RECIPES) + len(SECOND_DATASET_PPL) + 2
+    assert len(table) == expected_rows
+    assert not list((tmp_path / "tables").glob(".*")), "atomic write left a temporary behind"
+
+
+def test_csv_values_round_trip(result_files, tmp_path):
+    written = write_tables(gather_results(result_files), tmp_path)
+    table = pd.read_csv(written["csv"]).set_index(["recipe", "kind", "dataset", "metric"])
+    for recipe, (_, weight_format, _, bits, bpw, ppl) in RECIPES.items():
+        row = table.loc[(recipe, "perplexity", "wiki-mini", "ppl")]
+        assert row["value"] == ppl
+        assert row["weight_bits"] == bits
+        assert row["bits_per_weight"] == bpw
+        assert row["config_hash"] == f"hash-{recipe}"
+        assert row["source"] == str(result_files[list(RECIPES).index(recipe)])
+        assert (pd.isna(row["weight_format"]) if weight_format is None
+                else row["weight_format"] == weight_format)
+    quantize = table.loc[("rtn@int4-g64", "quantize", "calib-mini", "quantize_time_s")]
+    assert quantize["value"] == QUANTIZE_TIME_S
+
+
+def test_rows_are_sorted_by_model_bits_desc_recipe_kind_dataset_metric(result_files):
+    frame = gather_results(reversed(result_files))
+    keys = list(zip(frame["weight_bits"], frame["recipe"], frame["kind"], frame["dataset"], frame["metric"]))
+    assert keys == sorted(keys, key=lambda key: (-key[0], *key[1:]))
+    assert list(frame["recipe"].unique()) == [
+        "fp16", "rtn@int8", "rtn@int4", "rtn@int4-g64", "rtn@int3", "rtn@int3-g64",
+    ]
+    assert list(frame.index) == list(range(len(frame)))
+
+
+def test_markdown_has_one_row_per_recipe_with_ppl_in_dataset_columns(result_files, tmp_path):
+    written = write_tables(gather_results(result_files), tmp_path)
+    markdown = written["md"].read_text()
+    rows = markdown_rows(markdown)
+    assert list(rows) == [
+        "fp16", "rtn@int8", "rtn@int4-g64", "rtn@int4", "rtn@int3-g64", "rtn@int3",
+    ]
+    assert rows["rtn@int3"]["wiki-mini"] == "9876.50"
+    assert rows["rtn@int4"]["c4-mini"] == "30.13"
+    assert rows["rtn@int8"]["c4-mini"] == "—"
+    assert rows["fp16"]["weight format"] == "fp16"
+    assert rows["rtn@int4-g64"]["bits/weight"] == "4.50"
+    assert rows["rtn@int4-g64"]["quantize time (s)"] == "30.1"
+    assert rows["rtn@int4"]["quantize time (s)"] == "—"
+    assert "generated from 9 result files." in markdown
+
+
+def test_markdown_without_quantize_results_has_no_time_column(result_files):
+    perplexity_only = [path for path in result_files if not path.name.startswith("quantize")]
+    rows = markdown_rows(render_markdown(gather_results(perplexity_only)))
+    assert "quantize time (s)" not in rows["fp16"]
+
+
+def test_missing_key_error_names_file_and_key(result_files, tmp_path):
+    broken = result("rtn@int4")
+    del broken["weight_bits"]
+    bad = write(tmp_path / "broken.json", broken)
+    with pytest.raises(PtqError, match=r"broken\.json.*'weight_bits'"):
+        gather_results([*result_files, bad])
+
+
+def test_missing_provenance_key_error_names_nested_key(tmp_path):
+    broken = result("rtn@int4")
+    del broken["provenance"]["config_hash"]
+    with pytest.raises(PtqError, match=r"broken\.json.*'provenance\.config_hash'"):
+        gather_results([write(tmp_path / "broken.json", broken)])
+
+
+def test_empty_input_and_duplicate_measurements_are_errors(tmp_path):
+    with pytest.raises(PtqError):
+        gather_results([])
+    first = write(tmp_path / "a.json", result("rtn@int4"))
+    second = write(tmp_path / "b.json", result("rtn@int4"))
+    with pytest.raises(PtqError, match=r"a\.json, .*b\.json"):
+        gather_results([first, second])
+
+
+def test_plot_writes_readable_png_and_pdf(result_files, tmp_path):
+    paths = plot_ppl_vs_bits(gather_results(result_files), tmp_path / "figs" / "ppl_vs_bits")
+    png, pdf = paths
+    assert (png.name, pdf.name) == ("ppl_vs_bits.png", "ppl_vs_bits.pdf")
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    height, width, _ = matplotlib.image.imread(png).shape
+    assert width >= 1000 and height >= 400  # two panels side by side
+    assert pdf.read_bytes().startswith(b"%PDF")
+
+
+def test_plot_is_deterministic_and_filters_dataset(result_files, tmp_path):
+    frame = gather_results(result_files)
+    first = plot_ppl_vs_bits(frame, tmp_path / "a", dataset="c4-mini")
+    second = plot_ppl_vs_bits(frame, tmp_path / "b", dataset="c4-mini")
+    for one, other in zip(first, second):
+        assert one.read_bytes() == other.read_bytes()
+    with pytest.raises(PtqError, match="no-such-set"):
+        plot_ppl_vs_bits(frame, tmp_path / "c", dataset="no-such-set")
+
+
+def test_log_scale_only_for_a_wide_range():
+    assert use_log_scale([20.25, 41.7, 9876.5])
+    assert not use_log_scale([20.25, 29.3, 88.04])
+    assert not use_log_scale([20.0, 200.0])  # exactly 10x stays linear
+    assert not use_log_scale([])

@@ -1,0 +1,24 @@
+# Stage 2: one job per (model, recipe); the recipe's steps run layer by layer.
+
+
+rule quantize:
+    input:
+        model="results/models/{model}",
+        calibration=CALIBRATION_FILE,
+    output:
+        artifact=directory("results/quantized/{model}/{recipe}"),
+        metrics="results/metrics/{model}/{recipe}/quantize.json",
+    params:
+        spec=lambda w: json.dumps(config["recipes"][w.recipe]),
+        device=config["device"],
+        batch_size=CALIB["batch_size"],
+    threads: config["threads"]
+    resources:
+        gpu=lambda w: int(config["device"] != "cpu"),
+    log:
+        "results/logs/quantize/{model}/{recipe}.log",
+    shell:
+        "ptqrepro quantize --model {input.model} --calibration {input.calibration}"
+        " --recipe {wildcards.recipe:q} --spec {params.spec:q} --device {params.device}"
+        " --batch-size {params.batch_size} --threads {threads}"
+        " --out {output.artifact} --metrics {output.metrics} > {log} 2>&1"

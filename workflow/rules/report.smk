@@ -1,0 +1,31 @@
+# Stage 4: every result JSON gathered into one tidy table, a Markdown table and the figure.
+
+
+rule tables:
+    input:
+        expand("results/metrics/{model}/{recipe}/quantize.json", model=MODELS, recipe=RECIPES),
+        expand(
+            "results/metrics/{model}/{recipe}/ppl-{dataset}.json",
+            model=MODELS,
+            recipe=RECIPES,
+            dataset=PPL["datasets"],
+        ),
+    output:
+        csv=report("results/tables/all.csv", caption="../report/all_csv.rst", category="Tables"),
+        md="results/tables/all.md",
+    log:
+        "results/logs/tables.log",
+    shell:
+        "ptqrepro tables --out results/tables {input} > {log} 2>&1"
+
+
+rule plot_ppl_vs_bits:
+    input:
+        "results/tables/all.csv",
+    output:
+        png=report("results/plots/ppl_vs_bits.png", caption="../report/ppl_vs_bits.rst", category="Figures"),
+        pdf="results/plots/ppl_vs_bits.pdf",
+    log:
+        "results/logs/plot_ppl_vs_bits.log",
+    shell:
+        "ptqrepro plots --table {input} --out results/plots/ppl_vs_bits > {log} 2>&1"
