@@ -16,7 +16,11 @@ from ptqrepro.errors import PtqError
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The default experiment, unless --configfile names another (configs are not merged: a paper
+# config must not inherit the default's models and recipes).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 validate(config, "workflow/schemas/config.schema.yaml")

@@ -81,3 +81,15 @@ def test_schema_rejects_an_unknown_key(tmp_path, tiny_model_dir, tiny_corpus):
     write_config(tmp_path, config)
     run = snakemake(tmp_path, "-n")
     assert run.returncode != 0 and "Additional properties are not allowed ('nsampels'" in run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("paper", sorted((REPO / "config" / "papers").glob("*.yaml")), ids=lambda p: p.stem)
+def test_paper_configs_list_their_whole_dag_without_a_hub(paper, tmp_path):
+    """A dry run needs no network and no model: one quantize job per (model, recipe), nothing inherited."""
+    config = yaml.safe_load(paper.read_text())
+    run = subprocess.run([*SNAKEMAKE, "-n", "--configfile", str(paper)], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    counts = dict(line.split()[:2] for line in run.stdout.splitlines() if line.startswith(("quantize ", "eval_ppl ")))
+    assert int(counts["quantize"]) == len(config["models"]) * len(config["recipes"])
+    assert int(counts["eval_ppl"]) == int(counts["quantize"]) * len(config["eval"]["ppl"]["datasets"])

@@ -118,10 +118,10 @@ def cmd_quantize(args) -> None:
         "recipe": recipe.name,
         "method": recipe.method,
         "weight_format": fmt.name if fmt else None,
-        "weight_scheme": fmt.scheme if fmt else "fp16",
+        "weight_scheme": (fmt.scheme if fmt else "fp16") + (f" a={recipe.act.name}" if recipe.act else ""),
         "weight_bits": fmt.bits if fmt else 16,
         "bits_per_weight": round(stored / numel, 4) if numel else 16,
-        "act_format": None,
+        "act_format": recipe.act.name if recipe.act else None,
     }
     settings = {"recipe": spec, "calibration": calibration["corpus"], "seed": calibration["seed"],
                 "nsamples": int(calibration["input_ids"].shape[0]), "seqlen": int(calibration["input_ids"].shape[1])}
@@ -132,9 +132,11 @@ def cmd_quantize(args) -> None:
         "bits_per_weight": description["bits_per_weight"],
         "mean_weight_rel_error": sum(errors) / len(errors) if errors else 0.0,
     }
+    if any("cholesky_retries" in r for r in result.records):
+        metrics["cholesky_retries"] = sum(r.get("cholesky_retries", 0) for r in result.records)
     if result.records and "output_rel_error" in result.records[0]:
         metrics["mean_output_rel_error"] = sum(r["output_rel_error"] for r in result.records) / len(result.records)
-    save_artifact(args.out, result.quantized, {**description, "config_hash": record["config_hash"]})
+    save_artifact(args.out, result.quantized, result.float_parameters, {**description, "config_hash": record["config_hash"]})
     write_json(args.metrics, {
         "kind": "quantize", **description, "dataset": calibration["corpus"], "metrics": metrics,
         "settings": settings, "provenance": record, "layers": result.records,

@@ -3,12 +3,16 @@
 1. Capture the inputs of decoder layer 0 on the calibration windows (a pre-hook on layer 0
    records them and stops the forward pass).
 2. For each decoder layer: move it to the device; if a step needs statistics, run the
-   captured inputs through it once and accumulate each linear's Gram matrix X^T X; apply the
-   recipe's steps in order; write the quantized weights into the layer; run the inputs through
-   the quantized layer to obtain the next layer's inputs; move the layer back to the CPU.
+   captured inputs through it once and accumulate each linear's input statistics (Gram matrix
+   X^T X, channel abs-max and abs-mean); apply the recipe's transform steps in order, then its
+   quantizer (with GPTQ's ``true_sequential``, group by group, re-collecting the statistics of
+   each group on the partly quantized layer); write the quantized weights into the layer; run
+   the inputs through the quantized layer to obtain the next layer's inputs; move the layer
+   back to the CPU.
 
 Peak device memory is one decoder layer plus the calibration activations. A recipe whose steps
 need no statistics (RTN) skips the forward passes: its result does not depend on them.
+Calibration runs with float activations; activation quantization applies at evaluation.
 """
 
 from __future__ import annotations
@@ -21,8 +25,15 @@ import torch
 from torch import nn
 
 from ptqrepro.formats import QuantizedWeight
-from ptqrepro.models.adapters import Architecture, architecture_of, decoder_layers, layer_linears
+from ptqrepro.models.adapters import (
+    Architecture,
+    architecture_of,
+    decoder_layers,
+    layer_linears,
+    modules_before_layers,
+)
 from ptqrepro.recipes import Recipe
+from ptqrepro.statistics import collect_input_statistics
 from ptqrepro.steps import LayerContext
 
 
@@ -41,6 +52,7 @@ class LayerInputs:
 @dataclass
 class QuantizationResult:
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    float_parameters: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. smoothed norms
     records: list[dict] = field(default_factory=list)
 
 
@@ -50,8 +62,9 @@ def capture_layer_inputs(
 ) -> LayerInputs:
     """Run the modules before the first decoder layer and record that layer's inputs."""
     layers = decoder_layers(model, arch)
-    for name in arch.before_layers:
-        model.get_submodule(name).to(device)
+    before = modules_before_layers(model, arch)
+    for module in before:
+        module.to(device)
     captured = LayerInputs(hidden=[], kwargs=[])
 
     def record(_module, args, kwargs):
@@ -68,37 +81,18 @@ def capture_layer_inputs(
                 pass
     finally:
         handle.remove()
-        for name in arch.before_layers:
-            model.get_submodule(name).to("cpu")
+        for module in before:
+            module.to("cpu")
     return captured
 
 
+@torch.no_grad()
 def _run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
     outputs = []
     for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
         out = layer(hidden, **kwargs)
         outputs.append(out[0] if isinstance(out, tuple) else out)
     return outputs
-
-
-def gram_matrices(layer: nn.Module, linears: dict[str, nn.Linear], inputs: LayerInputs) -> dict[str, torch.Tensor]:
-    """Accumulate ``G = X^T X`` (float32, summed over every calibration token) for each linear."""
-    grams = {name: None for name in linears}
-
-    def accumulate(name):
-        def hook(_module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            grams[name] = x.T @ x if grams[name] is None else grams[name].addmm_(x.T, x)
-
-        return hook
-
-    handles = [linear.register_forward_pre_hook(accumulate(name)) for name, linear in linears.items()]
-    try:
-        _run_layer(layer, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return grams
 
 
 def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, gram: torch.Tensor) -> float:
@@ -124,26 +118,34 @@ def quantize_model(
         return result
     arch = architecture_of(model)
     layers = decoder_layers(model, arch)
-    inputs = capture_layer_inputs(model, arch, calibration, device, batch_size) if recipe.needs_gram else None
+    inputs = capture_layer_inputs(model, arch, calibration, device, batch_size) if recipe.needs_stats else None
+    *transforms, quantizer = recipe.steps
+    sequence = arch.sequential_groups if getattr(quantizer, "true_sequential", False) else (arch.linears,)
     for index, layer in enumerate(layers):
         started = time.perf_counter()
         layer.to(device)
         linears = layer_linears(layer, arch)
         context = LayerContext(
-            index=index,
-            prefix=f"{arch.layers}.{index}",
-            linears=linears,
+            index=index, prefix=f"{arch.layers}.{index}", layer=layer, arch=arch, linears=linears,
             weight_format=recipe.weight,
-            grams=gram_matrices(layer, linears, inputs) if inputs is not None else None,
+            stats=collect_input_statistics(lambda: _run_layer(layer, inputs), linears) if inputs else None,
         )
-        original = {name: linear.weight.data.clone() for name, linear in linears.items()}
-        for step in recipe.steps:
+        for step in transforms:
             step.apply(context)
-        for name, linear in linears.items():
-            dequantized = context.quantized[name].dequantize().to(linear.weight.device)
-            linear.weight.data.copy_(dequantized)
-            result.quantized[context.qualified(name)] = context.quantized[name]
-            result.records.append(_record(context, name, original[name], linear.weight.data))
+        for position, names in enumerate(sequence):
+            if position > 0 and inputs is not None:
+                context.stats.update(
+                    collect_input_statistics(lambda: _run_layer(layer, inputs), {n: linears[n] for n in names})
+                )
+            before = {name: linears[name].weight.data.clone() for name in names}
+            quantizer.quantize(context, names)
+            for name in names:
+                linear = linears[name]
+                linear.weight.data.copy_(context.quantized[name].dequantize().to(linear.weight))
+                result.quantized[context.qualified(name)] = context.quantized[name]
+                result.records.append(_record(context, name, before[name], linear.weight.data))
+        for name in sorted(context.changed):
+            result.float_parameters[context.qualified(name)] = layer.get_parameter(name).detach().cpu().clone()
         if inputs is not None:
             inputs.hidden = _run_layer(layer, inputs)
         layer.to("cpu")
@@ -152,13 +154,15 @@ def quantize_model(
 
 
 def _record(context: LayerContext, name: str, weight: torch.Tensor, quantized: torch.Tensor) -> dict:
+    """What the quantizer did to one linear (errors relative to its weight just before quantization)."""
     record = {
         "layer": context.index,
         "linear": name,
         "shape": list(weight.shape),
         "max_abs_weight": float(weight.abs().max()),
         "weight_rel_error": float((weight - quantized).float().norm() / weight.float().norm()),
+        **context.notes.get(name, {}),
     }
-    if context.grams is not None:
-        record["output_rel_error"] = relative_output_error(weight, quantized, context.grams[name])
+    if context.stats is not None:
+        record["output_rel_error"] = relative_output_error(weight, quantized, context.stats[name].gram)
     return record

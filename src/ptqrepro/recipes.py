@@ -5,9 +5,12 @@ Config form::
     recipes:
       fp16: {steps: []}
       rtn@int4-g64: {steps: [rtn], weight: int4-g64}
+      sq+awq+gptq@mxint4_a=mxint8: {steps: [{smoothquant: {alpha: 0.5}}, awq, gptq], weight: mxint4, act: mxint8}
 
 A step is a name or a one-key mapping ``{name: {setting: value}}``. The last step of a recipe
 that has steps must be a quantizer (it turns float weights into codes of the weight format).
+``act`` names the format of the dynamic fake quantization of every linear's input at
+evaluation (none by default).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 
 from ptqrepro.errors import PtqError
-from ptqrepro.formats import IntFormat, parse_format
+from ptqrepro.formats import GroupedFormat, parse_format
 from ptqrepro.steps import STEPS, Step
 
 RECIPE_NAME = re.compile(r"[A-Za-z0-9_.+@=-]+")
@@ -26,16 +29,18 @@ RECIPE_NAME = re.compile(r"[A-Za-z0-9_.+@=-]+")
 class Recipe:
     name: str
     steps: tuple[Step, ...] = field(default_factory=tuple)
-    weight: IntFormat | None = None
+    weight: GroupedFormat | None = None
 
     @property
     def method(self) -> str:
         """The steps joined by '+', or 'fp16' for the unquantized baseline."""
         return "+".join(step.name for step in self.steps) or "fp16"
 
+    act: GroupedFormat | None = None
+
     @property
-    def needs_gram(self) -> bool:
-        return any(step.needs_gram for step in self.steps)
+    def needs_stats(self) -> bool:
+        return any(step.needs_stats for step in self.steps)
 
 
 def build_step(recipe: str, entry) -> Step:
@@ -57,15 +62,16 @@ def recipe_from_config(name: str, entry: dict) -> Recipe:
         raise PtqError(f"recipe name {name!r} may only use letters, digits and _ . + @ = -")
     if not isinstance(entry, dict):
         raise PtqError(f"recipe {name!r}: expected a mapping with 'steps' and 'weight'")
-    unknown = set(entry) - {"steps", "weight"}
+    unknown = set(entry) - {"steps", "weight", "act"}
     if unknown:
         raise PtqError(f"recipe {name!r}: unknown key(s) {', '.join(sorted(unknown))}")
     steps = tuple(build_step(name, step) for step in entry.get("steps") or [])
     weight = parse_format(entry.get("weight"))
+    act = parse_format(entry.get("act"))
     if steps and not steps[-1].quantizer:
         raise PtqError(f"recipe {name!r}: the last step must be a quantizer, not {steps[-1].name!r}")
     if steps and weight is None:
         raise PtqError(f"recipe {name!r}: steps {[s.name for s in steps]} need a 'weight' format")
     if weight is not None and not steps:
         raise PtqError(f"recipe {name!r}: weight format {weight.name} given but no quantizer step")
-    return Recipe(name=name, steps=steps, weight=weight)
+    return Recipe(name=name, steps=steps, weight=weight, act=act)

@@ -1,8 +1,11 @@
 """The glue between the layer-by-layer pipeline and the methods.
 
-A step receives a ``LayerContext`` (one decoder layer's linear modules, their calibration
-statistics and the recipe's weight format) and either transforms float weights or, as the
-recipe's quantizer, fills ``context.quantized`` with one ``QuantizedWeight`` per linear.
+A step receives a ``LayerContext``: one decoder layer, its linear modules, the calibration
+statistics of their inputs and the recipe's weight format. A *transform* step (SmoothQuant,
+AWQ) changes float weights in a way the float model does not notice, or clips them; the
+recipe's last step, its *quantizer* (RTN, GPTQ), fills ``context.quantized`` with one
+``QuantizedWeight`` per linear. Methods only ever see tensors; this module reads and writes
+the modules.
 """
 
 from __future__ import annotations
@@ -14,27 +17,64 @@ import torch
 from torch import nn
 
 from ptqrepro.errors import PtqError
-from ptqrepro.formats import IntFormat, QuantizedWeight
+from ptqrepro.formats import GroupedFormat, QuantizedWeight
+from ptqrepro.methods.awq import apply_clip, search_clip, search_scales
+from ptqrepro.methods.gptq import gptq
 from ptqrepro.methods.rtn import rtn
+from ptqrepro.methods.smoothquant import smoothing_scales
+from ptqrepro.models.adapters import Architecture
+from ptqrepro.statistics import InputStatistics
 
 
 @dataclass
 class LayerContext:
     index: int
     prefix: str  # qualified name of the decoder layer, e.g. "model.layers.3"
+    layer: nn.Module
+    arch: Architecture
     linears: dict[str, nn.Linear]
-    weight_format: IntFormat
-    grams: dict[str, torch.Tensor] | None = None  # X^T X of each linear's inputs
+    weight_format: GroupedFormat
+    stats: dict[str, InputStatistics] | None = None
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    notes: dict[str, dict] = field(default_factory=dict)  # per-linear facts a step reports
+    changed: set[str] = field(default_factory=set)  # non-linear parameters a step modified
 
-    def qualified(self, linear: str) -> str:
-        return f"{self.prefix}.{linear}"
+    def qualified(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    def note(self, linear: str, **facts) -> None:
+        self.notes.setdefault(linear, {}).update(facts)
+
+    def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        """RTN in the recipe's weight format (what AWQ's searches quantize with)."""
+        return rtn(weight, self.weight_format, self.prefix).dequantize()
+
+    def fold_scale(self, source: str, targets: tuple[str, ...], s: torch.Tensor) -> None:
+        """Divide the outputs of ``source`` by s and multiply the matching input columns of
+        ``targets`` by s: the float layer computes the same function, the targets' inputs become
+        X diag(1/s) and their statistics follow."""
+        module = self.layer.get_submodule(source)
+        s = s.to(module.weight.device, torch.float32)
+        if isinstance(module, nn.Linear):
+            module.weight.data.div_(s[:, None].to(module.weight.dtype))
+        else:
+            module.weight.data.div_(s.to(module.weight.dtype))
+            self.changed.add(f"{source}.weight")
+        if getattr(module, "bias", None) is not None:
+            module.bias.data.div_(s.to(module.bias.dtype))
+            if not isinstance(module, nn.Linear):
+                self.changed.add(f"{source}.bias")
+        for target in targets:
+            weight = self.linears[target].weight
+            weight.data.mul_(s[None, :].to(weight.dtype))
+        for stats in {id(self.stats[t]): self.stats[t] for t in targets}.values():
+            stats.divide_inputs(s.to(stats.gram.device))
 
 
 @dataclass(frozen=True)
 class Step:
     name: ClassVar[str]
-    needs_gram: ClassVar[bool] = False
+    needs_stats: ClassVar[bool] = False
     quantizer: ClassVar[bool] = False
 
     @classmethod
@@ -49,19 +89,96 @@ class Step:
         return cls(**settings)
 
     def apply(self, context: LayerContext) -> None:
+        """A transform's work on the whole layer."""
+        raise NotImplementedError
+
+    def quantize(self, context: LayerContext, names: tuple[str, ...]) -> None:
+        """A quantizer's work on the named linears."""
         raise NotImplementedError
 
 
 @dataclass(frozen=True)
 class RtnStep(Step):
-    """Round-to-nearest every linear of the layer (data-free)."""
+    """Round-to-nearest every linear (data-free)."""
 
     name: ClassVar[str] = "rtn"
     quantizer: ClassVar[bool] = True
 
+    def quantize(self, context: LayerContext, names: tuple[str, ...]) -> None:
+        for name in names:
+            context.quantized[name] = rtn(context.linears[name].weight.data, context.weight_format, context.qualified(name))
+
+
+@dataclass(frozen=True)
+class GptqStep(Step):
+    """GPTQ on each linear with the Gram matrix of its inputs; ``true_sequential`` re-collects the
+    statistics after each of the architecture's sequential groups (q/k/v, o, gate/up, down)."""
+
+    name: ClassVar[str] = "gptq"
+    needs_stats: ClassVar[bool] = True
+    quantizer: ClassVar[bool] = True
+    blocksize: int = 128
+    percdamp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = False
+
+    def quantize(self, context: LayerContext, names: tuple[str, ...]) -> None:
+        for name in names:
+            result = gptq(
+                context.linears[name].weight.data, context.stats[name].gram, context.weight_format,
+                blocksize=self.blocksize, percdamp=self.percdamp, act_order=self.act_order,
+                static_groups=self.static_groups, layer=context.qualified(name),
+            )
+            context.quantized[name] = result.quantized
+            context.note(name, damping=result.damping, cholesky_retries=result.retries, dead_columns=result.dead_columns)
+
+
+@dataclass(frozen=True)
+class SmoothQuantStep(Step):
+    """Fold SmoothQuant's scales into each (norm -> linears) pair of the layer."""
+
+    name: ClassVar[str] = "smoothquant"
+    needs_stats: ClassVar[bool] = True
+    alpha: float = 0.5
+
     def apply(self, context: LayerContext) -> None:
+        for norm, targets in context.arch.smooth_pairs:
+            weights = [context.linears[t].weight.data for t in targets]
+            s = smoothing_scales(context.stats[targets[0]].absmax, weights, self.alpha)
+            context.fold_scale(norm, targets, s)
+
+
+@dataclass(frozen=True)
+class AwqStep(Step):
+    """AWQ's scale search over the layer's scaling groups, folded in, then its clip search."""
+
+    name: ClassVar[str] = "awq"
+    needs_stats: ClassVar[bool] = True
+    n_grid: int = 20
+    clip: bool = True
+    max_shrink: float = 0.5
+
+    def apply(self, context: LayerContext) -> None:
+        for source, targets in context.arch.scale_pairs:
+            module = context.layer.get_submodule(source)
+            if isinstance(module, nn.Linear) and module.out_features != context.linears[targets[0]].in_features:
+                continue  # e.g. v_proj -> o_proj under grouped-query attention
+            stats = context.stats[targets[0]]
+            weights = [context.linears[t].weight.data for t in targets]
+            s, losses = search_scales(weights, stats.gram, stats.absmean, context.fake_quantize, self.n_grid)
+            context.fold_scale(source, targets, s)
+            for target in targets:
+                context.note(target, awq_ratio=losses.index(min(losses)) / self.n_grid)
+        if not self.clip:
+            return
         for name, linear in context.linears.items():
-            context.quantized[name] = rtn(linear.weight.data, context.weight_format, context.qualified(name))
+            if name in context.arch.clip_skip:
+                continue
+            weight = linear.weight.data
+            length = context.weight_format.group_length(weight.shape[1])
+            threshold = search_clip(weight, context.stats[name].gram, length, context.fake_quantize, self.n_grid, self.max_shrink)
+            weight.copy_(apply_clip(weight, threshold))
 
 
-STEPS: dict[str, type[Step]] = {step.name: step for step in (RtnStep,)}
+STEPS: dict[str, type[Step]] = {step.name: step for step in (RtnStep, GptqStep, SmoothQuantStep, AwqStep)}

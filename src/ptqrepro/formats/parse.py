@@ -1,5 +1,11 @@
-"""Parse format strings such as ``int8``, ``int4``, ``int3-g128``, ``int2-sym``, ``int4-g64-sym``.
+"""Parse format strings into formats.
 
+* Integer grids: ``int<bits>[-g<size>][-sym|-asym]``, e.g. ``int8``, ``int3-g128``, ``int4-g64-sym``.
+* MX formats: ``mxint<bits>[-b<size>]`` (bits 8, 6, 4, 2) and ``mxfp<bits>[-e<X>m<Y>][-b<size>]``
+  with ``mxfp8`` = ``mxfp8-e4m3`` (or ``-e5m2``), ``mxfp6`` = ``mxfp6-e2m3`` (or ``-e3m2``) and
+  ``mxfp4`` = e2m1; the block size defaults to 32 (OCP), e.g. ``mxint4-b16`` is LQER's MXINT4.
+
+Options may come in any order, each at most once; matching is case-insensitive.
 ``fp16``, ``bf16``, ``fp32`` and ``none`` mean "not quantized" and parse to ``None``.
 """
 
@@ -8,21 +14,37 @@ from __future__ import annotations
 import re
 
 from ptqrepro.errors import PtqError
+from ptqrepro.formats.base import GroupedFormat
 from ptqrepro.formats.integer import IntFormat
+from ptqrepro.formats.mx import ELEMENTS, OCP_BLOCK, MXFormat
 
 UNQUANTIZED = {"fp16", "bf16", "fp32", "none"}
 _INT = re.compile(r"int(\d+)")
 _GROUP = re.compile(r"g(\d+)")
+_MX = re.compile(r"mx(int|fp)(\d+)")
+_BLOCK = re.compile(r"b(\d+)")
+_FP_VARIANT = re.compile(r"e\d+m\d+")
+DEFAULT_FP_VARIANT = {8: "e4m3", 6: "e2m3", 4: "e2m1"}
+"""The element an ``mxfp<bits>`` without a variant means."""
 
 
-def parse_format(text: str | None) -> IntFormat | None:
+def parse_format(text: str | None) -> GroupedFormat | None:
     """Parse one format string; anything that does not parse is a one-line PtqError."""
     if text is None or str(text).lower() in UNQUANTIZED:
         return None
     head, *options = str(text).lower().split("-")
+    if head.startswith("mx"):
+        return _parse_mx(str(text), head, options)
+    return _parse_int(str(text), head, options)
+
+
+def _parse_int(text: str, head: str, options: list[str]) -> IntFormat:
     match = _INT.fullmatch(head)
     if not match:
-        raise PtqError(f"cannot parse format {text!r}: expected int<bits>[-g<size>][-sym] or fp16")
+        raise PtqError(
+            f"cannot parse format {text!r}: expected int<bits>[-g<size>][-sym], "
+            "mxint<bits>[-b<size>], mxfp<bits>[-e<X>m<Y>][-b<size>] or fp16"
+        )
     bits = int(match.group(1))
     if not 2 <= bits <= 8:
         raise PtqError(f"cannot parse format {text!r}: integer bits must be 2..8, got {bits}")
@@ -41,3 +63,29 @@ def parse_format(text: str | None) -> IntFormat | None:
                 "(expected g<size>, sym or asym)"
             )
     return IntFormat(bits=bits, group_size=group_size, symmetric=symmetric)
+
+
+def _parse_mx(text: str, head: str, options: list[str]) -> MXFormat:
+    match = _MX.fullmatch(head)
+    if not match:
+        raise PtqError(f"cannot parse format {text!r}: expected mxint<bits> or mxfp<bits>")
+    kind, bits = match.group(1), int(match.group(2))
+    block, variant = None, None
+    for option in options:
+        size = _BLOCK.fullmatch(option)
+        if size and block is None:
+            block = int(size.group(1))
+            if block < 1:
+                raise PtqError(f"cannot parse format {text!r}: block size must be positive")
+        elif kind == "fp" and _FP_VARIANT.fullmatch(option) and variant is None:
+            variant = option
+        else:
+            expected = "b<size> or e<X>m<Y>" if kind == "fp" else "b<size>"
+            raise PtqError(
+                f"cannot parse format {text!r}: unknown or repeated option {option!r} (expected {expected})"
+            )
+    element = f"int{bits}" if kind == "int" else f"fp{bits}-{variant or DEFAULT_FP_VARIANT.get(bits)}"
+    if element not in ELEMENTS:
+        known = ", ".join(MXFormat(name).name for name in ELEMENTS)
+        raise PtqError(f"cannot parse format {text!r}: no such MX element (expected one of {known})")
+    return MXFormat(element=element, block=block or OCP_BLOCK)

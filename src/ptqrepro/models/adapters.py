@@ -1,6 +1,15 @@
-"""Each architecture family declares once where its decoder layers and linear layers are.
+"""Each architecture family declares once where its layers are and how they connect.
 
 Everything model-specific that the pipeline needs lives here; methods never see a model.
+
+* ``linears``: the linear layers of one decoder layer, in execution order;
+* ``sequential_groups``: the linears GPTQ's ``true_sequential`` quantizes together, in order;
+* ``smooth_pairs``: (normalisation, linears it feeds): SmoothQuant folds 1/s into the norm;
+* ``scale_pairs``: AWQ's scaling groups, the smooth pairs plus (linear, linears it feeds
+  linearly), e.g. v_proj -> o_proj (only when their shapes match: not under grouped-query
+  attention) and up_proj -> down_proj (the product act(gate) * up is linear in up);
+* ``clip_skip``: linears AWQ's clip search leaves alone (q/k: their error is amplified by the
+  attention softmax, which a per-linear output error does not see).
 """
 
 from __future__ import annotations
@@ -15,9 +24,17 @@ from ptqrepro.errors import PtqError
 @dataclass(frozen=True)
 class Architecture:
     family: str
-    layers: str  # dotted path of the decoder-layer ModuleList inside the CausalLM
-    before_layers: tuple[str, ...]  # modules that produce the first layer's inputs
-    linears: tuple[str, ...]  # linear layers inside one decoder layer, in execution order
+    layers: str
+    before_layers: tuple[str, ...]
+    linears: tuple[str, ...]
+    sequential_groups: tuple[tuple[str, ...], ...]
+    smooth_pairs: tuple[tuple[str, tuple[str, ...]], ...]
+    linear_pairs: tuple[tuple[str, tuple[str, ...]], ...]
+    clip_skip: tuple[str, ...]
+
+    @property
+    def scale_pairs(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        return self.smooth_pairs + self.linear_pairs
 
 
 LLAMA = Architecture(
@@ -33,9 +50,48 @@ LLAMA = Architecture(
         "mlp.up_proj",
         "mlp.down_proj",
     ),
+    sequential_groups=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    ),
+    smooth_pairs=(
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ),
+    linear_pairs=(
+        ("self_attn.v_proj", ("self_attn.o_proj",)),
+        ("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+    clip_skip=("self_attn.q_proj", "self_attn.k_proj"),
 )
 
-ARCHITECTURES = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA}
+OPT = Architecture(
+    family="opt",
+    layers="model.decoder.layers",
+    before_layers=tuple(
+        f"model.decoder.{name}" for name in ("embed_tokens", "embed_positions", "project_in")
+    ),
+    linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
+    sequential_groups=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.out_proj",),
+        ("fc1",),
+        ("fc2",),
+    ),
+    smooth_pairs=(
+        ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("final_layer_norm", ("fc1",)),
+    ),
+    linear_pairs=(
+        ("self_attn.v_proj", ("self_attn.out_proj",)),
+        ("fc1", ("fc2",)),
+    ),
+    clip_skip=("self_attn.q_proj", "self_attn.k_proj"),
+)
+
+ARCHITECTURES = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "opt": OPT}
 
 
 def architecture_of(model: nn.Module) -> Architecture:
@@ -53,3 +109,16 @@ def decoder_layers(model: nn.Module, arch: Architecture) -> nn.ModuleList:
 
 def layer_linears(layer: nn.Module, arch: Architecture) -> dict[str, nn.Linear]:
     return {name: layer.get_submodule(name) for name in arch.linears}
+
+
+def modules_before_layers(model: nn.Module, arch: Architecture) -> list[nn.Module]:
+    """The modules that produce layer 0's inputs (those an architecture variant lacks are skipped)."""
+    modules = []
+    for name in arch.before_layers:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if module is not None:
+            modules.append(module)
+    return modules

@@ -28,6 +28,8 @@ LINE_STYLES = ("-", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))
 """Series styles; plain dashes are kept for the fp16 baseline."""
 
 PANEL_SIZE_IN = (5.0, 3.8)
+LEGEND_WIDTH_IN = 3.5
+"""Room for the legend, which sits to the right of each panel so that it never hides a point."""
 MAX_PANEL_COLUMNS = 2
 SAVE_METADATA = {
     "png": {"Software": None},
@@ -82,7 +84,7 @@ def _figure_for(ppl: pd.DataFrame, series_labels: list[str]) -> Figure:
     columns = min(len(panels), MAX_PANEL_COLUMNS)
     rows = math.ceil(len(panels) / columns)
     width, height = PANEL_SIZE_IN
-    figure = Figure(figsize=(width * columns, height * rows), layout="constrained")
+    figure = Figure(figsize=(width * columns + LEGEND_WIDTH_IN, height * rows), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     for ax, ((model, dataset), panel_rows) in zip(axes, panels):
         _draw_panel(ax, panel_rows, series_labels)
@@ -112,7 +114,7 @@ def _draw_panel(ax: Axes, rows: pd.DataFrame, series_labels: list[str]) -> None:
     ax.set_xlabel("weight bits")
     ax.set_ylabel("perplexity (log scale)" if log_scale else "perplexity")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
 
 
 def _series_style(index: int) -> dict[str, object]:

@@ -1,0 +1,82 @@
+"""AWQ: activation-aware weight quantization (Lin et al., MLSys 2024; mit-han-lab/llm-awq
+``auto_scale.py`` and ``auto_clip.py``), on one scaling group's weights and input statistics.
+
+Scale search: for ratio r in {0, 1/n, ..., (n-1)/n},
+
+    s = clamp(s_x^r, 1e-4),  s <- s / sqrt(max(s) min(s)),   s_x = mean_t |X_tj|,
+    loss(s) = sum_fc || X W^T - X (Q(W diag(s)) diag(1/s))^T ||_F^2,
+
+and the best s is kept. The reference measures the loss on the output of the whole inspected
+module (e.g. attention); here it is the sum of the linears' output errors, computed exactly from
+the Gram matrix G = X^T X as tr(D G D^T) with D the effective weight error.
+
+Clip search: for each (row, group), the clipping threshold t = (1 - i/n) max|w| for
+i < n * max_shrink minimising that group's output error d^T G_gg d, where d = w - Q(clamp(w, -t, t)).
+The reference samples 512 tokens for this; the Gram matrix uses every calibration token.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Quantizer = Callable[[torch.Tensor], torch.Tensor]
+"""Fake-quantizes a weight [out, in] with the recipe's format (RTN)."""
+
+
+def output_error(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``||X D^T||_F^2 = tr(D G D^T)`` for a weight error D [out, in] and G = X^T X."""
+    return torch.einsum("oi,ij,oj->", delta, gram, delta)
+
+
+def search_scales(
+    weights: list[torch.Tensor], gram: torch.Tensor, act_absmean: torch.Tensor, quantize: Quantizer, n_grid: int = 20
+) -> tuple[torch.Tensor, list[float]]:
+    """The scale s [in] minimising the group's quantized output error, and the loss per ratio."""
+    weights = [w.float() for w in weights]
+    gram = gram.float()
+    s_x = act_absmean.float()
+    losses, best, best_loss = [], None, float("inf")
+    for step in range(n_grid):
+        s = s_x.pow(step / n_grid).clamp(min=1e-4)
+        s = s / torch.sqrt(s.max() * s.min())
+        loss = sum(float(output_error(w - quantize(w * s) / s, gram)) for w in weights)
+        losses.append(loss)
+        if loss < best_loss:
+            best, best_loss = s, loss
+    return best, losses
+
+
+def search_clip(
+    weight: torch.Tensor, gram: torch.Tensor, group_length: int | None, quantize: Quantizer,
+    n_grid: int = 20, max_shrink: float = 0.5,
+) -> torch.Tensor:
+    """The per-(row, group) clipping thresholds t [out, groups] minimising each group's output error."""
+    weight = weight.float()
+    out_features, in_features = weight.shape
+    length = group_length or in_features
+    groups = in_features // length
+    blocks = gram.float().reshape(groups, length, groups, length).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    grouped = weight.view(out_features, groups, length)
+    amax = grouped.abs().amax(dim=2)
+    best_error = torch.full_like(amax, float("inf"))
+    best_threshold = amax.clone()
+    for step in range(int(max_shrink * n_grid)):
+        threshold = amax * (1 - step / n_grid)
+        clipped = torch.maximum(torch.minimum(grouped, threshold[..., None]), -threshold[..., None])
+        delta = grouped - quantize(clipped.view(out_features, in_features)).view(out_features, groups, length)
+        error = torch.einsum("ogi,gij,ogj->og", delta, blocks, delta)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_threshold = torch.where(better, threshold, best_threshold)
+    return best_threshold
+
+
+def apply_clip(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Clamp each (row, group) of ``weight`` to [-t, t]."""
+    out_features, in_features = weight.shape
+    groups = threshold.shape[1]
+    grouped = weight.view(out_features, groups, in_features // groups)
+    t = threshold[..., None].to(weight.dtype)
+    return torch.maximum(torch.minimum(grouped, t), -t).view(out_features, in_features)
