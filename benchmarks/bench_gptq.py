@@ -37,15 +37,21 @@ ERROR_ROWS = 1024
 """Rows on which the layer error is compared with RTN (all rows would take longer than GPTQ)."""
 
 
-def make_case(out_features: int, in_features: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weight and a realistic Hessian: tokens = noise + 64 shared latent factors, with
-    8 outlier channels scaled by 20."""
+def calibration_case(out_features: int, in_features: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random weight [out, in] and realistic calibration inputs X [2048, in]: tokens = noise +
+    0.5 * (64 shared latent factors), with 8 outlier channels scaled by 20."""
     generator = torch.Generator().manual_seed(seed)
     latent = torch.randn(TOKENS, 64, generator=generator) @ torch.randn(64, in_features, generator=generator)
     x = torch.randn(TOKENS, in_features, generator=generator) + 0.5 * latent
     outliers = torch.randperm(in_features, generator=generator)[:8]
     x[:, outliers] *= 20.0
     weight = 0.02 * torch.randn(out_features, in_features, generator=generator)
+    return weight, x
+
+
+def make_case(out_features: int, in_features: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The weight and its Hessian G = X^T X (see ``calibration_case``)."""
+    weight, x = calibration_case(out_features, in_features, seed)
     return {"weight": weight, "gram": x.T @ x}
 
 

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from bench_gptq import calibration_case
 from ptqrepro.formats import IntFormat
 from ptqrepro.methods.awq import apply_clip, search_clip, search_scales
 from ptqrepro.methods.rtn import rtn
@@ -29,19 +30,14 @@ from ptqrepro.methods.smoothquant import smoothing_scales
 
 SHAPES = [(4096, 4096), (11008, 4096)]
 FORMAT = IntFormat(4, 128)
-TOKENS = 2048
 THREADS = 2
 REPEATS = 3
 SLOW_S = 10.0
 """A case whose first run takes longer than this is not repeated: its noise is small beside it."""
 
 
-def make_case(out_features: int, in_features: int, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    latent = torch.randn(TOKENS, 64, generator=generator) @ torch.randn(64, in_features, generator=generator)
-    x = torch.randn(TOKENS, in_features, generator=generator) + 0.5 * latent
-    x[:, torch.randperm(in_features, generator=generator)[:8]] *= 20.0
-    weight = 0.02 * torch.randn(out_features, in_features, generator=generator)
+def make_case(out_features: int, in_features: int):
+    weight, x = calibration_case(out_features, in_features)
     return weight, x.T @ x, x.abs().mean(dim=0), x.abs().amax(dim=0)
 
 

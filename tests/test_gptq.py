@@ -231,3 +231,15 @@ def test_works_for_any_grouped_format():
     assert result.quantized.codes.dtype == torch.int8
     assert layer_error(x, w, values) < 0.8 * layer_error(x, w, rtn(w, fmt).dequantize())
     assert torch.equal(gptq(w, x.T @ x, fmt, blocksize=5).quantized.codes, result.quantized.codes)
+
+
+@pytest.mark.parametrize("fmt", ["mxint4", "mxfp4", "mxint8-b16"])
+def test_mx_formats_beat_rtn_on_their_grid(fmt):
+    """MX blocks are groups whose shared exponent is fitted when the sweep reaches them."""
+    x, w = calibration(), layer_weight()
+    fmt = parse_format(fmt)
+    quantized = gptq(w, x.T @ x, fmt).quantized
+    values = quantized.dequantize()
+    params = {name: p.reshape(-1, 1) for name, p in quantized.params.items()}
+    assert torch.equal(fmt.fake(values.reshape(-1, fmt.block), params).reshape(values.shape), values)
+    assert layer_error(x, w, values) < 0.8 * layer_error(x, w, rtn(w, fmt).dequantize())
