@@ -3,9 +3,8 @@
 Cases: weights [4096, 4096] and [11008, 4096] (out x in), random N(0, 0.02^2) weights and the
 same realistic Hessian as bench_gptq.py (G = X^T X of 2048 tokens with correlated channels and
 outlier channels), weight format int4-g128, 2 threads, best of 3 (one run where the first takes
-over 10 s). AWQ runs its scale search (20
-ratios) and its clip search (10 thresholds) on the one linear; SmoothQuant computes its scales
-and folds them into the weight. Each case runs in a fresh subprocess; the table shows its
+over 10 s). AWQ runs its scale search (20 ratios) and its clip search (10 thresholds) on the one
+linear; SmoothQuant computes its scales and folds them into the weight. Each case runs in a fresh subprocess; the table shows its
 peak resident memory.
 
     python benchmarks/bench_methods.py
@@ -22,16 +21,11 @@ import time
 
 import torch
 
-from bench_gptq import calibration_case
-from ptqrepro.formats import IntFormat
+from bench_gptq import FORMAT, REPEATS, SHAPES, THREADS, calibration_case
 from ptqrepro.methods.awq import apply_clip, search_clip, search_scales
 from ptqrepro.methods.rtn import rtn
 from ptqrepro.methods.smoothquant import smoothing_scales
 
-SHAPES = [(4096, 4096), (11008, 4096)]
-FORMAT = IntFormat(4, 128)
-THREADS = 2
-REPEATS = 3
 SLOW_S = 10.0
 """A case whose first run takes longer than this is not repeated: its noise is small beside it."""
 

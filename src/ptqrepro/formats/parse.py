@@ -38,6 +38,13 @@ def parse_format(text: str | None) -> GroupedFormat | None:
     return _parse_int(str(text), head, options)
 
 
+def _positive_size(text: str, match: re.Match, what: str) -> int:
+    size = int(match.group(1))
+    if size < 1:
+        raise PtqError(f"cannot parse format {text!r}: {what} size must be positive")
+    return size
+
+
 def _parse_int(text: str, head: str, options: list[str]) -> IntFormat:
     match = _INT.fullmatch(head)
     if not match:
@@ -52,9 +59,7 @@ def _parse_int(text: str, head: str, options: list[str]) -> IntFormat:
     for option in options:
         group = _GROUP.fullmatch(option)
         if group and group_size is None:
-            group_size = int(group.group(1))
-            if group_size < 1:
-                raise PtqError(f"cannot parse format {text!r}: group size must be positive")
+            group_size = _positive_size(text, group, "group")
         elif option in ("sym", "asym") and not symmetric:
             symmetric = option == "sym"
         else:
@@ -74,9 +79,7 @@ def _parse_mx(text: str, head: str, options: list[str]) -> MXFormat:
     for option in options:
         size = _BLOCK.fullmatch(option)
         if size and block is None:
-            block = int(size.group(1))
-            if block < 1:
-                raise PtqError(f"cannot parse format {text!r}: block size must be positive")
+            block = _positive_size(text, size, "block")
         elif kind == "fp" and _FP_VARIANT.fullmatch(option) and variant is None:
             variant = option
         else:
