@@ -123,7 +123,7 @@ def cmd_quantize(args) -> None:
         "bits_per_weight": round(stored / numel, 4) if numel else 16,
         "act_format": recipe.act.name if recipe.act else None,
     }
-    settings = {"recipe": spec, "calibration": calibration["corpus"], "seed": calibration["seed"],
+    settings = {"model": description["model"], "recipe": spec, "calibration": calibration["corpus"], "seed": calibration["seed"],
                 "nsamples": int(calibration["input_ids"].shape[0]), "seqlen": int(calibration["input_ids"].shape[1])}
     record = provenance.record(settings, device)
     errors = [r["weight_rel_error"] for r in result.records]
