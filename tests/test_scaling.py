@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from ptqrepro.formats import parse_format
-from ptqrepro.methods.awq import output_error, search_clip, search_scales
+from ptqrepro.methods.awq import search_clip, search_scales
 from ptqrepro.methods.rtn import rtn
 from ptqrepro.methods.smoothquant import smoothing_scales
 from ptqrepro.models.adapters import architecture_of, decoder_layers, layer_linears
 from ptqrepro.pipeline import _run_layer, capture_layer_inputs
-from ptqrepro.statistics import collect_input_statistics
+from ptqrepro.statistics import collect_input_statistics, output_error
 from ptqrepro.steps import AwqStep, LayerContext, SmoothQuantStep
 
 

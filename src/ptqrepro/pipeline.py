@@ -33,7 +33,7 @@ from ptqrepro.models.adapters import (
     modules_before_layers,
 )
 from ptqrepro.recipes import Recipe
-from ptqrepro.statistics import collect_input_statistics
+from ptqrepro.statistics import collect_input_statistics, output_error
 from ptqrepro.steps import LayerContext
 
 
@@ -97,9 +97,8 @@ def _run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
 
 def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, gram: torch.Tensor) -> float:
     """``||X (W - Q)^T||_F / ||X W^T||_F`` computed from the Gram matrix ``G = X^T X``."""
-    delta = (weight - quantized).float()
-    error = torch.einsum("oi,ij,oj->", delta, gram, delta)
-    reference = torch.einsum("oi,ij,oj->", weight.float(), gram, weight.float())
+    error = output_error(weight - quantized, gram)
+    reference = output_error(weight, gram)
     return float(torch.sqrt(error.clamp(min=0) / reference.clamp(min=1e-30)))
 
 

@@ -30,13 +30,12 @@ class Recipe:
     name: str
     steps: tuple[Step, ...] = field(default_factory=tuple)
     weight: GroupedFormat | None = None
+    act: GroupedFormat | None = None
 
     @property
     def method(self) -> str:
         """The steps joined by '+', or 'fp16' for the unquantized baseline."""
         return "+".join(step.name for step in self.steps) or "fp16"
-
-    act: GroupedFormat | None = None
 
     @property
     def needs_stats(self) -> bool:

@@ -18,6 +18,12 @@ import torch
 from torch import nn
 
 
+def output_error(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``||X D^T||_F^2 = tr(D G D^T)`` for a weight error D [out, in] and G = X^T X."""
+    delta = delta.float()
+    return torch.einsum("oi,ij,oj->", delta, gram, delta)
+
+
 @dataclass
 class InputStatistics:
     gram: torch.Tensor
@@ -27,8 +33,15 @@ class InputStatistics:
 
     @classmethod
     def of(cls, x: torch.Tensor) -> "InputStatistics":
-        x = x.reshape(-1, x.shape[-1]).float()
-        return cls(gram=x.T @ x, absmax=x.abs().amax(dim=0), abssum=x.abs().sum(dim=0), tokens=x.shape[0])
+        features = x.shape[-1]
+        stats = cls(
+            gram=x.new_zeros((features, features), dtype=torch.float32),
+            absmax=x.new_zeros(features, dtype=torch.float32),
+            abssum=x.new_zeros(features, dtype=torch.float32),
+            tokens=0,
+        )
+        stats.add(x)
+        return stats
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()

@@ -21,13 +21,10 @@ from typing import Callable
 
 import torch
 
+from ptqrepro.statistics import output_error
+
 Quantizer = Callable[[torch.Tensor], torch.Tensor]
 """Fake-quantizes a weight [out, in] with the recipe's format (RTN)."""
-
-
-def output_error(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """``||X D^T||_F^2 = tr(D G D^T)`` for a weight error D [out, in] and G = X^T X."""
-    return torch.einsum("oi,ij,oj->", delta, gram, delta)
 
 
 def search_scales(
