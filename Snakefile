@@ -5,13 +5,16 @@
 #
 # Every job calls the `ptqrepro` command line, so each one can also be run by hand.
 
+import json
 import os
+import re
 import sys
 
 from snakemake.utils import min_version, validate
 
 from ptqrepro.config import check_config
 from ptqrepro.errors import PtqError
+from ptqrepro.recipes import is_reconstruction
 
 min_version("9.0")
 
@@ -35,6 +38,22 @@ if config["offline"]:
 
 MODELS = list(config["models"])
 RECIPES = list(config["recipes"])
+# A reconstruction recipe (DWR) is made by its own rule from its base recipe's artifact.
+RECONSTRUCTIONS = [name for name, entry in config["recipes"].items() if is_reconstruction(entry)]
+QUANTIZATIONS = [name for name in RECIPES if name not in RECONSTRUCTIONS]
+# (model, recipe) pairs to run: every model, unless a recipe lists its `models`.
+RUNS = [(model, recipe) for recipe in RECIPES for model in config["recipes"][recipe].get("models", MODELS)]
+
+
+def recipe_spec(name):
+    """A recipe's entry as the quantize/dwr command reads it (without the DAG-only `models`)."""
+    return json.dumps({key: value for key, value in config["recipes"][name].items() if key != "models"})
+
+
+def one_of(names):
+    """A wildcard pattern matching exactly these names (none: matches nothing)."""
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
 PPL = config["eval"]["ppl"]
 CALIB = config["calibration"]
 CALIBRATION_FILE = "results/calibration/{model}/" + "{corpus}-n{nsamples}-l{seqlen}-s{seed}.pt".format(**CALIB)

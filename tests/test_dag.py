@@ -1,6 +1,7 @@
 """The real Snakefile on a tiny random-initialised LLaMA and a tiny corpus, in a temp directory."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,29 @@ def test_tiny_dag_end_to_end(tmp_path, tiny_model_dir, tiny_corpus):
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
 
+@pytest.mark.slow
+def test_tiny_dag_with_the_papers_methods(tmp_path, tiny_model_dir, tiny_corpus):
+    """MagR, LQER and DWR through the real DAG: the DWR job starts from its base's artifact."""
+    recipes = {
+        "gptq@int2": {"steps": ["gptq"], "weight": "int2"},
+        "gptq+dwr@int2": {"base": "gptq@int2", "dwr": {"ranks": [4, 16], "windows": 2}},
+        "magr+gptq@int3-beta0.9": {"steps": [{"magr": {"iterations": 20}}, "gptq"], "weight": "int3-beta0.9"},
+        "l2qer-k4@mxint4_a=mxint8": {"steps": ["rtn", {"l2qer": {"rank": 4}}], "weight": "mxint4", "act": "mxint8",
+                                    "models": ["tiny"]},
+    }
+    write_config(tmp_path, tiny_config(tiny_model_dir, tiny_corpus, recipes))
+    run = snakemake(tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert re.search(r"^quantize\s+3$", run.stdout + run.stderr, flags=re.MULTILINE)
+    assert re.search(r"^dwr\s+1$", run.stdout + run.stderr, flags=re.MULTILINE)
+    table = pandas.read_csv(tmp_path / "results/tables/all.csv")
+    ppl = table[(table.kind == "perplexity") & (table.metric == "ppl")].set_index("recipe")["value"]
+    assert set(ppl.index) == set(recipes)
+    dwr = yaml.safe_load((tmp_path / "results/metrics/tiny/gptq+dwr@int2/quantize.json").read_text())
+    assert len(dwr["dwr"]) == 2 and all(set(block["curve"]) == {"0", "4", "16"} for block in dwr["dwr"])
+    assert dwr["metrics"]["calibration_ppl_after"] <= dwr["metrics"]["calibration_ppl_before"]
+
+
 @pytest.mark.parametrize(
     "recipes, message",
     [
@@ -85,11 +109,18 @@ def test_schema_rejects_an_unknown_key(tmp_path, tiny_model_dir, tiny_corpus):
 
 @pytest.mark.parametrize("paper", sorted((REPO / "config" / "papers").glob("*.yaml")), ids=lambda p: p.stem)
 def test_paper_configs_list_their_whole_dag_without_a_hub(paper, tmp_path):
-    """A dry run needs no network and no model: one quantize job per (model, recipe), nothing inherited."""
+    """A dry run needs no network and no model: one quantize (or dwr) job per (model, recipe) the
+    config asks for (a recipe's `models`, else every model), nothing inherited."""
     config = yaml.safe_load(paper.read_text())
     run = subprocess.run([*SNAKEMAKE, "-n", "--configfile", str(paper)], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    counts = dict(line.split()[:2] for line in run.stdout.splitlines() if line.startswith(("quantize ", "eval_ppl ")))
-    assert int(counts["quantize"]) == len(config["models"]) * len(config["recipes"])
-    assert int(counts["eval_ppl"]) == int(counts["quantize"]) * len(config["eval"]["ppl"]["datasets"])
+    jobs = {"quantize": 0, "dwr": 0} | {
+        match.group(1): int(match.group(2))
+        for match in re.finditer(r"^(quantize|dwr|eval_ppl)\s+(\d+)", run.stdout, flags=re.MULTILINE)
+    }
+    runs = [(model, name) for name, entry in config["recipes"].items() for model in entry.get("models", config["models"])]
+    reconstructions = [run for run in runs if "base" in config["recipes"][run[1]]]
+    assert jobs["dwr"] == len(reconstructions)
+    assert jobs["quantize"] == len(runs) - len(reconstructions)
+    assert jobs["eval_ppl"] == len(runs) * len(config["eval"]["ppl"]["datasets"])

@@ -9,12 +9,12 @@ from ptqrepro.formats.activation import quantize_activation
 from ptqrepro.methods.rtn import rtn
 
 # Element constants written out from OCP MX v1.0 and microxcaling, independently of the implementation.
-INTEGER = {"int8": (1 / 64, 127), "int6": (1 / 16, 31), "int4": (1 / 4, 7), "int2": (1.0, 1)}
+INTEGER = {"int8": (1 / 64, 127), "int6": (1 / 16, 31), "int4": (1 / 4, 7), "int3": (1 / 2, 3), "int2": (1.0, 1)}
 """integer element -> (step, largest code)."""
 FLOAT = {"fp8-e4m3": (4, 3, 448.0), "fp8-e5m2": (5, 2, 57344.0), "fp6-e3m2": (3, 2, 28.0),
          "fp6-e2m3": (2, 3, 7.5), "fp4-e2m1": (2, 1, 6.0)}
 """floating-point element -> (exponent bits, mantissa bits, max_norm)."""
-EMAX = {"int8": 0, "int6": 0, "int4": 0, "int2": 0, "fp8-e4m3": 8, "fp8-e5m2": 15,
+EMAX = {"int8": 0, "int6": 0, "int4": 0, "int3": 0, "int2": 0, "fp8-e4m3": 8, "fp8-e5m2": 15,
         "fp6-e3m2": 4, "fp6-e2m3": 2, "fp4-e2m1": 2}
 ELEMENTS = list(EMAX)
 
@@ -101,7 +101,7 @@ def test_name_round_trips(element, block):
 
 def test_names_and_schemes():
     names = {e: MXFormat(e).name for e in ELEMENTS}
-    assert names == {"int8": "mxint8", "int6": "mxint6", "int4": "mxint4", "int2": "mxint2",
+    assert names == {"int8": "mxint8", "int6": "mxint6", "int4": "mxint4", "int3": "mxint3", "int2": "mxint2",
                      "fp8-e4m3": "mxfp8-e4m3", "fp8-e5m2": "mxfp8-e5m2", "fp6-e3m2": "mxfp6-e3m2",
                      "fp6-e2m3": "mxfp6-e2m3", "fp4-e2m1": "mxfp4"}
     assert MXFormat("int4", 16).name == "mxint4-b16"
@@ -111,7 +111,7 @@ def test_names_and_schemes():
 
 @pytest.mark.parametrize(
     "text",
-    ["mx", "mxint", "mxint3", "mxint16", "mxfp5", "mxfp8-e3m4", "mxfp6-e4m3", "mxfp4-e3m0",
+    ["mx", "mxint", "mxint5", "mxint16", "mxfp5", "mxfp8-e3m4", "mxfp6-e4m3", "mxfp4-e3m0",
      "mxint4-e2m1", "mxint4-b0", "mxint4-b", "mxint4-b16-b32", "mxfp8-e4m3-e5m2", "mxint4-g32",
      "mxint4-sym", "mxfloat4"],
 )

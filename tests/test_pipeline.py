@@ -20,6 +20,7 @@ class RecordingRtn(RtnStep):
 
     name: ClassVar[str] = "recording-rtn"
     needs_stats: ClassVar[bool] = True
+    needs_gram: ClassVar[bool] = True
     seen: list = None
 
     def quantize(self, context: LayerContext, names) -> None:
@@ -157,7 +158,7 @@ def test_compositions_round_trip_through_the_artifact(model, tmp_path, entry):
     """Scaled norms, codes and activation quantization all survive save/apply."""
     import copy
 
-    from ptqrepro.artifact import install_activation_quantization
+    from ptqrepro.artifact import ActivationQuantizer
 
     fresh = copy.deepcopy(model)
     recipe = recipe_from_config("combo", entry)
@@ -169,8 +170,18 @@ def test_compositions_round_trip_through_the_artifact(model, tmp_path, entry):
                   {"recipe": "combo", "act_format": recipe.act.name if recipe.act else None})
     apply_artifact(fresh, tmp_path / "a")
     if recipe.act is not None:
+        activations = ActivationQuantizer(recipe.act)
         for name in result.quantized:
-            install_activation_quantization(model.get_submodule(name), recipe.act)
+            activations.install(model.get_submodule(name))
     data = calibration(n=2, seqlen=32, seed=9)
     with torch.no_grad():
         assert torch.equal(model(input_ids=data).logits, fresh(input_ids=data).logits)
+
+
+def test_the_gram_matrix_is_collected_only_for_steps_that_need_it(model):
+    import copy
+
+    smooth = quantize_model(copy.deepcopy(model), recipe_from_config("s", {"steps": ["smoothquant", "rtn"], "weight": "int8"}), calibration())
+    gptq = quantize_model(copy.deepcopy(model), recipe_from_config("g", {"steps": ["gptq"], "weight": "int8"}), calibration())
+    assert not any("output_rel_error" in r for r in smooth.records)
+    assert all("output_rel_error" in r for r in gptq.records)

@@ -8,7 +8,7 @@ from ptqrepro.methods.awq import search_clip, search_scales
 from ptqrepro.methods.rtn import rtn
 from ptqrepro.methods.smoothquant import smoothing_scales
 from ptqrepro.models.adapters import architecture_of, decoder_layers, layer_linears
-from ptqrepro.pipeline import _run_layer, capture_layer_inputs
+from ptqrepro.pipeline import run_layer, capture_layer_inputs
 from ptqrepro.statistics import collect_input_statistics, output_error
 from ptqrepro.steps import AwqStep, LayerContext, SmoothQuantStep
 
@@ -38,12 +38,12 @@ def apply_transform(model, step, data, fmt="int4"):
     contexts = []
     for index, layer in enumerate(decoder_layers(model, arch)):
         linears = layer_linears(layer, arch)
-        stats = collect_input_statistics(lambda: _run_layer(layer, inputs), linears)
+        stats = collect_input_statistics(lambda: run_layer(layer, inputs), linears)
         context = LayerContext(index=index, prefix=f"{arch.layers}.{index}", layer=layer, arch=arch,
                                linears=linears, weight_format=parse_format(fmt), stats=stats)
         step.apply(context)
         contexts.append(context)
-        inputs.hidden = _run_layer(layer, inputs)
+        inputs.hidden = run_layer(layer, inputs)
     return contexts
 
 
@@ -75,11 +75,11 @@ def test_folded_statistics_equal_statistics_collected_afresh(model):
     inputs = capture_layer_inputs(net, arch, data, "cpu", 2)
     layer = decoder_layers(net, arch)[0]
     linears = layer_linears(layer, arch)
-    stats = collect_input_statistics(lambda: _run_layer(layer, inputs), linears)
+    stats = collect_input_statistics(lambda: run_layer(layer, inputs), linears)
     context = LayerContext(index=0, prefix="model.layers.0", layer=layer, arch=arch, linears=linears,
                            weight_format=parse_format("int4"), stats=stats)
     SmoothQuantStep(alpha=0.5).apply(context)
-    fresh = collect_input_statistics(lambda: _run_layer(layer, inputs), linears)
+    fresh = collect_input_statistics(lambda: run_layer(layer, inputs), linears)
     for name in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj"):
         folded, collected = context.stats[name], fresh[name]
         assert (folded.gram - collected.gram).norm() / collected.gram.norm() < 1e-5

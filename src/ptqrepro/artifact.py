@@ -4,18 +4,23 @@ A directory with ``quantized.safetensors`` and ``manifest.json``:
 
 * ``<linear>.codes`` (the format's code dtype) and ``<linear>.<parameter>`` for each of the
   format's group parameters (scale and zero point, or an MX block's shared exponent);
+* ``<linear>.lowrank_down.*`` and ``<linear>.lowrank_up.*``, the same for each factor of a
+  linear's LQER term (``lowrank.QuantizedLowRank``);
 * the float parameters a transform changed outside the linears (SmoothQuant's and AWQ's
   rescaled normalisation weights), under their own names;
-* the manifest: recipe, description, the format of each linear, and the activation format.
+* the manifest: recipe, description, the format of each linear and of each low-rank factor,
+  and the activation format.
 
 It holds only what the recipe changed; the base model is read from its prepared directory.
 ``apply_artifact`` writes the dequantized weights and changed parameters into a loaded base
-model and installs the activation fake-quantization on every quantized linear's input.
+model, installs the activation fake-quantization on every quantized linear's input and adds each
+low-rank term's output to its linear's output.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,22 +31,49 @@ from ptqrepro.errors import PtqError
 from ptqrepro.formats import QuantizedWeight, parse_format
 from ptqrepro.formats.activation import quantize_activation
 from ptqrepro.io import atomic_path
+from ptqrepro.lowrank import QuantizedLowRank
 
 TENSORS = "quantized.safetensors"
 MANIFEST = "manifest.json"
 
 
+FACTORS = ("down", "up")
+
+
+def _put(tensors: dict, name: str, weight: QuantizedWeight) -> None:
+    tensors[f"{name}.codes"] = weight.codes.contiguous().cpu()
+    for key, value in weight.params.items():
+        tensors[f"{name}.{key}"] = value.contiguous().cpu()
+
+
+def _take(tensors: dict, name: str, fmt_name: str) -> QuantizedWeight:
+    fmt = parse_format(fmt_name)
+    return QuantizedWeight(
+        codes=tensors[f"{name}.codes"], params={key: tensors[f"{name}.{key}"] for key in fmt.param_names}, fmt=fmt
+    )
+
+
 def save_artifact(
-    out_dir: str | Path, quantized: dict[str, QuantizedWeight], float_parameters: dict[str, torch.Tensor], manifest: dict
+    out_dir: str | Path,
+    quantized: dict[str, QuantizedWeight],
+    float_parameters: dict[str, torch.Tensor],
+    manifest: dict,
+    corrections: dict[str, QuantizedLowRank] | None = None,
 ) -> None:
+    corrections = corrections or {}
     tensors = {name: value.contiguous().cpu() for name, value in float_parameters.items()}
     for name, weight in quantized.items():
-        tensors[f"{name}.codes"] = weight.codes.contiguous().cpu()
-        for key, value in weight.params.items():
-            tensors[f"{name}.{key}"] = value.contiguous().cpu()
+        _put(tensors, name, weight)
+    for name, term in corrections.items():
+        for factor in FACTORS:
+            _put(tensors, f"{name}.lowrank_{factor}", getattr(term, factor))
     manifest = {
         **manifest,
         "linears": {name: weight.fmt.name for name, weight in quantized.items()},
+        "lowrank": {
+            name: {factor: getattr(term, factor).fmt.name for factor in FACTORS} | {"rank": term.rank}
+            for name, term in corrections.items()
+        },
         "float_parameters": sorted(float_parameters),
     }
     with atomic_path(out_dir) as tmp:
@@ -50,39 +82,66 @@ def save_artifact(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def load_artifact(artifact_dir: str | Path) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], dict]:
+@dataclass
+class Artifact:
+    quantized: dict[str, QuantizedWeight]
+    corrections: dict[str, QuantizedLowRank]
+    float_parameters: dict[str, torch.Tensor]
+    manifest: dict
+
+
+def load_artifact(artifact_dir: str | Path) -> Artifact:
     artifact_dir = Path(artifact_dir)
     if not (artifact_dir / MANIFEST).is_file():
         raise PtqError(f"{artifact_dir} is not a quantized-model artifact (no {MANIFEST})")
     manifest = json.loads((artifact_dir / MANIFEST).read_text())
     tensors = load_file(str(artifact_dir / TENSORS))
-    quantized = {}
-    for name, fmt_name in manifest["linears"].items():
-        fmt = parse_format(fmt_name)
-        quantized[name] = QuantizedWeight(
-            codes=tensors[f"{name}.codes"],
-            params={key: tensors[f"{name}.{key}"] for key in fmt.param_names},
-            fmt=fmt,
-        )
-    float_parameters = {name: tensors[name] for name in manifest.get("float_parameters", [])}
-    return quantized, float_parameters, manifest
+    return Artifact(
+        quantized={name: _take(tensors, name, fmt_name) for name, fmt_name in manifest["linears"].items()},
+        corrections={
+            name: QuantizedLowRank(**{f: _take(tensors, f"{name}.lowrank_{f}", formats[f]) for f in FACTORS})
+            for name, formats in manifest.get("lowrank", {}).items()
+        },
+        float_parameters={name: tensors[name] for name in manifest.get("float_parameters", [])},
+        manifest=manifest,
+    )
 
 
-def install_activation_quantization(linear: nn.Linear, fmt) -> None:
-    """Fake-quantize the input of ``linear`` dynamically on every forward pass."""
-    linear.register_forward_pre_hook(lambda _module, args: (quantize_activation(args[0], fmt), *args[1:]))
+class ActivationQuantizer:
+    """Dynamic fake quantization of linear inputs; linears fed the very same tensor (q/k/v,
+    gate/up) reuse one result instead of quantizing it again."""
+
+    def __init__(self, fmt) -> None:
+        self.fmt = fmt
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._last is None or self._last[0] is not x:
+            self._last = (x, quantize_activation(x, self.fmt))
+        return self._last[1]
+
+    def install(self, linear: nn.Linear) -> None:
+        linear.register_forward_pre_hook(lambda _module, args: (self(args[0]), *args[1:]))
+
+
+def install_low_rank(linear: nn.Linear, term: QuantizedLowRank, act) -> None:
+    """Add ``Q_a(Q_a(x) A) B`` to the output of ``linear`` (whose input is already ``Q_a(x)``)."""
+    linear.register_forward_hook(lambda _module, args, output: output + term.output(args[0], act))
 
 
 @torch.no_grad()
 def apply_artifact(model: nn.Module, artifact_dir: str | Path) -> dict:
     """Turn a loaded base model into the quantized model the artifact describes."""
-    quantized, float_parameters, manifest = load_artifact(artifact_dir)
-    act = parse_format(manifest.get("act_format"))
-    for name, weight in quantized.items():
+    artifact = load_artifact(artifact_dir)
+    act = parse_format(artifact.manifest.get("act_format"))
+    activations = ActivationQuantizer(act) if act is not None else None
+    for name, weight in artifact.quantized.items():
         linear = model.get_submodule(name)
         linear.weight.data.copy_(weight.dequantize().to(linear.weight.dtype))
-        if act is not None:
-            install_activation_quantization(linear, act)
-    for name, value in float_parameters.items():
+        if activations is not None:
+            activations.install(linear)
+        if name in artifact.corrections:
+            install_low_rank(linear, artifact.corrections[name], act)
+    for name, value in artifact.float_parameters.items():
         model.get_parameter(name).data.copy_(value)
-    return manifest
+    return artifact.manifest

@@ -110,8 +110,6 @@ def cmd_quantize(args) -> None:
     result = quantize_model(
         model, recipe, calibration["input_ids"], device=device, batch_size=args.batch_size, log=print
     )
-    stored = sum(weight.stored_bits() for weight in result.quantized.values())
-    numel = sum(weight.codes.numel() for weight in result.quantized.values())
     fmt = recipe.weight
     description = {
         "model": Path(args.model).name,
@@ -120,7 +118,7 @@ def cmd_quantize(args) -> None:
         "weight_format": fmt.name if fmt else None,
         "weight_scheme": (fmt.scheme if fmt else "fp16") + (f" a={recipe.act.name}" if recipe.act else ""),
         "weight_bits": fmt.bits if fmt else 16,
-        "bits_per_weight": round(stored / numel, 4) if numel else 16,
+        "bits_per_weight": result.bits_per_weight() or 16,
         "act_format": recipe.act.name if recipe.act else None,
     }
     settings = {"model": description["model"], "recipe": spec, "calibration": calibration["corpus"], "seed": calibration["seed"],
@@ -136,12 +134,56 @@ def cmd_quantize(args) -> None:
         metrics["cholesky_retries"] = sum(r.get("cholesky_retries", 0) for r in result.records)
     if result.records and "output_rel_error" in result.records[0]:
         metrics["mean_output_rel_error"] = sum(r["output_rel_error"] for r in result.records) / len(result.records)
-    save_artifact(args.out, result.quantized, result.float_parameters, {**description, "config_hash": record["config_hash"]})
+    save_artifact(args.out, result.quantized, result.float_parameters, {**description, "config_hash": record["config_hash"]},
+                  corrections=result.corrections)
     write_json(args.metrics, {
         "kind": "quantize", **description, "dataset": calibration["corpus"], "metrics": metrics,
         "settings": settings, "provenance": record, "layers": result.records,
     })
     print(f"{recipe.name}: {len(result.quantized)} linears, {description['bits_per_weight']} bits/weight")
+
+
+def cmd_dwr(args) -> None:
+    from ptqrepro.artifact import apply_artifact, load_artifact, save_artifact
+    from ptqrepro.models.sources import load_model, resolve_device
+    from ptqrepro.provenance import Provenance
+    from ptqrepro.reconstruction import float_weights, search_model
+    from ptqrepro.recipes import reconstruction_from_config
+
+    _set_threads(args.threads)
+    provenance = Provenance()
+    spec = _spec(args.spec)
+    base = load_artifact(args.base)
+    recipe = reconstruction_from_config(args.recipe, spec)
+    device = resolve_device(args.device)
+    calibration = torch.load(args.calibration)
+    model, _ = load_model(args.model)
+    originals = float_weights(model, base.quantized)
+    apply_artifact(model, args.base)
+    result = search_model(model, base, originals, calibration["input_ids"], recipe.settings,
+                          device=device, batch_size=args.batch_size, log=print)
+    description = {**{key: base.manifest[key] for key in (
+        "model", "weight_format", "weight_scheme", "weight_bits", "bits_per_weight", "act_format")},
+        "recipe": recipe.name, "method": f"{base.manifest['method']}+dwr"}
+    settings = {"model": description["model"], "recipe": spec, "base": base.manifest["config_hash"],
+                "calibration": calibration["corpus"], "seed": calibration["seed"],
+                "windows": int(calibration["input_ids"][: recipe.settings.windows].shape[0]),
+                "seqlen": int(calibration["input_ids"].shape[1])}
+    record = provenance.record(settings, device)
+    changed = sum(1 for block in result.blocks if block.chosen)
+    save_artifact(args.out, result.quantized, base.float_parameters, {**description, "config_hash": record["config_hash"]},
+                  corrections=base.corrections)
+    write_json(args.metrics, {
+        "kind": "quantize", **description, "dataset": calibration["corpus"],
+        "metrics": {"quantize_time_s": record["wall_time_s"], "bits_per_weight": description["bits_per_weight"],
+                    "calibration_ppl_before": result.initial_ppl, "calibration_ppl_after": result.final_ppl,
+                    "blocks_changed": changed},
+        "settings": settings, "provenance": record,
+        "dwr": [{"layer": b.layer, "chosen_rank": b.chosen, "curve": {str(k): p for k, p in b.curve.items()},
+                 "seconds": b.seconds} for b in result.blocks],
+    })
+    print(f"{recipe.name}: calibration ppl {result.initial_ppl:.4f} -> {result.final_ppl:.4f}, "
+          f"{changed}/{len(result.blocks)} blocks changed")
 
 
 def cmd_eval_ppl(args) -> None:
@@ -226,6 +268,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="artifact directory")
     p.add_argument("--metrics", required=True, help="result JSON")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("dwr", help="DWR's block-by-block search on a quantized model (a new artifact)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--base", required=True, help="artifact directory of the base recipe")
+    p.add_argument("--calibration", required=True)
+    p.add_argument("--recipe", required=True, help="recipe name")
+    p.add_argument("--spec", required=True, help="the recipe's config entry {base, dwr}, inline YAML/JSON")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", required=True, help="artifact directory")
+    p.add_argument("--metrics", required=True, help="result JSON")
+    p.set_defaults(func=cmd_dwr)
 
     p = sub.add_parser("eval-ppl", help="perplexity of a quantized model with the GPTQ protocol")
     p.add_argument("--model", required=True)

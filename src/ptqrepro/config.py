@@ -10,7 +10,7 @@ from __future__ import annotations
 from ptqrepro.data.corpora import corpus_spec
 from ptqrepro.errors import PtqError
 from ptqrepro.models.sources import ModelSource
-from ptqrepro.recipes import recipe_from_config
+from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
 
 
 def check_config(config: dict) -> None:
@@ -20,6 +20,17 @@ def check_config(config: dict) -> None:
     for name in corpora:
         corpus_spec(name, config.get("corpora", {}).get(name))
     for name, entry in config["recipes"].items():
-        recipe_from_config(name, entry)
+        entry = dict(entry)
+        models = entry.pop("models", None) or []
+        unknown = [model for model in models if model not in config["models"]]
+        if unknown:
+            raise PtqError(f"recipe {name!r}: models {', '.join(unknown)} are not in the config's models")
+        if is_reconstruction(entry):
+            reconstruction_from_config(name, entry, config["recipes"])
+            base_models = config["recipes"][entry["base"]].get("models")
+            if base_models and set(models or config["models"]) - set(base_models):
+                raise PtqError(f"recipe {name!r}: runs on models its base {entry['base']!r} does not")
+        else:
+            recipe_from_config(name, entry)
     if not config["recipes"]:
         raise PtqError("config key 'recipes' is empty: name at least one recipe")

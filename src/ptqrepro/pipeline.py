@@ -3,12 +3,12 @@
 1. Capture the inputs of decoder layer 0 on the calibration windows (a pre-hook on layer 0
    records them and stops the forward pass).
 2. For each decoder layer: move it to the device; if a step needs statistics, run the
-   captured inputs through it once and accumulate each linear's input statistics (Gram matrix
-   X^T X, channel abs-max and abs-mean); apply the recipe's transform steps in order, then its
-   quantizer (with GPTQ's ``true_sequential``, group by group, re-collecting the statistics of
-   each group on the partly quantized layer); write the quantized weights into the layer; run
-   the inputs through the quantized layer to obtain the next layer's inputs; move the layer
-   back to the CPU.
+   captured inputs through it once and accumulate each linear's input statistics (channel
+   abs-max and abs-means, and the Gram matrix X^T X when a step needs it); apply the recipe's transform steps in order, then its
+   quantizer and refinements (with GPTQ's ``true_sequential``, group by group, re-collecting the
+   statistics of each group on the partly quantized layer); write the quantized weights (plus
+   any low-rank correction, merged) into the layer; run the inputs through the quantized layer
+   to obtain the next layer's inputs; move the layer back to the CPU.
 
 Peak device memory is one decoder layer plus the calibration activations. A recipe whose steps
 need no statistics (RTN) skips the forward passes: its result does not depend on them.
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ptqrepro.formats import QuantizedWeight
+from ptqrepro.lowrank import QuantizedLowRank
 from ptqrepro.models.adapters import (
     Architecture,
     architecture_of,
@@ -52,8 +53,19 @@ class LayerInputs:
 @dataclass
 class QuantizationResult:
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    corrections: dict[str, QuantizedLowRank] = field(default_factory=dict)  # LQER's terms
     float_parameters: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. smoothed norms
     records: list[dict] = field(default_factory=list)
+
+    def stored_bits(self) -> int:
+        return sum(w.stored_bits() for w in self.quantized.values()) + sum(
+            c.stored_bits() for c in self.corrections.values()
+        )
+
+    def bits_per_weight(self) -> float | None:
+        """Stored bits (codes, their parameters, low-rank terms) per weight of the quantized linears."""
+        numel = sum(w.codes.numel() for w in self.quantized.values())
+        return round(self.stored_bits() / numel, 4) if numel else None
 
 
 @torch.no_grad()
@@ -87,7 +99,7 @@ def capture_layer_inputs(
 
 
 @torch.no_grad()
-def _run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
+def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
     outputs = []
     for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
         out = layer(hidden, **kwargs)
@@ -118,8 +130,7 @@ def quantize_model(
     arch = architecture_of(model)
     layers = decoder_layers(model, arch)
     inputs = capture_layer_inputs(model, arch, calibration, device, batch_size) if recipe.needs_stats else None
-    *transforms, quantizer = recipe.steps
-    sequence = arch.sequential_groups if getattr(quantizer, "true_sequential", False) else (arch.linears,)
+    sequence = arch.sequential_groups if getattr(recipe.quantizer, "true_sequential", False) else (arch.linears,)
     for index, layer in enumerate(layers):
         started = time.perf_counter()
         layer.to(device)
@@ -127,33 +138,41 @@ def quantize_model(
         context = LayerContext(
             index=index, prefix=f"{arch.layers}.{index}", layer=layer, arch=arch, linears=linears,
             weight_format=recipe.weight,
-            stats=collect_input_statistics(lambda: _run_layer(layer, inputs), linears) if inputs else None,
+            stats=collect_input_statistics(lambda: run_layer(layer, inputs), linears, recipe.needs_gram) if inputs else None,
+            original={name: linear.weight.data.float().clone() for name, linear in linears.items()},
         )
-        for step in transforms:
+        for step in recipe.transforms:
             step.apply(context)
         for position, names in enumerate(sequence):
             if position > 0 and inputs is not None:
                 context.stats.update(
-                    collect_input_statistics(lambda: _run_layer(layer, inputs), {n: linears[n] for n in names})
+                    collect_input_statistics(lambda: run_layer(layer, inputs), {n: linears[n] for n in names}, recipe.needs_gram)
                 )
             before = {name: linears[name].weight.data.clone() for name in names}
-            quantizer.quantize(context, names)
+            recipe.quantizer.quantize(context, names)
+            for step in recipe.refinements:
+                step.refine(context, names)
             for name in names:
                 linear = linears[name]
-                linear.weight.data.copy_(context.quantized[name].dequantize().to(linear.weight))
+                effective = context.quantized[name].dequantize().to(linear.weight.device)
+                if name in context.corrections:
+                    result.corrections[context.qualified(name)] = context.corrections[name]
+                    effective += context.corrections[name].weight_delta().to(effective.device)
+                linear.weight.data.copy_(effective)
                 result.quantized[context.qualified(name)] = context.quantized[name]
                 result.records.append(_record(context, name, before[name], linear.weight.data))
         for name in sorted(context.changed):
             result.float_parameters[context.qualified(name)] = layer.get_parameter(name).detach().cpu().clone()
         if inputs is not None:
-            inputs.hidden = _run_layer(layer, inputs)
+            inputs.hidden = run_layer(layer, inputs)
         layer.to("cpu")
         log(f"layer {index}: {recipe.method} in {time.perf_counter() - started:.1f}s")
     return result
 
 
 def _record(context: LayerContext, name: str, weight: torch.Tensor, quantized: torch.Tensor) -> dict:
-    """What the quantizer did to one linear (errors relative to its weight just before quantization)."""
+    """What the quantizer and refinements did to one linear (errors of the effective weight,
+    relative to the weight just before quantization)."""
     record = {
         "layer": context.index,
         "linear": name,
@@ -162,6 +181,6 @@ def _record(context: LayerContext, name: str, weight: torch.Tensor, quantized: t
         "weight_rel_error": float((weight - quantized).float().norm() / weight.float().norm()),
         **context.notes.get(name, {}),
     }
-    if context.stats is not None:
+    if context.stats is not None and context.stats[name].gram is not None:
         record["output_rel_error"] = relative_output_error(weight, quantized, context.stats[name].gram)
     return record

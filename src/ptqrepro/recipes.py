@@ -7,16 +7,22 @@ Config form::
       rtn@int4-g64: {steps: [rtn], weight: int4-g64}
       sq+awq+gptq@mxint4_a=mxint8: {steps: [{smoothquant: {alpha: 0.5}}, awq, gptq], weight: mxint4, act: mxint8}
 
-A step is a name or a one-key mapping ``{name: {setting: value}}``. The last step of a recipe
-that has steps must be a quantizer (it turns float weights into codes of the weight format).
+A step is a name or a one-key mapping ``{name: {setting: value}}``. A recipe that has steps has
+exactly one quantizer (it turns float weights into codes of the weight format), preceded by
+transforms and followed by refinements only, e.g. ``[magr, gptq, cd]`` or ``[gptq, {l2qer: {rank: 32}}]``.
 ``act`` names the format of the dynamic fake quantization of every linear's input at
 evaluation (none by default).
+
+A *reconstruction* recipe names another recipe as its ``base`` and runs DWR's search on that
+recipe's quantized model (its own job, so the base is quantized once)::
+
+    gptq+dwr@int3: {base: gptq@int3, dwr: {space: svd, ranks: [64, 128, 256], windows: 2}}
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ptqrepro.errors import PtqError
 from ptqrepro.formats import GroupedFormat, parse_format
@@ -40,6 +46,26 @@ class Recipe:
     @property
     def needs_stats(self) -> bool:
         return any(step.needs_stats for step in self.steps)
+
+    @property
+    def needs_gram(self) -> bool:
+        return any(step.needs_gram for step in self.steps)
+
+    @property
+    def transforms(self) -> tuple[Step, ...]:
+        return self.steps[: self._quantizer_index]
+
+    @property
+    def quantizer(self) -> Step:
+        return self.steps[self._quantizer_index]
+
+    @property
+    def refinements(self) -> tuple[Step, ...]:
+        return self.steps[self._quantizer_index + 1 :]
+
+    @property
+    def _quantizer_index(self) -> int:
+        return next(i for i, step in enumerate(self.steps) if step.quantizer)
 
 
 def build_step(recipe: str, entry) -> Step:
@@ -67,10 +93,83 @@ def recipe_from_config(name: str, entry: dict) -> Recipe:
     steps = tuple(build_step(name, step) for step in entry.get("steps") or [])
     weight = parse_format(entry.get("weight"))
     act = parse_format(entry.get("act"))
-    if steps and not steps[-1].quantizer:
-        raise PtqError(f"recipe {name!r}: the last step must be a quantizer, not {steps[-1].name!r}")
+    _check_order(name, steps)
     if steps and weight is None:
         raise PtqError(f"recipe {name!r}: steps {[s.name for s in steps]} need a 'weight' format")
     if weight is not None and not steps:
         raise PtqError(f"recipe {name!r}: weight format {weight.name} given but no quantizer step")
     return Recipe(name=name, steps=steps, weight=weight, act=act)
+
+
+def _check_order(recipe: str, steps: tuple[Step, ...]) -> None:
+    """Transforms, then exactly one quantizer, then refinements."""
+    if not steps:
+        return
+    quantizers = [step.name for step in steps if step.quantizer]
+    if len(quantizers) != 1:
+        known = ", ".join(sorted(name for name, step in STEPS.items() if step.quantizer))
+        raise PtqError(f"recipe {recipe!r}: needs exactly one quantizer step ({known}), got {quantizers or 'none'}")
+    index = next(i for i, step in enumerate(steps) if step.quantizer)
+    for position, step in enumerate(steps):
+        if position < index and step.refines:
+            raise PtqError(f"recipe {recipe!r}: {step.name!r} refines a quantizer's result and must come after {steps[index].name!r}")
+        if position > index and not step.refines:
+            raise PtqError(f"recipe {recipe!r}: {step.name!r} must come before the quantizer {steps[index].name!r}")
+
+
+DWR_SPACES = ("svd", "random")
+
+
+@dataclass(frozen=True)
+class DwrSettings:
+    """DWR's search (papers.md §4, §7): the search space, the candidate ranks k (k = 0, the base,
+    is always a candidate), how many calibration windows score a candidate (None: all), the seed
+    of the random space."""
+
+    space: str = "svd"
+    ranks: tuple[int, ...] = (64, 128, 256)
+    windows: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    name: str
+    base: str
+    settings: DwrSettings
+
+
+def is_reconstruction(entry) -> bool:
+    return isinstance(entry, dict) and "base" in entry
+
+
+def reconstruction_from_config(name: str, entry: dict, recipes: dict | None = None) -> Reconstruction:
+    """Validate a reconstruction entry ``{base: <recipe>, dwr: {...}}`` (and its base against the
+    config's other ``recipes`` when given)."""
+    if not RECIPE_NAME.fullmatch(name):
+        raise PtqError(f"recipe name {name!r} may only use letters, digits and _ . + @ = -")
+    unknown = set(entry) - {"base", "dwr"}
+    if unknown:
+        raise PtqError(f"recipe {name!r}: a reconstruction recipe has only 'base' and 'dwr', not {', '.join(sorted(unknown))}")
+    base = entry.get("base")
+    if not isinstance(base, str):
+        raise PtqError(f"recipe {name!r}: a reconstruction recipe needs 'base', the name of another recipe")
+    if recipes is not None and base not in recipes:
+        raise PtqError(f"recipe {name!r}: base recipe {base!r} is not in the config")
+    if recipes is not None and (is_reconstruction(recipes[base]) or not (recipes[base].get("steps") or [])):
+        raise PtqError(f"recipe {name!r}: base {base!r} must be a quantization recipe with steps")
+    settings = dict(entry.get("dwr") or {})
+    known = {f.name for f in fields(DwrSettings)}
+    if set(settings) - known:
+        raise PtqError(f"recipe {name!r}: dwr has no setting(s) {', '.join(sorted(set(settings) - known))} "
+                       f"(known: {', '.join(sorted(known))})")
+    if settings.get("space", "svd") not in DWR_SPACES:
+        raise PtqError(f"recipe {name!r}: dwr space {settings['space']!r} is not one of {', '.join(DWR_SPACES)}")
+    ranks = settings.get("ranks", DwrSettings.ranks)
+    if not ranks or not all(isinstance(k, int) and k > 0 for k in ranks):
+        raise PtqError(f"recipe {name!r}: dwr ranks must be a non-empty list of positive integers, got {ranks!r}")
+    windows = settings.get("windows")
+    if windows is not None and (not isinstance(windows, int) or windows < 1):
+        raise PtqError(f"recipe {name!r}: dwr windows must be a positive integer or null, got {windows!r}")
+    settings["ranks"] = tuple(sorted(set(ranks)))
+    return Reconstruction(name=name, base=base, settings=DwrSettings(**settings))

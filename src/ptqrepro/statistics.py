@@ -3,11 +3,14 @@
 For inputs X [tokens, in] of one linear layer:
 
 * ``gram``   G = X^T X (GPTQ's Hessian up to the factor 2/n; AWQ's and MagR's output errors),
+  as costly as the layer's forward pass, so collected only when a step needs it (else None),
 * ``absmax`` max_t |X_tj| per input channel (SmoothQuant's activation scale),
-* ``absmean`` (1/n) sum_t |X_tj| per input channel (AWQ's activation salience).
+* ``absmean`` (1/n) sum_t |X_tj| per input channel (AWQ's activation salience),
+* ``batch_absmean_max`` the largest, over calibration batches, of a batch's mean |X_tj| per input
+  channel (L2QER's activation magnitude, ``statistic_profiler/scale.py`` in the LQER code).
 
 When a scale s is folded into a layer so that its inputs become X diag(1/s), the statistics
-transform exactly: G -> diag(1/s) G diag(1/s), absmax -> absmax / s, absmean -> absmean / s.
+transform exactly: G -> diag(1/s) G diag(1/s), absmax -> absmax / s, absmean -> absmean / s (and each batch's).
 """
 
 from __future__ import annotations
@@ -26,28 +29,35 @@ def output_error(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class InputStatistics:
-    gram: torch.Tensor
+    gram: torch.Tensor | None
     absmax: torch.Tensor
     abssum: torch.Tensor
+    batch_absmean_max: torch.Tensor
     tokens: int
 
     @classmethod
-    def of(cls, x: torch.Tensor) -> "InputStatistics":
+    def of(cls, x: torch.Tensor, gram: bool = True) -> "InputStatistics":
         features = x.shape[-1]
         stats = cls(
-            gram=x.new_zeros((features, features), dtype=torch.float32),
+            gram=x.new_zeros((features, features), dtype=torch.float32) if gram else None,
             absmax=x.new_zeros(features, dtype=torch.float32),
             abssum=x.new_zeros(features, dtype=torch.float32),
+            batch_absmean_max=x.new_zeros(features, dtype=torch.float32),
             tokens=0,
         )
         stats.add(x)
         return stats
 
     def add(self, x: torch.Tensor) -> None:
+        """Accumulate one calibration batch's inputs."""
         x = x.reshape(-1, x.shape[-1]).float()
-        self.gram.addmm_(x.T, x)
-        torch.maximum(self.absmax, x.abs().amax(dim=0), out=self.absmax)
-        self.abssum.add_(x.abs().sum(dim=0))
+        if self.gram is not None:
+            self.gram.addmm_(x.T, x)
+        magnitude = x.abs()
+        torch.maximum(self.absmax, magnitude.amax(dim=0), out=self.absmax)
+        batch_sum = magnitude.sum(dim=0)
+        self.abssum.add_(batch_sum)
+        torch.maximum(self.batch_absmean_max, batch_sum / x.shape[0], out=self.batch_absmean_max)
         self.tokens += x.shape[0]
 
     @property
@@ -57,14 +67,17 @@ class InputStatistics:
     def divide_inputs(self, s: torch.Tensor) -> None:
         """The inputs became X diag(1/s): transform every statistic accordingly, in place."""
         inverse = 1.0 / s.float()
-        self.gram.mul_(inverse[:, None]).mul_(inverse[None, :])
+        if self.gram is not None:
+            self.gram.mul_(inverse[:, None]).mul_(inverse[None, :])
         self.absmax.mul_(inverse)
         self.abssum.mul_(inverse)
+        self.batch_absmean_max.mul_(inverse)
 
 
 @torch.no_grad()
-def collect_input_statistics(run_layer, linears: dict[str, nn.Linear]) -> dict[str, InputStatistics]:
-    """Run ``run_layer()`` once with hooks on ``linears``; return each one's input statistics.
+def collect_input_statistics(run_layer, linears: dict[str, nn.Linear], gram: bool = True) -> dict[str, InputStatistics]:
+    """Run ``run_layer()`` once with hooks on ``linears``; return each one's input statistics
+    (without the Gram matrices when ``gram`` is false).
 
     Linears fed the very same input tensor (q/k/v, gate/up) share one ``InputStatistics`` object,
     accumulated once.
@@ -83,7 +96,7 @@ def collect_input_statistics(run_layer, linears: dict[str, nn.Linear]) -> dict[s
             if name in stats:
                 stats[name].add(x)
             else:
-                stats[name] = InputStatistics.of(x)
+                stats[name] = InputStatistics.of(x, gram)
 
         return hook
 

@@ -1,15 +1,21 @@
 """The glue between the layer-by-layer pipeline and the methods.
 
 A step receives a ``LayerContext``: one decoder layer, its linear modules, the calibration
-statistics of their inputs and the recipe's weight format. A *transform* step (SmoothQuant,
-AWQ) changes float weights in a way the float model does not notice, or clips them; the
-recipe's last step, its *quantizer* (RTN, GPTQ), fills ``context.quantized`` with one
-``QuantizedWeight`` per linear. Methods only ever see tensors; this module reads and writes
-the modules.
+statistics of their inputs and the recipe's weight format. A recipe's steps come in three kinds,
+in this order:
+
+* *transforms* (SmoothQuant, AWQ, MagR) change float weights, in a way the float model does not
+  notice (scales folded into the previous op) or within a small output error (clipping, MagR);
+* one *quantizer* (RTN, GPTQ) fills ``context.quantized`` with one ``QuantizedWeight`` per linear;
+* *refinements* (coordinate descent, LQER/L2QER) work on the quantizer's result: new codes on
+  the same grid, or a low-rank correction term beside the weight (``context.corrections``).
+
+Methods only ever see tensors; this module reads and writes the modules.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -19,11 +25,15 @@ from torch import nn
 from ptqrepro.errors import PtqError
 from ptqrepro.formats import GroupedFormat, QuantizedWeight
 from ptqrepro.methods.awq import apply_clip, search_clip, search_scales
+from ptqrepro.formats.parse import parse_format
+from ptqrepro.lowrank import QuantizedLowRank, quantize_low_rank
 from ptqrepro.methods.gptq import gptq
+from ptqrepro.methods.lqer import activation_scale, low_rank_correction
+from ptqrepro.methods.magr import coordinate_descent, magr
 from ptqrepro.methods.rtn import rtn
 from ptqrepro.methods.smoothquant import smoothing_scales
 from ptqrepro.models.adapters import Architecture
-from ptqrepro.statistics import InputStatistics
+from ptqrepro.statistics import InputStatistics, output_error
 
 
 @dataclass
@@ -35,7 +45,9 @@ class LayerContext:
     linears: dict[str, nn.Linear]
     weight_format: GroupedFormat
     stats: dict[str, InputStatistics] | None = None
+    original: dict[str, torch.Tensor] = field(default_factory=dict)  # float weights before any step
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    corrections: dict[str, QuantizedLowRank] = field(default_factory=dict)
     notes: dict[str, dict] = field(default_factory=dict)  # per-linear facts a step reports
     changed: set[str] = field(default_factory=set)  # non-linear parameters a step modified
 
@@ -67,19 +79,23 @@ class LayerContext:
         for target in targets:
             weight = self.linears[target].weight
             weight.data.mul_(s[None, :].to(weight.dtype))
+            if target in self.original:
+                self.original[target].mul_(s[None, :].to(self.original[target].dtype))
         for stats in {id(self.stats[t]): self.stats[t] for t in targets}.values():
-            stats.divide_inputs(s.to(stats.gram.device))
+            stats.divide_inputs(s.to(stats.absmax.device))
 
 
 @dataclass(frozen=True)
 class Step:
     name: ClassVar[str]
     needs_stats: ClassVar[bool] = False
+    needs_gram: ClassVar[bool] = False  # of the statistics, the Gram matrix X^T X
     quantizer: ClassVar[bool] = False
+    refines: ClassVar[bool] = False
 
     @classmethod
     def from_settings(cls, recipe: str, settings: dict) -> "Step":
-        known = set(cls.__dataclass_fields__)
+        known = {name for name, f in cls.__dataclass_fields__.items() if f.init}
         unknown = set(settings) - known
         if unknown:
             raise PtqError(
@@ -94,6 +110,10 @@ class Step:
 
     def quantize(self, context: LayerContext, names: tuple[str, ...]) -> None:
         """A quantizer's work on the named linears."""
+        raise NotImplementedError
+
+    def refine(self, context: LayerContext, names: tuple[str, ...]) -> None:
+        """A refinement's work on the named linears' quantized weights."""
         raise NotImplementedError
 
 
@@ -116,6 +136,7 @@ class GptqStep(Step):
 
     name: ClassVar[str] = "gptq"
     needs_stats: ClassVar[bool] = True
+    needs_gram: ClassVar[bool] = True
     quantizer: ClassVar[bool] = True
     blocksize: int = 128
     percdamp: float = 0.01
@@ -155,6 +176,7 @@ class AwqStep(Step):
 
     name: ClassVar[str] = "awq"
     needs_stats: ClassVar[bool] = True
+    needs_gram: ClassVar[bool] = True
     n_grid: int = 20
     clip: bool = True
     max_shrink: float = 0.5
@@ -181,4 +203,99 @@ class AwqStep(Step):
             weight.copy_(apply_clip(weight, threshold))
 
 
-STEPS: dict[str, type[Step]] = {step.name: step for step in (RtnStep, GptqStep, SmoothQuantStep, AwqStep)}
+@dataclass(frozen=True)
+class MagrStep(Step):
+    """MagR (Zhang et al., NeurIPS 2024, Algorithm 1): shrink each row's (or each group's) largest
+    magnitudes at a small output error before quantization. ``group_size`` None follows the
+    weight format (per-channel for ``int3``, groups of 128 for ``int3-g128``); ``alpha`` None is the
+    paper's 1e-3 per channel, 1e-4 per group (§5 "The choice of parameters")."""
+
+    name: ClassVar[str] = "magr"
+    needs_stats: ClassVar[bool] = True
+    needs_gram: ClassVar[bool] = True
+    alpha: float | None = None
+    iterations: int = 150
+    group_size: int | None = None
+
+    def apply(self, context: LayerContext) -> None:
+        for name, linear in context.linears.items():
+            weight = linear.weight.data
+            group = self.group_size or context.weight_format.group_length(weight.shape[1])
+            alpha = self.alpha if self.alpha is not None else (1e-4 if group else 1e-3)
+            started = time.perf_counter()
+            result = magr(weight, context.stats[name].gram, alpha=alpha, iterations=self.iterations, group_size=group)
+            gram = context.stats[name].gram
+            error = output_error(weight - result.weight, gram) / output_error(weight, gram).clamp(min=1e-30)
+            context.note(
+                name, magr_max_abs_before=float(weight.abs().max()), magr_max_abs_after=float(result.weight.abs().max()),
+                magr_output_rel_error=float(error.clamp(min=0).sqrt()), magr_iterations=result.iterations,
+                magr_alpha=alpha, magr_time_s=round(time.perf_counter() - started, 3),
+            )
+            weight.copy_(result.weight.to(weight.dtype))
+
+
+@dataclass(frozen=True)
+class CoordinateDescentStep(Step):
+    """Coordinate-descent sweeps on the quantizer's codes with its grid fixed, towards the layer's
+    original float output (MagR's OPTQ†: 30 sweeps on top of GPTQ for per-channel INT2)."""
+
+    name: ClassVar[str] = "cd"
+    needs_stats: ClassVar[bool] = True
+    needs_gram: ClassVar[bool] = True
+    refines: ClassVar[bool] = True
+    sweeps: int = 30
+    damping: float = 0.75
+
+    def refine(self, context: LayerContext, names: tuple[str, ...]) -> None:
+        for name in names:
+            context.quantized[name] = coordinate_descent(
+                context.original[name], context.quantized[name], context.stats[name].gram,
+                sweeps=self.sweeps, damping=self.damping,
+            )
+            context.note(name, cd_sweeps=self.sweeps)
+
+
+@dataclass(frozen=True)
+class LqerStep(Step):
+    """LQER: a rank-``rank`` correction of each linear's quantization error ``W - Q(W)`` (truncated
+    SVD), stored in ``factor_format`` (MXINT8 in the paper) and added at inference."""
+
+    name: ClassVar[str] = "lqer"
+    refines: ClassVar[bool] = True
+    rank: int = 32
+    factor_format: str = "mxint8"
+
+    def __post_init__(self) -> None:
+        if parse_format(self.factor_format) is None:
+            raise PtqError(f"step {self.name}: factor_format must be a quantized format, not {self.factor_format!r}")
+
+    def scale(self, context: LayerContext, name: str) -> torch.Tensor | None:
+        return None
+
+    def refine(self, context: LayerContext, names: tuple[str, ...]) -> None:
+        fmt = parse_format(self.factor_format)
+        for name in names:
+            weight = context.linears[name].weight.data.float()
+            error = weight - context.quantized[name].dequantize().to(weight.device)
+            correction = low_rank_correction(error, self.rank, self.scale(context, name))
+            term = quantize_low_rank(correction.a, correction.b, fmt, context.qualified(name))
+            context.corrections[name] = term
+            residual = error - term.weight_delta().to(error.device)
+            context.note(name, lqer_rank=self.rank, lqer_residual_rel_error=float(residual.norm() / error.norm().clamp(min=1e-30)))
+
+
+@dataclass(frozen=True)
+class L2qerStep(LqerStep):
+    """L2QER: LQER on ``S E`` with S the normalised calibration activation magnitudes, undone in A."""
+
+    name: ClassVar[str] = "l2qer"
+    needs_stats: ClassVar[bool] = True
+
+    def scale(self, context: LayerContext, name: str) -> torch.Tensor:
+        return activation_scale(context.stats[name].batch_absmean_max)
+
+
+STEPS: dict[str, type[Step]] = {
+    step.name: step
+    for step in (RtnStep, GptqStep, SmoothQuantStep, AwqStep, MagrStep, CoordinateDescentStep, LqerStep, L2qerStep)
+}

@@ -1,7 +1,10 @@
-# Stage 2: one job per (model, recipe); the recipe's steps run layer by layer.
+# Stage 2: one job per (model, recipe); the recipe's steps run layer by layer. A reconstruction
+# recipe (DWR) starts from its base recipe's artifact, so the base is quantized once.
 
 
 rule quantize:
+    wildcard_constraints:
+        recipe=one_of(QUANTIZATIONS),
     input:
         model="results/models/{model}",
         calibration=CALIBRATION_FILE,
@@ -9,7 +12,7 @@ rule quantize:
         artifact=directory("results/quantized/{model}/{recipe}"),
         metrics="results/metrics/{model}/{recipe}/quantize.json",
     params:
-        spec=lambda w: json.dumps(config["recipes"][w.recipe]),
+        spec=lambda w: recipe_spec(w.recipe),
         device=config["device"],
         batch_size=CALIB["batch_size"],
     threads: config["threads"]
@@ -19,6 +22,32 @@ rule quantize:
         "results/logs/quantize/{model}/{recipe}.log",
     shell:
         "ptqrepro quantize --model {input.model} --calibration {input.calibration}"
+        " --recipe {wildcards.recipe:q} --spec {params.spec:q} --device {params.device}"
+        " --batch-size {params.batch_size} --threads {threads}"
+        " --out {output.artifact} --metrics {output.metrics} > {log} 2>&1"
+
+
+rule dwr:
+    wildcard_constraints:
+        recipe=one_of(RECONSTRUCTIONS),
+    input:
+        model="results/models/{model}",
+        base=lambda w: f"results/quantized/{w.model}/{config['recipes'][w.recipe]['base']}",
+        calibration=CALIBRATION_FILE,
+    output:
+        artifact=directory("results/quantized/{model}/{recipe}"),
+        metrics="results/metrics/{model}/{recipe}/quantize.json",
+    params:
+        spec=lambda w: recipe_spec(w.recipe),
+        device=config["device"],
+        batch_size=CALIB["batch_size"],
+    threads: config["threads"]
+    resources:
+        gpu=lambda w: int(config["device"] != "cpu"),
+    log:
+        "results/logs/dwr/{model}/{recipe}.log",
+    shell:
+        "ptqrepro dwr --model {input.model} --base {input.base} --calibration {input.calibration}"
         " --recipe {wildcards.recipe:q} --spec {params.spec:q} --device {params.device}"
         " --batch-size {params.batch_size} --threads {threads}"
         " --out {output.artifact} --metrics {output.metrics} > {log} 2>&1"

@@ -3,13 +3,12 @@
 
 rule tables:
     input:
-        expand("results/metrics/{model}/{recipe}/quantize.json", model=MODELS, recipe=RECIPES),
-        expand(
-            "results/metrics/{model}/{recipe}/ppl-{dataset}.json",
-            model=MODELS,
-            recipe=RECIPES,
-            dataset=PPL["datasets"],
-        ),
+        [f"results/metrics/{model}/{recipe}/quantize.json" for model, recipe in RUNS],
+        [
+            f"results/metrics/{model}/{recipe}/ppl-{dataset}.json"
+            for model, recipe in RUNS
+            for dataset in PPL["datasets"]
+        ],
     output:
         csv=report("results/tables/all.csv", caption="../report/all_csv.rst", category="Tables"),
         md="results/tables/all.md",

@@ -15,17 +15,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of each window [batch, seqlen] from its logits (float32)."""
+    shifted = logits[:, :-1, :].float()
+    targets = input_ids[:, 1:].to(logits.device)
+    per_token = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), reduction="none")
+    return per_token.view(input_ids.shape[0], -1).mean(dim=1).cpu()
+
+
 @torch.no_grad()
 def window_losses(model: nn.Module, windows: torch.Tensor, batch_size: int, device: str) -> torch.Tensor:
     """Mean next-token cross-entropy of each window (float32, one value per window)."""
     losses = []
     for batch in windows.split(batch_size):
         batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        shifted = logits[:, :-1, :].float()
-        targets = batch[:, 1:]
-        per_token = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), reduction="none")
-        losses.append(per_token.view(batch.shape[0], -1).mean(dim=1).cpu())
+        losses.append(next_token_losses(model(input_ids=batch, use_cache=False).logits, batch))
     return torch.cat(losses)
 
 

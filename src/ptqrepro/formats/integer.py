@@ -3,9 +3,17 @@
 The grid follows the GPTQ reference quantizer (IST-DASLab/gptq ``quant.py``):
 
 * asymmetric (default): ``x_min = min(w, 0)``, ``x_max = max(w, 0)``,
-  ``scale = (x_max - x_min) / (2^b - 1)``, ``zero = round(-x_min / scale)``;
-* symmetric: ``x_max = max(|x_min|, x_max)``, ``scale = 2 x_max / (2^b - 1)``, ``zero = 2^(b-1)``;
+  ``scale = β (x_max - x_min) / (2^b - 1)``, ``zero = round(-x_min / scale)``;
+* symmetric: ``x_max = max(|x_min|, x_max)``, ``scale = β 2 x_max / (2^b - 1)``, ``zero = 2^(b-1)``;
 * ``q = clamp(round(w / scale) + zero, 0, 2^b - 1)`` and ``Q(w) = scale (q - zero)``.
+
+``β`` (``shrink``, default 1) is MagR's shrink of the quantisation step (MagR paper §5 "The
+choice of parameters", Table 8; code ``quant.py``: ``scale = beta*(xmax - xmin)/maxq``; see
+papers.md §1.5). With ``β < 1`` the grid is finer and no longer spans the whole range: the
+asymmetric grid still starts at ``x_min`` and clips the values above
+``x_min + β (x_max - x_min)`` to its top code, as the reference does; the symmetric grid stays
+centred and clips both ends. The zero point is not clamped, as in the reference: a row with
+``x_max = 0`` gets ``zero = round((2^b - 1) / β)``, above the top code.
 
 A row whose range is empty (all zeros) gets the range [-1, 1], as in the reference.
 """
@@ -13,9 +21,11 @@ A row whose range is empty (all zeros) gets the range [-1, 1], as in the referen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 
 import torch
 
+from ptqrepro.errors import PtqError
 from ptqrepro.formats.base import GroupedFormat
 
 PARAMETER_BITS = 16
@@ -27,9 +37,15 @@ class IntFormat(GroupedFormat):
     bits: int
     group_size: int | None = None
     symmetric: bool = False
+    shrink: float = 1.0
+    """MagR's β: the step is β times the min-max step, 0 < β <= 1."""
 
     code_dtype = torch.uint8
     param_names = ("scale", "zero")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.shrink <= 1:
+            raise PtqError(f"integer grid: shrink (beta) must be in (0, 1], got {self.shrink}")
 
     @property
     def maxq(self) -> int:
@@ -42,6 +58,8 @@ class IntFormat(GroupedFormat):
             parts.append(f"g{self.group_size}")
         if self.symmetric:
             parts.append("sym")
+        if self.shrink != 1:
+            parts.append(f"beta{Decimal(repr(float(self.shrink))):f}")
         return "-".join(parts)
 
     def group_length(self, in_features: int) -> int | None:
@@ -61,7 +79,7 @@ class IntFormat(GroupedFormat):
         empty = (x_min == 0) & (x_max == 0)
         x_min = torch.where(empty, -1.0, x_min)
         x_max = torch.where(empty, 1.0, x_max)
-        scale = (x_max - x_min) / self.maxq
+        scale = self.shrink * (x_max - x_min) / self.maxq
         if self.symmetric:
             zero = torch.full_like(scale, (self.maxq + 1) / 2)
         else:

@@ -18,9 +18,9 @@ with ``m`` mantissa bits and round-to-nearest, ties away from zero. ``Q(x) = 2^e
 
 * Floating-point elements eXmY have bias ``2^(X-1) - 1``, ``emin = 1 - bias`` (below it the
   grid continues as subnormals with the same step) and never produce inf or NaN.
-* Integer elements are microxcaling's sign-magnitude fixed point ``±1.xxx``: ``emin = emax = 0``
+* Integer elements (8, 6, 4, 3, 2 bits) are microxcaling's sign-magnitude fixed point ``±1.xxx``: ``emin = emax = 0``
   and ``m = b - 2``, so b bits give step ``2^-(b-2)`` and ``max_norm = (2^(b-1) - 1) · 2^-(b-2)``
-  (int8: 127/64). OCP defines MXINT8 only; MXINT6/4/2 use the same construction (LQER's "MXINT"
+  (int8: 127/64). OCP defines MXINT8 only; MXINT6/4/3/2 use the same construction (LQER's "MXINT"
   is this grid, with block 16).
 
 Where this differs from microxcaling, only at the last bit: ``floor(log2 ·)`` is taken exactly
@@ -85,6 +85,7 @@ ELEMENTS: dict[str, Element] = {
     "int8": _integer_element(8),
     "int6": _integer_element(6),
     "int4": _integer_element(4),
+    "int3": _integer_element(3),
     "int2": _integer_element(2),
     "fp8-e4m3": Element(8, 4, 3, emax=8, max_norm=448.0),
     "fp8-e5m2": Element(8, 5, 2, emax=15, max_norm=57344.0),
@@ -110,8 +111,10 @@ def round_half_away(magnitude: torch.Tensor) -> torch.Tensor:
 def quantize_elements(v: torch.Tensor, element: Element) -> torch.Tensor:
     """``Q(v)`` of the module docstring: ``v`` (float32, already divided by its block scale) rounded
     to the nearest value of ``element``, saturated at ``±max_norm``."""
-    exponent = floor_log2(v).clamp(element.emin, element.emax)
-    step = torch.exp2((exponent - element.mantissa_bits).float())
+    if element.is_integer:
+        step = 2.0**-element.mantissa_bits  # the one exponent 0: a fixed step, no per-element log2
+    else:
+        step = torch.exp2((floor_log2(v).clamp(element.emin, element.emax) - element.mantissa_bits).float())
     magnitude = (round_half_away(v.abs() / step) * step).clamp(max=element.max_norm)
     return torch.copysign(magnitude, v)
 

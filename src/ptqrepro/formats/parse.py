@@ -1,6 +1,8 @@
 """Parse format strings into formats.
 
-* Integer grids: ``int<bits>[-g<size>][-sym|-asym]``, e.g. ``int8``, ``int3-g128``, ``int4-g64-sym``.
+* Integer grids: ``int<bits>[-g<size>][-sym|-asym][-beta<β>]``, e.g. ``int8``, ``int3-g128``,
+  ``int4-g64-sym``, ``int2-beta0.8``; ``beta<β>`` shrinks the step by MagR's β, 0 < β <= 1
+  (``IntFormat.shrink``, papers.md §1.5).
 * MX formats: ``mxint<bits>[-b<size>]`` (bits 8, 6, 4, 2) and ``mxfp<bits>[-e<X>m<Y>][-b<size>]``
   with ``mxfp8`` = ``mxfp8-e4m3`` (or ``-e5m2``), ``mxfp6`` = ``mxfp6-e2m3`` (or ``-e3m2``) and
   ``mxfp4`` = e2m1; the block size defaults to 32 (OCP), e.g. ``mxint4-b16`` is LQER's MXINT4.
@@ -21,6 +23,7 @@ from ptqrepro.formats.mx import ELEMENTS, OCP_BLOCK, MXFormat
 UNQUANTIZED = {"fp16", "bf16", "fp32", "none"}
 _INT = re.compile(r"int(\d+)")
 _GROUP = re.compile(r"g(\d+)")
+_BETA = re.compile(r"beta(\d+(?:\.\d*)?|\.\d+)")
 _MX = re.compile(r"mx(int|fp)(\d+)")
 _BLOCK = re.compile(r"b(\d+)")
 _FP_VARIANT = re.compile(r"e\d+m\d+")
@@ -49,25 +52,31 @@ def _parse_int(text: str, head: str, options: list[str]) -> IntFormat:
     match = _INT.fullmatch(head)
     if not match:
         raise PtqError(
-            f"cannot parse format {text!r}: expected int<bits>[-g<size>][-sym], "
+            f"cannot parse format {text!r}: expected int<bits>[-g<size>][-sym][-beta<β>], "
             "mxint<bits>[-b<size>], mxfp<bits>[-e<X>m<Y>][-b<size>] or fp16"
         )
     bits = int(match.group(1))
     if not 2 <= bits <= 8:
         raise PtqError(f"cannot parse format {text!r}: integer bits must be 2..8, got {bits}")
-    group_size, symmetric = None, False
+    group_size, symmetric, shrink = None, False, None
     for option in options:
         group = _GROUP.fullmatch(option)
+        beta = _BETA.fullmatch(option)
         if group and group_size is None:
             group_size = _positive_size(text, group, "group")
         elif option in ("sym", "asym") and not symmetric:
             symmetric = option == "sym"
+        elif beta and shrink is None:
+            shrink = float(beta.group(1))
         else:
             raise PtqError(
                 f"cannot parse format {text!r}: unknown or repeated option {option!r} "
-                "(expected g<size>, sym or asym)"
+                "(expected g<size>, sym, asym or beta<value>)"
             )
-    return IntFormat(bits=bits, group_size=group_size, symmetric=symmetric)
+    try:
+        return IntFormat(bits, group_size, symmetric, shrink=1.0 if shrink is None else shrink)
+    except PtqError as error:  # a beta outside (0, 1]
+        raise PtqError(f"cannot parse format {text!r}: {error}") from None
 
 
 def _parse_mx(text: str, head: str, options: list[str]) -> MXFormat:

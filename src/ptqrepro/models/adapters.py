@@ -9,7 +9,9 @@ Everything model-specific that the pipeline needs lives here; methods never see 
   linearly), e.g. v_proj -> o_proj (only when their shapes match: not under grouped-query
   attention) and up_proj -> down_proj (the product act(gate) * up is linear in up);
 * ``clip_skip``: linears AWQ's clip search leaves alone (q/k: their error is amplified by the
-  attention softmax, which a per-linear output error does not see).
+  attention softmax, which a per-linear output error does not see);
+* ``before_layers`` / ``after_layers``: the modules that make layer 0's inputs, and those that
+  turn the last layer's outputs into logits, in order.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Architecture:
     family: str
     layers: str
     before_layers: tuple[str, ...]
+    after_layers: tuple[str, ...]
     linears: tuple[str, ...]
     sequential_groups: tuple[tuple[str, ...], ...]
     smooth_pairs: tuple[tuple[str, tuple[str, ...]], ...]
@@ -41,6 +44,7 @@ LLAMA = Architecture(
     family="llama",
     layers="model.layers",
     before_layers=("model.embed_tokens", "model.rotary_emb"),
+    after_layers=("model.norm", "lm_head"),
     linears=(
         "self_attn.q_proj",
         "self_attn.k_proj",
@@ -73,6 +77,7 @@ OPT = Architecture(
     before_layers=tuple(
         f"model.decoder.{name}" for name in ("embed_tokens", "embed_positions", "project_in")
     ),
+    after_layers=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
     linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
     sequential_groups=(
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -113,8 +118,17 @@ def layer_linears(layer: nn.Module, arch: Architecture) -> dict[str, nn.Linear]:
 
 def modules_before_layers(model: nn.Module, arch: Architecture) -> list[nn.Module]:
     """The modules that produce layer 0's inputs (those an architecture variant lacks are skipped)."""
+    return _present(model, arch.before_layers)
+
+
+def modules_after_layers(model: nn.Module, arch: Architecture) -> list[nn.Module]:
+    """The modules from the last layer's outputs to the logits, in order (missing ones skipped)."""
+    return _present(model, arch.after_layers)
+
+
+def _present(model: nn.Module, names: tuple[str, ...]) -> list[nn.Module]:
     modules = []
-    for name in arch.before_layers:
+    for name in names:
         try:
             module = model.get_submodule(name)
         except AttributeError:

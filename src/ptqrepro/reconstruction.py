@@ -1,0 +1,143 @@
+"""DWR's search over a quantized model: block by block, greedy, by calibration perplexity.
+
+Algorithm 1 of "Treasures in Discarded Weights for LLM Quantization" (Yu et al., AAAI 2025), as
+papers.md §4 quotes it, with the update this project reads from it (papers.md §7):
+
+    p_o <- calibration perplexity of the quantized model
+    for each decoder layer (block), in order:
+        for each linear: D = W - Q(W)  (the discarded weights), and its search space
+        for each k of the rank grid: every linear of the block <- Q_{s,z}(Q(W) + D_k),
+            re-rounded onto its fixed grid; p_k <- calibration perplexity of the whole model
+        if min_k p_k < p_o: keep the best k for the block and set p_o <- p_k; else keep the block
+
+A rank beyond a linear's largest (min(out, in)) means its full D there. The candidates stay on the base model's grid, so the format, the bits and the inference cost do
+not change. A candidate's perplexity only needs the layers from the block on: the hidden states
+entering the block are computed once per block (from the blocks already decided) and reused for
+every candidate. The curve k -> perplexity of every block is recorded (k = 0: the block as it was).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ptqrepro.artifact import Artifact
+from ptqrepro.errors import PtqError
+from ptqrepro.eval.perplexity import next_token_losses
+from ptqrepro.formats import QuantizedWeight
+from ptqrepro.methods.dwr import discarded_at_rank, discarded_weight, reconstruct, search_space
+from ptqrepro.models.adapters import architecture_of, decoder_layers, modules_after_layers
+from ptqrepro.pipeline import LayerInputs, capture_layer_inputs, run_layer
+from ptqrepro.recipes import DwrSettings
+
+
+@dataclass
+class BlockSearch:
+    layer: int
+    curve: dict[int, float]  # k -> calibration perplexity; k = 0 is the block before the search
+    chosen: int
+    seconds: float
+
+
+@dataclass
+class ReconstructionResult:
+    quantized: dict[str, QuantizedWeight]
+    blocks: list[BlockSearch] = field(default_factory=list)
+    initial_ppl: float = math.nan
+    final_ppl: float = math.nan
+
+
+def float_weights(model: nn.Module, names) -> dict[str, torch.Tensor]:
+    """The float weights of the named linears (read before the artifact overwrites them)."""
+    return {name: model.get_submodule(name).weight.detach().float().clone() for name in names}
+
+
+@torch.no_grad()
+def _perplexity_from(layers, first: int, head: list[nn.Module], inputs: LayerInputs, windows: list[torch.Tensor]) -> float:
+    """Calibration perplexity of the model's layers ``first..`` and head on the hidden states entering ``first``."""
+    losses = []
+    for hidden, kwargs, ids in zip(inputs.hidden, inputs.kwargs, windows):
+        for layer in layers[first:]:
+            out = layer(hidden, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        for module in head:
+            hidden = module(hidden)
+        losses.append(next_token_losses(hidden, ids))
+    return math.exp(float(torch.cat(losses).double().mean()))
+
+
+def _set_weight(model: nn.Module, name: str, weight: QuantizedWeight) -> None:
+    linear = model.get_submodule(name)
+    linear.weight.data.copy_(weight.dequantize().to(linear.weight.device, linear.weight.dtype))
+
+
+@torch.no_grad()
+def search_model(
+    model: nn.Module,
+    artifact: Artifact,
+    originals: dict[str, torch.Tensor],
+    calibration: torch.Tensor,
+    settings: DwrSettings,
+    device: str = "cpu",
+    batch_size: int = 8,
+    log: Callable[[str], None] = lambda message: None,
+) -> ReconstructionResult:
+    """Run DWR on ``model``, which already carries ``artifact`` (weights, activation quantization,
+    low-rank terms); ``originals`` are the float weights W of its quantized linears."""
+    if artifact.float_parameters:
+        raise PtqError(
+            f"DWR needs the base model's float weights in the quantized model's basis, but base recipe "
+            f"{artifact.manifest.get('recipe')!r} folded scales into other parameters "
+            f"({next(iter(artifact.float_parameters))}, ...): use a base without smoothquant/awq"
+        )
+    arch = architecture_of(model)
+    layers = decoder_layers(model, arch)
+    head = modules_after_layers(model, arch)
+    model.to(device)
+    if settings.windows is not None:
+        calibration = calibration[: settings.windows]
+    windows = list(calibration.split(batch_size))
+    inputs = capture_layer_inputs(model, arch, calibration, device, batch_size)
+    for module in model.modules():
+        module.to(device)  # capture_layer_inputs returns the embedding to the CPU
+    result = ReconstructionResult(quantized=dict(artifact.quantized))
+    current = _perplexity_from(layers, 0, head, inputs, windows)
+    result.initial_ppl = current
+    log(f"calibration perplexity of the base model: {current:.4f}")
+    for index, layer in enumerate(layers):
+        started = time.perf_counter()
+        prefix = f"{arch.layers}.{index}."
+        names = [name for name in result.quantized if name.startswith(prefix)]
+        spaces = {
+            name: search_space(discarded_weight(originals[name], result.quantized[name]), settings.space, settings.seed + index)
+            for name in names
+        }
+        curve, candidates = {0: current}, {}
+        for k in settings.ranks:
+            candidates[k] = {
+                name: reconstruct(result.quantized[name], discarded_at_rank(space, min(k, space.max_rank)))
+                for name, space in spaces.items()
+            }
+            for name in names:
+                _set_weight(model, name, candidates[k][name])
+            curve[k] = _perplexity_from(layers, index, head, inputs, windows)
+        best = min(curve, key=lambda k: (curve[k], k))
+        if curve[best] < current:
+            result.quantized.update(candidates[best])
+            current = curve[best]
+        else:
+            best = 0
+        for name in names:
+            _set_weight(model, name, result.quantized[name])
+        inputs.hidden = run_layer(layer, inputs)
+        block = BlockSearch(layer=index, curve=curve, chosen=best, seconds=round(time.perf_counter() - started, 3))
+        result.blocks.append(block)
+        log(f"layer {index}: k={best}, calibration ppl {current:.4f} "
+            f"({', '.join(f'{k}: {p:.4f}' for k, p in curve.items())}) in {block.seconds:.1f}s")
+    result.final_ppl = current
+    return result
