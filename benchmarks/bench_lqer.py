@@ -1,5 +1,4 @@
-"""Time LQER/L2QER's low-rank correction and DWR's "svd" search space on LLaMA-7B shapes (CPU),
-with peak memory.
+"""Time LQER/L2QER's correction and DWR's search space on LLaMA-7B shapes (CPU), with peak memory.
 
 * Correction: ``low_rank_correction`` at k = 32 (LQER, and L2QER with the scale of
   ``activation_scale``) of the error ``E = W - RTN(W)`` on weights [4096, 4096] and
@@ -17,7 +16,7 @@ with peak memory.
 Each case runs in a fresh subprocess that prepares its inputs, reads ``ru_maxrss``, runs and reads
 it again: the tables show the process's peak resident memory and what the runs added to it.
 
-    python benchmarks/bench_lqer.py
+    python benchmarks/bench_lqer.py [--part correction|dwr]
 """
 
 from __future__ import annotations
@@ -151,6 +150,7 @@ def dwr_table() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["correction", "dwr"], help="run only this table (default: both)")
     parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
@@ -164,9 +164,10 @@ def main() -> None:
         print(json.dumps(result))
         return
     print(f"torch {torch.__version__}, {THREADS} threads, {TOKENS} calibration tokens\n")
-    print(correction_table())
-    print()
-    print(dwr_table())
+    if args.part != "dwr":
+        print(correction_table(), end="\n\n")
+    if args.part != "correction":
+        print(dwr_table())
 
 
 if __name__ == "__main__":

@@ -73,3 +73,24 @@ def test_unknown_corpus_and_missing_inputs(prepared, tmp_path, capsys):
     code, out = run(capsys, "eval-ppl", "--model", str(tmp_path), "--quantized", str(tmp_path), "--corpus",
                     str(prepared / "corpus"), "--out", str(tmp_path / "p.json"))
     assert code == 2 and "not a prepared model" in out.err
+
+
+@pytest.mark.parametrize(
+    "spec, base, message",
+    [
+        ("{dwr: {ranks: [4]}}", "q", "needs 'base'"),
+        ("{base: b, dwr: {space: pca}}", "q", "dwr space 'pca'"),
+        ("{base: b}", "missing", "is not a quantized-model artifact"),
+    ],
+)
+def test_bad_dwr_job_is_one_line_and_writes_nothing(prepared, tmp_path, capsys, spec, base, message):
+    assert main(["quantize", "--model", str(prepared / "model"), "--calibration", str(prepared / "calib.pt"),
+                 "--recipe", "b", "--spec", "{steps: [rtn], weight: int3}", "--device", "cpu",
+                 "--out", str(tmp_path / "q"), "--metrics", str(tmp_path / "q.json")]) == 0
+    capsys.readouterr()
+    code, out = run(capsys, "dwr", "--model", str(prepared / "model"), "--base", str(tmp_path / base),
+                    "--calibration", str(prepared / "calib.pt"), "--recipe", "b+dwr", "--spec", spec, "--device", "cpu",
+                    "--out", str(tmp_path / "d"), "--metrics", str(tmp_path / "d.json"))
+    assert code == 2
+    assert message in out.err and out.err.count("\n") == 1
+    assert not (tmp_path / "d").exists() and not (tmp_path / "d.json").exists()

@@ -204,15 +204,16 @@ def test_candidates_are_nested_projections_of_d(kind, shape):
     d = discarded_weight(w, rtn(w, IntFormat(3, 16)))
     space = search_space(d, kind, seed=3)
     assert space.max_rank == min(shape)
-    for rank in (5, 20):
+    for rank in (5, 20, 30):  # both products: L[:, :k] R[:k] and D - L[:, k:] R[k:]
         d_k = discarded_at_rank(space, rank)
         assert int(torch.linalg.matrix_rank(d_k)) == rank
         # Orthogonal projection: the remainder is orthogonal to D_k.
         assert float((d_k * (d - d_k)).sum()) == pytest.approx(0.0, abs=1e-4 * float((d**2).sum()))
-    torch.testing.assert_close(discarded_at_rank(space, min(shape)), d, rtol=0, atol=2e-6)
+    assert torch.equal(discarded_at_rank(space, min(shape)), d)
     if kind == "svd":
-        residual = float(((d - discarded_at_rank(space, 7)).double() ** 2).sum())
-        assert residual == pytest.approx(discarded_squared_singular_values(d, 7), rel=1e-5)
+        for rank in (7, 30):
+            residual = float(((d - discarded_at_rank(space, rank)).double() ** 2).sum())
+            assert residual == pytest.approx(discarded_squared_singular_values(d, rank), rel=1e-5)
 
 
 def test_random_space_is_seeded():

@@ -9,7 +9,8 @@ from ptqrepro.errors import PtqError
 from ptqrepro.formats import parse_format
 from ptqrepro.methods.rtn import rtn
 from ptqrepro.models.adapters import LLAMA, architecture_of
-from ptqrepro.pipeline import quantize_model, relative_output_error
+from ptqrepro.pipeline import quantize_model
+from ptqrepro.statistics import relative_output_error
 from ptqrepro.recipes import Recipe, recipe_from_config
 from ptqrepro.steps import LayerContext, RtnStep
 

@@ -232,6 +232,19 @@ def cmd_plots(args) -> None:
     print(" ".join(str(path) for path in paths))
 
 
+def _add_recipe_job_arguments(p: argparse.ArgumentParser, spec_help: str) -> None:
+    """The arguments of a job that turns a model and calibration windows into an artifact."""
+    p.add_argument("--model", required=True)
+    p.add_argument("--calibration", required=True)
+    p.add_argument("--recipe", required=True, help="recipe name")
+    p.add_argument("--spec", required=True, help=spec_help)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", required=True, help="artifact directory")
+    p.add_argument("--metrics", required=True, help="result JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptqrepro", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -258,28 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("quantize", help="apply a recipe layer by layer and write the quantized artifact")
-    p.add_argument("--model", required=True)
-    p.add_argument("--calibration", required=True)
-    p.add_argument("--recipe", required=True, help="recipe name")
-    p.add_argument("--spec", required=True, help="the recipe's config entry, inline YAML/JSON")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--out", required=True, help="artifact directory")
-    p.add_argument("--metrics", required=True, help="result JSON")
+    _add_recipe_job_arguments(p, "the recipe's config entry, inline YAML/JSON")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("dwr", help="DWR's block-by-block search on a quantized model (a new artifact)")
-    p.add_argument("--model", required=True)
+    _add_recipe_job_arguments(p, "the recipe's config entry {base, dwr}, inline YAML/JSON")
     p.add_argument("--base", required=True, help="artifact directory of the base recipe")
-    p.add_argument("--calibration", required=True)
-    p.add_argument("--recipe", required=True, help="recipe name")
-    p.add_argument("--spec", required=True, help="the recipe's config entry {base, dwr}, inline YAML/JSON")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--out", required=True, help="artifact directory")
-    p.add_argument("--metrics", required=True, help="result JSON")
     p.set_defaults(func=cmd_dwr)
 
     p = sub.add_parser("eval-ppl", help="perplexity of a quantized model with the GPTQ protocol")

@@ -34,7 +34,7 @@ from ptqrepro.models.adapters import (
     modules_before_layers,
 )
 from ptqrepro.recipes import Recipe
-from ptqrepro.statistics import collect_input_statistics, output_error
+from ptqrepro.statistics import collect_input_statistics, relative_output_error
 from ptqrepro.steps import LayerContext
 
 
@@ -105,13 +105,6 @@ def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
         out = layer(hidden, **kwargs)
         outputs.append(out[0] if isinstance(out, tuple) else out)
     return outputs
-
-
-def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, gram: torch.Tensor) -> float:
-    """``||X (W - Q)^T||_F / ||X W^T||_F`` computed from the Gram matrix ``G = X^T X``."""
-    error = output_error(weight - quantized, gram)
-    reference = output_error(weight, gram)
-    return float(torch.sqrt(error.clamp(min=0) / reference.clamp(min=1e-30)))
 
 
 @torch.no_grad()

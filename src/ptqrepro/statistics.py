@@ -27,6 +27,13 @@ def output_error(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return torch.einsum("oi,ij,oj->", delta, gram, delta)
 
 
+def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, gram: torch.Tensor) -> float:
+    """``||X (W - Q)^T||_F / ||X W^T||_F`` computed from the Gram matrix ``G = X^T X``."""
+    error = output_error(weight - quantized, gram)
+    reference = output_error(weight, gram)
+    return float(torch.sqrt(error.clamp(min=0) / reference.clamp(min=1e-30)))
+
+
 @dataclass
 class InputStatistics:
     gram: torch.Tensor | None

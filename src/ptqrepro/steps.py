@@ -33,7 +33,7 @@ from ptqrepro.methods.magr import coordinate_descent, magr
 from ptqrepro.methods.rtn import rtn
 from ptqrepro.methods.smoothquant import smoothing_scales
 from ptqrepro.models.adapters import Architecture
-from ptqrepro.statistics import InputStatistics, output_error
+from ptqrepro.statistics import InputStatistics, relative_output_error
 
 
 @dataclass
@@ -223,12 +223,11 @@ class MagrStep(Step):
             group = self.group_size or context.weight_format.group_length(weight.shape[1])
             alpha = self.alpha if self.alpha is not None else (1e-4 if group else 1e-3)
             started = time.perf_counter()
-            result = magr(weight, context.stats[name].gram, alpha=alpha, iterations=self.iterations, group_size=group)
             gram = context.stats[name].gram
-            error = output_error(weight - result.weight, gram) / output_error(weight, gram).clamp(min=1e-30)
+            result = magr(weight, gram, alpha=alpha, iterations=self.iterations, group_size=group)
             context.note(
                 name, magr_max_abs_before=float(weight.abs().max()), magr_max_abs_after=float(result.weight.abs().max()),
-                magr_output_rel_error=float(error.clamp(min=0).sqrt()), magr_iterations=result.iterations,
+                magr_output_rel_error=relative_output_error(weight, result.weight, gram), magr_iterations=result.iterations,
                 magr_alpha=alpha, magr_time_s=round(time.perf_counter() - started, 3),
             )
             weight.copy_(result.weight.to(weight.dtype))

@@ -32,8 +32,10 @@ codes are the base codes bit for bit. The candidates of a layer ``D`` [out, in],
   the seed and r only. The subspaces are nested in k and ``k = r`` gives D.
 
 Both spaces are stored as factors ``D = L R`` (``L`` [out, r], ``R`` [r, in]) ordered so that
-``D_k = L[:, :k] R[:k]``: one search space costs one decomposition, and each candidate one
-product of out·in·k multiply-adds.
+``D_k = L[:, :k] R[:k]``, together with D: one search space costs one decomposition, and a
+candidate one product of out·in·min(k, r - k) multiply-adds, as ``D_k = D - L[:, k:] R[k:]`` when
+``k > r / 2`` (for the paper's 7B grid k = 512, ..., 4096 on r = 4096, 2.25 times fewer than
+with ``L[:, :k] R[:k]`` throughout; ``k = r`` gives D itself).
 """
 
 from __future__ import annotations
@@ -63,11 +65,13 @@ def discarded_weight(weight: torch.Tensor, quantized: QuantizedWeight) -> torch.
 @dataclass
 class SearchSpace:
     """A layer's candidates ``D_k = left[:, :k] @ right[:k]``: ``left`` [out, r], ``right`` [r, in],
-    float32, r = min(out, in); ``kind`` is one of ``SEARCH_SPACES``."""
+    float32, r = min(out, in), with ``discarded`` = D = ``left @ right`` [out, in]; ``kind`` is one
+    of ``SEARCH_SPACES``."""
 
     kind: str
     left: torch.Tensor
     right: torch.Tensor
+    discarded: torch.Tensor
 
     @property
     def max_rank(self) -> int:
@@ -85,7 +89,7 @@ def search_space(discarded: torch.Tensor, kind: str = "svd", seed: int = 0) -> S
     full_rank = min(out_features, in_features)
     if kind == "svd":
         left, right = truncated_svd(discarded, full_rank)
-        return SearchSpace(kind, left, right)
+        return SearchSpace(kind, left, right, discarded.float())
     gaussian = torch.randn(
         full_rank, full_rank, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
     )
@@ -96,16 +100,19 @@ def search_space(discarded: torch.Tensor, kind: str = "svd", seed: int = 0) -> S
         left, right = d @ basis, basis.T
     else:
         left, right = basis, basis.T @ d
-    return SearchSpace(kind, left.float(), right.float())
+    return SearchSpace(kind, left.float(), right.float(), discarded.float())
 
 
 def discarded_at_rank(space: SearchSpace, rank: int) -> torch.Tensor:
-    """The candidate ``D_k`` [out, in] of ``space`` at ``rank`` k (0..max_rank); zeros at k = 0."""
+    """The candidate ``D_k`` [out, in] of ``space`` at ``rank`` k (0..max_rank): zeros at k = 0, D at
+    k = max_rank; from the smaller of the two products (module docstring)."""
     if not 0 <= rank <= space.max_rank:
         raise PtqError(f"DWR: rank must be in 0..{space.max_rank}, got {rank}")
     if rank == 0:
-        return space.left.new_zeros(space.left.shape[0], space.right.shape[1])
-    return space.left[:, :rank] @ space.right[:rank]
+        return torch.zeros_like(space.discarded)
+    if 2 * rank <= space.max_rank:
+        return space.left[:, :rank] @ space.right[:rank]
+    return space.discarded - space.left[:, rank:] @ space.right[rank:]
 
 
 def reconstruct(quantized: QuantizedWeight, discarded_k: torch.Tensor) -> QuantizedWeight:

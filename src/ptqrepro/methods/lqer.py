@@ -25,12 +25,19 @@ or ``Mᵀ M = V Σ² Vᵀ`` when ``m > n``, then ``U_k Σ_k = M V_k``, ``σ_i = 
 product ``U_k Σ_k V_kᵀ`` is ``M`` projected onto the k leading singular directions, taken from
 ``M`` itself: at full rank it is ``M`` up to float64 rounding, then the float32 cast. Squaring
 ``M`` loses nothing that float32 could hold: float64 resolves ``σ_i²`` to about
-``1e-16 σ_1²``, i.e. ``σ_i`` to ``1e-8 σ_1``. It is exact, not randomised, and faster than
-LAPACK's SVD on this CPU (2 threads, k = 32; benchmarks/README.md, "LQER"): about 11-13 s against
-12-17 s for ``torch.linalg.svd(Eᵀ, full_matrices=False)`` in float32 on a 4096 × 4096 error, and
-about 14 s against 42 s on 11008 × 4096. The eigendecomposition computes every eigenvector while
-LQER needs 32; torch offers no subset eigensolver, and the float32 one (about half the time)
-leaves the eigenvectors orthonormal only to about 1e-6.
+``1e-16 σ_1²``, i.e. ``σ_i`` to ``1e-8 σ_1``. The route is exact, not randomised.
+
+Why this route (2 threads on this project's 2-vCPU machine, k = 32; benchmarks/README.md, "LQER
+and DWR"): it is faster than LAPACK's SVD, ``torch.linalg.svd(Eᵀ, full_matrices=False)`` in
+float32. Single runs with one other job on the machine took 11 s against 12-17 s on a
+4096 × 4096 error and 14 s against 42 s on 11008 × 4096 (the SVD works on the long side too); the
+benchmark's best-of-3 times on a busier machine give ratios 0.4-0.6 and 0.2-0.3. The
+eigendecomposition computes every eigenvector while LQER needs 32, but torch has no subset
+eigensolver. The same route in float32 takes about half the time (6 s on 4096 × 4096) but is not
+exact to float32 rounding: its full-rank reconstruction of a 4096 × 4096 error with
+``max |E| = 6e-3`` is off by up to 4e-8, about 90 ulps (LAPACK's float32 SVD: 5e-8; this route:
+half an ulp), and a float32 Gram matrix loses the singular values below about ``3e-4 σ_1`` (the
+square root of float32's epsilon), which DWR's large-rank candidates (``dwr.py``) need.
 """
 
 from __future__ import annotations
