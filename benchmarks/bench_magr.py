@@ -168,6 +168,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=4, metavar=("IMPLEMENTATION", "CASE", "ITERATIONS", "RESULT"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--shape", nargs=2, type=int, metavar=("OUT", "IN"), action="append",
+                        help="run only this weight shape (repeatable; default: all of SHAPES)")
     args = parser.parse_args()
     if args.child:
         implementation, case_file, iterations, result_file = args.child
@@ -176,7 +178,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {THREADS} threads, alpha {ALPHA}, {ITERATIONS} iterations, "
           f"{TOKENS} calibration tokens\n")
     with tempfile.TemporaryDirectory() as folder:
-        rows = [row for shape in SHAPES for row in measure(shape, Path(folder))]
+        shapes = [tuple(shape) for shape in args.shape] if args.shape else SHAPES
+        rows = [row for shape in shapes for row in measure(shape, Path(folder))]
     print(markdown(rows))
     print()
     print(objective_summary(rows))
