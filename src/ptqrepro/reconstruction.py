@@ -103,8 +103,7 @@ def search_model(
         calibration = calibration[: settings.windows]
     windows = list(calibration.split(batch_size))
     inputs = capture_layer_inputs(model, arch, calibration, device, batch_size)
-    for module in model.modules():
-        module.to(device)  # capture_layer_inputs returns the embedding to the CPU
+    model.to(device)  # capture_layer_inputs returns the embedding to the CPU
     result = ReconstructionResult(quantized=dict(artifact.quantized))
     current = _perplexity_from(layers, 0, head, inputs, windows)
     result.initial_ppl = current
