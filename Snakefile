@@ -14,7 +14,7 @@ from snakemake.utils import min_version, validate
 
 from ptqrepro.config import check_config
 from ptqrepro.errors import PtqError
-from ptqrepro.recipes import is_reconstruction
+from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
 
 min_version("9.0")
 
@@ -53,6 +53,21 @@ def recipe_spec(name):
 def one_of(names):
     """A wildcard pattern matching exactly these names (none: matches nothing)."""
     return "|".join(re.escape(name) for name in names) or "(?!)"
+
+def job_cost(name):
+    """A recipe job's rough run time in calibration passes (Recipe/DwrSettings.relative_cost)."""
+    entry = config["recipes"][name]
+    if is_reconstruction(entry):
+        return reconstruction_from_config(name, entry).settings.relative_cost(CALIB["nsamples"])
+    return recipe_from_config(name, entry).relative_cost()
+
+
+def longest_first(wildcards):
+    """Priority of a quantize or dwr job: its cost plus that of the DWR searches waiting on it, so
+    that the longest chains start first and the short evaluations (priority 0) fill the end."""
+    waiting = [name for name in RECONSTRUCTIONS if config["recipes"][name]["base"] == wildcards.recipe]
+    return 1 + round(10 * sum(job_cost(name) for name in [wildcards.recipe, *waiting]))
+
 
 PPL = config["eval"]["ppl"]
 CALIB = config["calibration"]

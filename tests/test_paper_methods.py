@@ -151,3 +151,15 @@ def test_bad_reconstruction_recipes_name_the_problem(entry, message):
     recipes = {"r": {"steps": ["gptq"], "weight": "int3"}, "fp16": {"steps": []}}
     with pytest.raises(PtqError, match=message):
         reconstruction_from_config("bad", entry, recipes)
+
+
+def test_relative_costs_order_recipes_by_their_work():
+    """The scheduling estimate grows with the work a recipe does: data-free < needs statistics <
+    GPTQ < AWQ; MagR with its iterations; DWR with its ranks and scoring windows."""
+    cost = lambda steps: recipe_from_config("r", {"steps": steps, "weight": "int4"}).relative_cost()
+    assert cost(["rtn"]) == 0 < cost(["rtn", {"lqer": {"rank": 8}}]) < cost(["rtn", {"l2qer": {"rank": 8}}])
+    assert cost(["rtn"]) < cost(["smoothquant", "rtn"]) < cost(["gptq"]) < cost(["awq", "rtn"]) < cost(["awq", "gptq"])
+    assert cost([{"magr": {"iterations": 50}}, "gptq"]) < cost([{"magr": {"iterations": 150}}, "gptq"])
+    dwr = lambda **settings: reconstruction_from_config("d", {"base": "b", "dwr": settings}).settings.relative_cost(16)
+    assert dwr(ranks=[16, 32], windows=1) < dwr(ranks=[16, 32, 64], windows=1) < dwr(ranks=[16, 32, 64], windows=4)
+    assert dwr(ranks=[16], windows=None) == dwr(ranks=[16], windows=64)

@@ -93,6 +93,12 @@ class Step:
     quantizer: ClassVar[bool] = False
     refines: ClassVar[bool] = False
 
+    def relative_cost(self) -> float:
+        """The step's run time beyond the calibration pass, in calibration passes (one layer-by-layer
+        forward of the calibration set): a rough figure measured on SmolLM2 for scheduling only,
+        so that a run starts its longest jobs first."""
+        return 0.0
+
     @classmethod
     def from_settings(cls, recipe: str, settings: dict) -> "Step":
         known = {name for name, f in cls.__dataclass_fields__.items() if f.init}
@@ -144,6 +150,9 @@ class GptqStep(Step):
     static_groups: bool = False
     true_sequential: bool = False
 
+    def relative_cost(self) -> float:
+        return 1.0
+
     def quantize(self, context: LayerContext, names: tuple[str, ...]) -> None:
         for name in names:
             result = gptq(
@@ -163,6 +172,9 @@ class SmoothQuantStep(Step):
     needs_stats: ClassVar[bool] = True
     alpha: float = 0.5
 
+    def relative_cost(self) -> float:
+        return 0.2
+
     def apply(self, context: LayerContext) -> None:
         for norm, targets in context.arch.smooth_pairs:
             weights = [context.linears[t].weight.data for t in targets]
@@ -180,6 +192,9 @@ class AwqStep(Step):
     n_grid: int = 20
     clip: bool = True
     max_shrink: float = 0.5
+
+    def relative_cost(self) -> float:
+        return 2.0
 
     def apply(self, context: LayerContext) -> None:
         for source, targets in context.arch.scale_pairs:
@@ -217,6 +232,9 @@ class MagrStep(Step):
     iterations: int = 150
     group_size: int | None = None
 
+    def relative_cost(self) -> float:
+        return self.iterations / 15
+
     def apply(self, context: LayerContext) -> None:
         for name, linear in context.linears.items():
             weight = linear.weight.data
@@ -245,6 +263,9 @@ class CoordinateDescentStep(Step):
     sweeps: int = 30
     damping: float = 0.75
 
+    def relative_cost(self) -> float:
+        return self.sweeps / 10
+
     def refine(self, context: LayerContext, names: tuple[str, ...]) -> None:
         for name in names:
             context.quantized[name] = coordinate_descent(
@@ -263,6 +284,9 @@ class LqerStep(Step):
     refines: ClassVar[bool] = True
     rank: int = 32
     factor_format: str = "mxint8"
+
+    def relative_cost(self) -> float:
+        return 0.2
 
     def __post_init__(self) -> None:
         if parse_format(self.factor_format) is None:

@@ -16,6 +16,7 @@ rule quantize:
         device=config["device"],
         batch_size=CALIB["batch_size"],
     threads: config["threads"]
+    priority: longest_first
     resources:
         gpu=lambda w: int(config["device"] != "cpu"),
     log:
@@ -42,6 +43,7 @@ rule dwr:
         device=config["device"],
         batch_size=CALIB["batch_size"],
     threads: config["threads"]
+    priority: longest_first
     resources:
         gpu=lambda w: int(config["device"] != "cpu"),
     log:
