@@ -91,5 +91,7 @@ rule all:
     input:
         "results/tables/all.csv",
         "results/tables/all.md",
+        "results/tables/claims.csv",
+        "results/tables/claims.md",
         "results/plots/ppl_vs_bits.png",
         "results/plots/ppl_vs_bits.pdf",

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2"]
 
 
-def tiny_config(model_dir, corpus_dir, recipes=None) -> dict:
+def tiny_config(model_dir, corpus_dir, recipes=None, claims=None) -> dict:
     return {
         "offline": True,
         "device": "cpu",
@@ -29,6 +29,11 @@ def tiny_config(model_dir, corpus_dir, recipes=None) -> dict:
             "rtn@int2": {"steps": ["rtn"], "weight": "int2"},
         },
         "eval": {"ppl": {"datasets": ["tiny"], "seqlen": 32, "max_windows": 8, "batch_size": 4, "dtype": "float32"}},
+        "claims": claims if claims is not None else [] if recipes else [
+            {"paper": "sanity", "claim": "int2 worse than int4-g16", "below": ["rtn@int4-g16", "rtn@int2"]},
+            {"paper": "sanity", "claim": "on a metric nobody measured", "below": ["rtn@int8", "rtn@int2"],
+             "metric": {"kind": "zeroshot", "name": "acc"}},
+        ],
     }
 
 
@@ -54,6 +59,9 @@ def test_tiny_dag_end_to_end(tmp_path, tiny_model_dir, tiny_corpus):
     assert ppl["rtn@int2"] > ppl["rtn@int4-g16"] > ppl["fp16"] * 0.99
     assert (table.dataset == "tiny").all() and table.config_hash.notna().all()
     assert "rtn@int4-g16" in (tmp_path / "results/tables/all.md").read_text()
+    claims = pandas.read_csv(tmp_path / "results/tables/claims.csv").set_index("claim")
+    assert claims.loc["int2 worse than int4-g16", "verdict"] == "holds"
+    assert claims.loc["on a metric nobody measured", "verdict"] == "not run"
     for suffix in ("png", "pdf"):
         assert (tmp_path / f"results/plots/ppl_vs_bits.{suffix}").stat().st_size > 1000
     # a second run has nothing to do: every output is complete and up to date
@@ -89,10 +97,12 @@ def test_tiny_dag_with_the_papers_methods(tmp_path, tiny_model_dir, tiny_corpus)
     [
         ({"bad": {"steps": ["rtn", "warp"], "weight": "int4"}}, "recipe 'bad': unknown step 'warp'"),
         ({"bad": {"steps": ["rtn"], "weight": "int4-gx"}}, "cannot parse format 'int4-gx'"),
+        ("claims", "claim 1 ('c'): recipe(s) gone not in the config's recipes"),
     ],
 )
 def test_bad_config_stops_before_any_job(tmp_path, tiny_model_dir, tiny_corpus, recipes, message):
-    write_config(tmp_path, tiny_config(tiny_model_dir, tiny_corpus, recipes))
+    claims = [{"paper": "X", "claim": "c", "below": ["fp16", "gone"]}] if recipes == "claims" else []
+    write_config(tmp_path, tiny_config(tiny_model_dir, tiny_corpus, None if recipes == "claims" else recipes, claims))
     run = snakemake(tmp_path, "-n")
     assert run.returncode != 0
     assert f"config error: {message}" in run.stdout + run.stderr

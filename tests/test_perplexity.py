@@ -36,3 +36,26 @@ def test_a_model_that_knows_the_text_has_lower_perplexity(model):
     with torch.no_grad():
         model.lm_head.weight.mul_(0)  # uniform predictions: ppl == vocab size
     assert perplexity(model, windows)["ppl"] == pytest.approx(96, rel=1e-4)
+
+
+def test_bfloat16_evaluation_stays_close_to_float32(model):
+    """The cast `auto` picks on bf16-capable hardware: same windows, perplexity within 1 %."""
+    import copy
+
+    windows = torch.randint(0, 96, (6, 32), generator=torch.Generator().manual_seed(4))
+    reference = perplexity(model, windows)["ppl"]
+    assert perplexity(copy.deepcopy(model).to(torch.bfloat16), windows)["ppl"] == pytest.approx(reference, rel=0.01)
+
+
+def test_auto_dtype_follows_the_hardware(monkeypatch):
+    from ptqrepro.errors import PtqError
+    from ptqrepro.models import sources
+
+    assert sources.evaluation_dtype("float16", "cpu") == "float16"
+    with pytest.raises(PtqError, match="unknown dtype 'fp8'"):
+        sources.evaluation_dtype("fp8", "cpu")
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(sources, "cpu_has_native_bf16", lambda: native)
+        assert sources.evaluation_dtype("auto", "cpu") == expected
+    monkeypatch.setattr(sources.torch.cuda, "is_bf16_supported", lambda: False)
+    assert sources.evaluation_dtype("auto", "cuda") == "float16"

@@ -7,6 +7,7 @@
     ptqrepro eval-ppl       --model DIR --quantized DIR --corpus DIR --seqlen L [--max-windows K] --out FILE.json
     ptqrepro tables         --out DIR RESULT.json...
     ptqrepro plots          --table all.csv --out STEM
+    ptqrepro claims         --table all.csv --claims '[{paper: ..., claim: ..., below: [A, B]}]' --out DIR
 
 Bad input ends with one line ``ptqrepro: error: ...`` and exit code 2; nothing already written
 is touched, since every output is written atomically.
@@ -190,12 +191,13 @@ def cmd_eval_ppl(args) -> None:
     from ptqrepro.artifact import apply_artifact
     from ptqrepro.data.windows import evaluation_windows
     from ptqrepro.eval.perplexity import perplexity
-    from ptqrepro.models.sources import load_model, resolve_device, torch_dtype
+    from ptqrepro.models.sources import evaluation_dtype, load_model, resolve_device, torch_dtype
     from ptqrepro.provenance import Provenance
 
     _set_threads(args.threads)
     provenance = Provenance()
     device = resolve_device(args.device)
+    dtype = evaluation_dtype(args.dtype, device)
     spec = _corpus(args.corpus)
     model, tokenizer = load_model(args.model)
     manifest = apply_artifact(model, args.quantized)
@@ -203,10 +205,10 @@ def cmd_eval_ppl(args) -> None:
         _documents(args.corpus, "test"), tokenizer, spec, args.seqlen, args.max_windows,
         nsamples=args.nsamples, seed=args.seed,
     )
-    model.to(device=device, dtype=torch_dtype(args.dtype))
+    model.to(device=device, dtype=torch_dtype(dtype))
     metrics = perplexity(model, windows, batch_size=args.batch_size, device=device)
     protocol = {"seqlen": args.seqlen, "windows": int(windows.shape[0]), "total_windows": total,
-                "max_windows": args.max_windows, "dtype": args.dtype, "sampling": spec.sampling, "split": "test"}
+                "max_windows": args.max_windows, "dtype": dtype, "sampling": spec.sampling, "split": "test"}
     description = {key: manifest[key] for key in (
         "model", "recipe", "method", "weight_format", "weight_scheme", "weight_bits", "bits_per_weight", "act_format")}
     write_json(args.out, {
@@ -230,6 +232,21 @@ def cmd_plots(args) -> None:
 
     paths = plot_ppl_vs_bits(pandas.read_csv(args.table), args.out)
     print(" ".join(str(path) for path in paths))
+
+
+def cmd_claims(args) -> None:
+    import pandas
+
+    from ptqrepro.report.claims import check_claims, claims_from_config, write_claims
+
+    try:
+        entries = yaml.safe_load(args.claims) if args.claims else []
+    except yaml.YAMLError as error:
+        raise PtqError(f"cannot parse --claims: {error.problem}") from None
+    table = check_claims(claims_from_config(entries or []), pandas.read_csv(args.table))
+    paths = write_claims(table, args.out)
+    counts = table["verdict"].value_counts()
+    print(", ".join(f"{count} {verdict}" for verdict, count in counts.items()) or "no claims", "->", paths["md"])
 
 
 def _add_recipe_job_arguments(p: argparse.ArgumentParser, spec_help: str) -> None:
@@ -288,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=256, help="windows drawn by the per-document (C4) protocol")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (see evaluation_dtype)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
     p.add_argument("--out", required=True)
@@ -303,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", required=True, help="all.csv from tables")
     p.add_argument("--out", required=True, help="output path without extension")
     p.set_defaults(func=cmd_plots)
+
+    p = sub.add_parser("claims", help="check the papers' claims (config 'claims') against all.csv")
+    p.add_argument("--table", required=True, help="all.csv from tables")
+    p.add_argument("--claims", required=True, help="the config's claims list, inline YAML/JSON")
+    p.add_argument("--out", required=True, help="output directory for claims.csv and claims.md")
+    p.set_defaults(func=cmd_claims)
     return parser
 
 

@@ -11,6 +11,7 @@ from ptqrepro.data.corpora import corpus_spec
 from ptqrepro.errors import PtqError
 from ptqrepro.models.sources import ModelSource
 from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
+from ptqrepro.report.claims import claims_from_config
 
 
 def check_config(config: dict) -> None:
@@ -34,3 +35,4 @@ def check_config(config: dict) -> None:
             recipe_from_config(name, entry)
     if not config["recipes"]:
         raise PtqError("config key 'recipes' is empty: name at least one recipe")
+    claims_from_config(config.get("claims", []), config["recipes"])

@@ -53,9 +53,9 @@ class QuantizedLowRank:
 
     def output(self, x: torch.Tensor, act: GroupedFormat | None) -> torch.Tensor:
         """``Q_a(x A) B`` for an input ``x`` that is already ``Q_a(x)``."""
-        hidden = x @ self.down.dequantize().to(x.dtype).T
+        hidden = x @ self.down.dequantize().to(device=x.device, dtype=x.dtype).T
         hidden = quantize_activation(hidden, fit_reduction(act, self.rank))
-        return hidden @ self.up.dequantize().to(x.dtype).T
+        return hidden @ self.up.dequantize().to(device=x.device, dtype=x.dtype).T
 
 
 def quantize_low_rank(a: torch.Tensor, b: torch.Tensor, fmt: GroupedFormat, layer: str) -> QuantizedLowRank:

@@ -28,3 +28,17 @@ rule plot_ppl_vs_bits:
         "results/logs/plot_ppl_vs_bits.log",
     shell:
         "ptqrepro plots --table {input} --out results/plots/ppl_vs_bits > {log} 2>&1"
+
+
+rule claims:
+    input:
+        "results/tables/all.csv",
+    output:
+        csv=report("results/tables/claims.csv", caption="../report/claims.rst", category="Tables"),
+        md="results/tables/claims.md",
+    params:
+        claims=json.dumps(config["claims"]),
+    log:
+        "results/logs/claims.log",
+    shell:
+        "ptqrepro claims --table {input} --claims {params.claims:q} --out results/tables > {log} 2>&1"

@@ -61,6 +61,28 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def evaluation_dtype(name: str, device: str) -> str:
+    """The dtype an evaluation runs in: ``name`` itself, or for ``auto`` the fastest that keeps
+    perplexity (bf16 changed SmolLM2's by under 0.05 %): on CUDA ``bfloat16`` (``float16`` where
+    the GPU lacks bf16); on a CPU ``bfloat16`` only with native bf16 dot products (AVX512-BF16 or
+    AMX, 2.5x faster than float32 there), else ``float32`` (bf16 is emulated and slower)."""
+    if name != "auto":
+        torch_dtype(name)
+        return name
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether /proc/cpuinfo lists ``avx512_bf16`` or ``amx_bf16`` (False where it cannot be read)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without a GPU is an error."""
     if device == "auto":
