@@ -45,9 +45,14 @@ QUANTIZATIONS = [name for name in RECIPES if name not in RECONSTRUCTIONS]
 RUNS = [(model, recipe) for recipe in RECIPES for model in config["recipes"][recipe].get("models", MODELS)]
 
 
+def recipe_entry(name):
+    """A recipe's entry without the DAG-only `models`."""
+    return {key: value for key, value in config["recipes"][name].items() if key != "models"}
+
+
 def recipe_spec(name):
-    """A recipe's entry as the quantize/dwr command reads it (without the DAG-only `models`)."""
-    return json.dumps({key: value for key, value in config["recipes"][name].items() if key != "models"})
+    """A recipe's entry as the quantize/dwr command reads it."""
+    return json.dumps(recipe_entry(name))
 
 
 def one_of(names):
@@ -56,7 +61,7 @@ def one_of(names):
 
 def job_cost(name):
     """A recipe job's rough run time in calibration passes (Recipe/DwrSettings.relative_cost)."""
-    entry = config["recipes"][name]
+    entry = recipe_entry(name)
     if is_reconstruction(entry):
         return reconstruction_from_config(name, entry).settings.relative_cost(CALIB["nsamples"])
     return recipe_from_config(name, entry).relative_cost()
