@@ -98,5 +98,7 @@ rule all:
         "results/tables/all.md",
         "results/tables/claims.csv",
         "results/tables/claims.md",
+        ["results/tables/papers"] if config["reference"] else [],
+        [f"results/plots/dwr/{model}/{recipe}.png" for model, recipe in RUNS if recipe in RECONSTRUCTIONS],
         "results/plots/ppl_vs_bits.png",
         "results/plots/ppl_vs_bits.pdf",

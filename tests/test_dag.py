@@ -29,6 +29,7 @@ def tiny_config(model_dir, corpus_dir, recipes=None, claims=None) -> dict:
             "rtn@int2": {"steps": ["rtn"], "weight": "int2"},
         },
         "eval": {"ppl": {"datasets": ["tiny"], "seqlen": 32, "max_windows": 8, "batch_size": 4, "dtype": "float32"}},
+        "reference": [] if recipes else [str(REPO / "config" / "reference" / "lqer.csv")],
         "claims": claims if claims is not None else [] if recipes else [
             {"paper": "sanity", "claim": "int2 worse than int4-g16", "below": ["rtn@int4-g16", "rtn@int2"]},
             {"paper": "sanity", "claim": "on a metric nobody measured", "below": ["rtn@int8", "rtn@int2"],
@@ -59,6 +60,8 @@ def test_tiny_dag_end_to_end(tmp_path, tiny_model_dir, tiny_corpus):
     assert ppl["rtn@int2"] > ppl["rtn@int4-g16"] > ppl["fp16"] * 0.99
     assert (table.dataset == "tiny").all() and table.config_hash.notna().all()
     assert "rtn@int4-g16" in (tmp_path / "results/tables/all.md").read_text()
+    papers = (tmp_path / "results/tables/papers/lqer.md").read_text()
+    assert "ours alone" in papers and "| int4-g16 | rtn |" in papers
     claims = pandas.read_csv(tmp_path / "results/tables/claims.csv").set_index("claim")
     assert claims.loc["int2 worse than int4-g16", "verdict"] == "holds"
     assert claims.loc["on a metric nobody measured", "verdict"] == "not run"

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from ptqrepro.errors import PtqError
-from ptqrepro.report.plots import plot_ppl_vs_bits, use_log_scale
+from ptqrepro.report.plots import plot_dwr_curves, plot_ppl_vs_bits, use_log_scale
 from ptqrepro.report.tables import COLUMNS, gather_results, render_markdown, write_tables
 
 MODEL = "smollm2-135m"
@@ -195,3 +195,21 @@ def test_log_scale_only_for_a_wide_range():
     assert not use_log_scale([20.25, 29.3, 88.04])
     assert not use_log_scale([20.0, 200.0])  # exactly 10x stays linear
     assert not use_log_scale([])
+
+
+def dwr_result(chosen=(0, 32, 0)):
+    blocks = []
+    for layer, rank in enumerate(chosen):
+        curve = {"0": 100.0 - layer, "16": 104.0, "32": 99.0 - layer if rank == 32 else 101.0, "64": 120.0}
+        blocks.append({"layer": layer, "chosen_rank": rank, "curve": curve, "seconds": 1.0})
+    return {"model": MODEL, "recipe": "gptq+dwr@int3", "dwr": blocks,
+            "metrics": {"calibration_ppl_before": 100.0, "calibration_ppl_after": 97.0}}
+
+
+def test_dwr_curves_are_drawn_for_every_block(tmp_path):
+    paths = plot_dwr_curves(dwr_result(), tmp_path / "dwr")
+    assert [path.suffix for path in paths] == [".png", ".pdf"]
+    image = matplotlib.image.imread(paths[0])
+    assert image.shape[1] > image.shape[0] and image[..., :3].std() > 0.05  # two panels, not blank
+    with pytest.raises(PtqError, match="has no DWR search"):
+        plot_dwr_curves({"recipe": "gptq@int3", "metrics": {}}, tmp_path / "none")

@@ -7,6 +7,7 @@
     ptqrepro eval-ppl       --model DIR --quantized DIR --corpus DIR --seqlen L [--max-windows K] --out FILE.json
     ptqrepro tables         --out DIR RESULT.json...
     ptqrepro plots          --table all.csv --out STEM
+    ptqrepro paper-tables   --table all.csv --reference config/reference/magr.csv... --out DIR
     ptqrepro claims         --table all.csv --claims '[{paper: ..., claim: ..., below: [A, B]}]' --out DIR
 
 Bad input ends with one line ``ptqrepro: error: ...`` and exit code 2; nothing already written
@@ -228,10 +229,23 @@ def cmd_tables(args) -> None:
 def cmd_plots(args) -> None:
     import pandas
 
-    from ptqrepro.report.plots import plot_ppl_vs_bits
+    from ptqrepro.report.plots import plot_dwr_curves, plot_ppl_vs_bits
 
-    paths = plot_ppl_vs_bits(pandas.read_csv(args.table), args.out)
+    if args.dwr:
+        paths = plot_dwr_curves(read_json(args.dwr), args.out)
+    else:
+        paths = plot_ppl_vs_bits(pandas.read_csv(args.table), args.out)
     print(" ".join(str(path) for path in paths))
+
+
+def cmd_paper_tables(args) -> None:
+    import pandas
+
+    from ptqrepro.report.paper_tables import load_reference, paper_sections, with_ours, write_paper_tables
+
+    results = pandas.read_csv(args.table)
+    sections = paper_sections(with_ours(load_reference(args.reference), results), results)
+    print(" ".join(str(path) for path in write_paper_tables(sections, args.out)))
 
 
 def cmd_claims(args) -> None:
@@ -316,10 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", nargs="+")
     p.set_defaults(func=cmd_tables)
 
-    p = sub.add_parser("plots", help="perplexity vs weight bits per method (PNG and PDF)")
-    p.add_argument("--table", required=True, help="all.csv from tables")
+    p = sub.add_parser("plots", help="perplexity vs weight bits per method, or a DWR search (PNG and PDF)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--table", help="all.csv from tables: perplexity vs weight bits")
+    source.add_argument("--dwr", help="a dwr job's quantize.json: its search curves per block")
     p.add_argument("--out", required=True, help="output path without extension")
     p.set_defaults(func=cmd_plots)
+
+    p = sub.add_parser("paper-tables", help="each paper's tables with our numbers beside its (Markdown, LaTeX)")
+    p.add_argument("--table", required=True, help="all.csv from tables")
+    p.add_argument("--reference", required=True, nargs="+", help="config/reference/*.csv files")
+    p.add_argument("--out", required=True, help="output directory (one .md and .tex per paper)")
+    p.set_defaults(func=cmd_paper_tables)
 
     p = sub.add_parser("claims", help="check the papers' claims (config 'claims') against all.csv")
     p.add_argument("--table", required=True, help="all.csv from tables")

@@ -42,3 +42,30 @@ rule claims:
         "results/logs/claims.log",
     shell:
         "ptqrepro claims --table {input} --claims {params.claims:q} --out results/tables > {log} 2>&1"
+
+
+rule paper_tables:
+    input:
+        table="results/tables/all.csv",
+        reference=config["reference"],
+    output:
+        report(directory("results/tables/papers"), caption="../report/paper_tables.rst", category="Tables",
+               patterns=["{paper}.md"]),
+    log:
+        "results/logs/paper_tables.log",
+    shell:
+        "ptqrepro paper-tables --table {input.table} --reference {input.reference} --out {output} > {log} 2>&1"
+
+
+rule plot_dwr:
+    input:
+        "results/metrics/{model}/{recipe}/quantize.json",
+    output:
+        png=report("results/plots/dwr/{model}/{recipe}.png", caption="../report/dwr.rst", category="Figures"),
+        pdf="results/plots/dwr/{model}/{recipe}.pdf",
+    wildcard_constraints:
+        recipe=one_of(RECONSTRUCTIONS),
+    log:
+        "results/logs/plot_dwr/{model}/{recipe}.log",
+    shell:
+        "ptqrepro plots --dwr {input} --out results/plots/dwr/{wildcards.model}/{wildcards.recipe} > {log} 2>&1"

@@ -134,3 +134,38 @@ def _save(figure: Figure, path: Path) -> Path:
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format=extension, dpi=150, metadata=SAVE_METADATA[extension])
     return path
+
+
+def plot_dwr_curves(result: dict, out_stem: str | os.PathLike) -> list[Path]:
+    """DWR's search (a ``dwr`` job's result JSON): left, every block's curve k -> calibration
+    perplexity relative to keeping the block as it is (k = 0), the chosen k marked; right, the
+    chosen k per block. Writes ``<out_stem>.png`` and ``<out_stem>.pdf``."""
+    blocks = result.get("dwr")
+    if not blocks:
+        raise PtqError(f"recipe {result.get('recipe')!r}: the result has no DWR search (key 'dwr')")
+    ranks = sorted({int(k) for block in blocks for k in block["curve"]})
+    position = {rank: index for index, rank in enumerate(ranks)}
+    figure = Figure(figsize=(2 * PANEL_SIZE_IN[0], PANEL_SIZE_IN[1]), layout="constrained")
+    curves, chosen = figure.subplots(1, 2)
+    for block in blocks:
+        curve = {int(k): v for k, v in block["curve"].items()}
+        xs = [position[k] for k in sorted(curve)]
+        ys = [curve[k] / curve[0] for k in sorted(curve)]
+        curves.plot(xs, ys, color="0.6", linewidth=0.8, marker=".", markersize=3)
+        if block["chosen_rank"]:
+            k = block["chosen_rank"]
+            curves.plot([position[k]], [curve[k] / curve[0]], "k^", markersize=6)
+    curves.axhline(1.0, color="k", linestyle="--", linewidth=1)
+    curves.set_xticks(range(len(ranks)), [str(k) for k in ranks])
+    curves.set_xlabel("rank k of the reconstruction")
+    curves.set_ylabel("calibration ppl / ppl at k = 0")
+    curves.set_title(f"{result['model']}: {result['recipe']}, one line per block (▲ chosen)", fontsize=9)
+    layers = [block["layer"] for block in blocks]
+    chosen.bar(layers, [block["chosen_rank"] for block in blocks], color="0.3")
+    chosen.set_xlabel("decoder block")
+    chosen.set_ylabel("chosen k (0: unchanged)")
+    metrics = result.get("metrics", {})
+    if "calibration_ppl_before" in metrics:
+        chosen.set_title(f"calibration ppl {metrics['calibration_ppl_before']:.2f} → "
+                         f"{metrics['calibration_ppl_after']:.2f}", fontsize=9)
+    return [_save(figure, Path(f"{out_stem}.{extension}")) for extension in ("png", "pdf")]
