@@ -75,6 +75,12 @@ def longest_first(wildcards):
 
 
 PPL = config["eval"]["ppl"]
+# Recipes scored zero-shot: eval.zeroshot.recipes, or every recipe.
+ZEROSHOT_RUNS = (
+    [(m, r) for m, r in RUNS if r in (config["eval"]["zeroshot"].get("recipes") or RECIPES)]
+    if config["eval"].get("zeroshot") else []
+)
+ZEROSHOT_RECIPES = sorted({recipe for _, recipe in ZEROSHOT_RUNS})
 CALIB = config["calibration"]
 CALIBRATION_FILE = "results/calibration/{model}/" + "{corpus}-n{nsamples}-l{seqlen}-s{seed}.pt".format(**CALIB)
 

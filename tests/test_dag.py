@@ -28,11 +28,13 @@ def tiny_config(model_dir, corpus_dir, recipes=None, claims=None) -> dict:
             "rtn@int4-g16": {"steps": ["rtn"], "weight": "int4-g16"},
             "rtn@int2": {"steps": ["rtn"], "weight": "int2"},
         },
-        "eval": {"ppl": {"datasets": ["tiny"], "seqlen": 32, "max_windows": 8, "batch_size": 4, "dtype": "float32"}},
+        "eval": {"ppl": {"datasets": ["tiny"], "seqlen": 32, "max_windows": 8, "batch_size": 4, "dtype": "float32"},
+                 **({} if recipes else {"zeroshot": {"tasks": ["ptq_lastword", "ptq_nextsentence"], "corpus": "tiny",
+                                                     "items": 8, "recipes": ["rtn@int4-g16"], "max_length": 256}})},
         "reference": [] if recipes else [str(REPO / "config" / "reference" / "lqer.csv")],
         "claims": claims if claims is not None else [] if recipes else [
             {"paper": "sanity", "claim": "int2 worse than int4-g16", "below": ["rtn@int4-g16", "rtn@int2"]},
-            {"paper": "sanity", "claim": "on a metric nobody measured", "below": ["rtn@int8", "rtn@int2"],
+            {"paper": "sanity", "claim": "recipes without a zero-shot result", "below": ["rtn@int8", "rtn@int2"],
              "metric": {"kind": "zeroshot", "name": "acc"}},
         ],
     }
@@ -58,13 +60,16 @@ def test_tiny_dag_end_to_end(tmp_path, tiny_model_dir, tiny_corpus):
     assert set(ppl.index) == {"fp16", "rtn@int8", "rtn@int4-g16", "rtn@int2"}
     assert ppl["rtn@int8"] == pytest.approx(ppl["fp16"], rel=0.02)
     assert ppl["rtn@int2"] > ppl["rtn@int4-g16"] > ppl["fp16"] * 0.99
-    assert (table.dataset == "tiny").all() and table.config_hash.notna().all()
+    assert (table[table.kind != "zeroshot"].dataset == "tiny").all() and table.config_hash.notna().all()
     assert "rtn@int4-g16" in (tmp_path / "results/tables/all.md").read_text()
+    zeroshot = table[table.kind == "zeroshot"]
+    assert set(zeroshot.recipe) == {"rtn@int4-g16"} and set(zeroshot.dataset) == {"ptq_lastword", "ptq_nextsentence"}
+    assert "ptq_nextsentence acc_norm" in (tmp_path / "results/tables/all.md").read_text()
     papers = (tmp_path / "results/tables/papers/lqer.md").read_text()
     assert "ours alone" in papers and "| int4-g16 | rtn |" in papers
     claims = pandas.read_csv(tmp_path / "results/tables/claims.csv").set_index("claim")
     assert claims.loc["int2 worse than int4-g16", "verdict"] == "holds"
-    assert claims.loc["on a metric nobody measured", "verdict"] == "not run"
+    assert claims.loc["recipes without a zero-shot result", "verdict"].tolist() == ["not run", "not run"]  # two tasks
     for suffix in ("png", "pdf"):
         assert (tmp_path / f"results/plots/ppl_vs_bits.{suffix}").stat().st_size > 1000
     # a second run has nothing to do: every output is complete and up to date

@@ -5,6 +5,8 @@
     ptqrepro calibrate      --model DIR --corpus DIR --nsamples N --seqlen L --seed S --out FILE.pt
     ptqrepro quantize       --model DIR --calibration FILE.pt --recipe NAME --spec '{steps: [rtn], weight: int4}' --out DIR --metrics FILE.json
     ptqrepro eval-ppl       --model DIR --quantized DIR --corpus DIR --seqlen L [--max-windows K] --out FILE.json
+    ptqrepro zeroshot-tasks --corpus DIR --items N --seed S --out DIR
+    ptqrepro eval-zeroshot  --model DIR --quantized DIR --tasks T... [--include DIR] --out-dir DIR
     ptqrepro tables         --out DIR RESULT.json...
     ptqrepro plots          --table all.csv --out STEM
     ptqrepro paper-tables   --table all.csv --reference config/reference/magr.csv... --out DIR
@@ -219,6 +221,43 @@ def cmd_eval_ppl(args) -> None:
     print(f"{description['recipe']} on {spec.name}: ppl {metrics['ppl']:.3f} over {windows.shape[0]} windows")
 
 
+def cmd_zeroshot_tasks(args) -> None:
+    from ptqrepro.eval.zeroshot import write_local_tasks
+
+    with atomic_path(args.out) as tmp:
+        written = write_local_tasks(_documents(args.corpus, "test"), tmp, args.items, args.seed, located_at=args.out)
+    print(json.dumps(written))
+
+
+def cmd_eval_zeroshot(args) -> None:
+    from ptqrepro.artifact import apply_artifact
+    from ptqrepro.eval.zeroshot import evaluate_zeroshot
+    from ptqrepro.models.sources import evaluation_dtype, load_model, resolve_device, torch_dtype
+    from ptqrepro.provenance import Provenance
+
+    _set_threads(args.threads)
+    provenance = Provenance()
+    device = resolve_device(args.device)
+    dtype = evaluation_dtype(args.dtype, device)
+    model, tokenizer = load_model(args.model)
+    manifest = apply_artifact(model, args.quantized)
+    model.to(device=device, dtype=torch_dtype(dtype))
+    model.eval()
+    results = evaluate_zeroshot(model, tokenizer, args.tasks, args.include, args.batch_size, args.max_length,
+                                device, args.limit)
+    description = {key: manifest[key] for key in (
+        "model", "recipe", "method", "weight_format", "weight_scheme", "weight_bits", "bits_per_weight", "act_format")}
+    protocol = {"batch_size": args.batch_size, "max_length": args.max_length, "limit": args.limit, "dtype": dtype,
+                "num_fewshot": 0}
+    for task, metrics in results.items():
+        write_json(Path(args.out_dir) / f"zeroshot-{task}.json", {
+            "kind": "zeroshot", **description, "dataset": task, "metrics": metrics, "protocol": protocol,
+            "provenance": provenance.record({"protocol": protocol, "task": task, "quantized": manifest["config_hash"]}, device),
+        })
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items() if not name.endswith("stderr"))
+        print(f"{description['recipe']} on {task}: {shown}")
+
+
 def cmd_tables(args) -> None:
     from ptqrepro.report.tables import gather_results, write_tables
 
@@ -324,6 +363,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_eval_ppl)
+
+    p = sub.add_parser("zeroshot-tasks", help="write the local zero-shot tasks (data and lm-eval YAMLs) from a corpus's test split")
+    p.add_argument("--corpus", required=True, help="prepared corpus directory")
+    p.add_argument("--items", type=int, default=200, help="items per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="task directory (lm-eval include_path)")
+    p.set_defaults(func=cmd_zeroshot_tasks)
+
+    p = sub.add_parser("eval-zeroshot", help="zero-shot accuracy of a quantized model through lm-eval-harness")
+    p.add_argument("--model", required=True)
+    p.add_argument("--quantized", required=True, help="artifact directory from quantize")
+    p.add_argument("--tasks", required=True, nargs="+", help="lm-eval task names (local ones need --include)")
+    p.add_argument("--include", help="folder of task YAMLs (from zeroshot-tasks)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--limit", type=int, help="score only the first N items of each task")
+    p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (see evaluation_dtype)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out-dir", required=True, help="writes zeroshot-<task>.json there")
+    p.set_defaults(func=cmd_eval_zeroshot)
 
     p = sub.add_parser("tables", help="gather result JSONs into all.csv and all.md")
     p.add_argument("--out", required=True, help="output directory")

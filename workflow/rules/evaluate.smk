@@ -21,3 +21,51 @@ rule eval_ppl:
         " --seqlen {PPL[seqlen]} {params.max_windows} --nsamples {PPL[nsamples]} --seed {PPL[seed]}"
         " --batch-size {PPL[batch_size]} --dtype {PPL[dtype]} --device {params.device} --threads {threads}"
         " --out {output} > {log} 2>&1"
+
+
+# Zero-shot accuracy through lm-eval-harness on the in-memory quantized model (one job per model
+# and recipe, one result per task). Local tasks are generated from a corpus's test split.
+ZEROSHOT = config["eval"].get("zeroshot")
+LOCAL_TASKS_DIR = (
+    "results/zeroshot/{corpus}-n{items}-s{seed}".format(**ZEROSHOT) if ZEROSHOT and ZEROSHOT.get("corpus") else None
+)
+
+
+rule zeroshot_tasks:
+    input:
+        corpus="results/corpora/{corpus}",
+    output:
+        directory("results/zeroshot/{corpus}-n{nitems}-s{seed}"),
+    log:
+        "results/logs/zeroshot_tasks/{corpus}-n{nitems}-s{seed}.log",
+    shell:
+        "ptqrepro zeroshot-tasks --corpus {input.corpus} --items {wildcards.nitems} --seed {wildcards.seed}"
+        " --out {output} > {log} 2>&1"
+
+
+if ZEROSHOT:
+
+    rule eval_zeroshot:
+        wildcard_constraints:
+            recipe=one_of(ZEROSHOT_RECIPES),
+        input:
+            model="results/models/{model}",
+            quantized="results/quantized/{model}/{recipe}",
+            tasks=[LOCAL_TASKS_DIR] if LOCAL_TASKS_DIR else [],
+        output:
+            [f"results/metrics/{{model}}/{{recipe}}/zeroshot-{task}.json" for task in ZEROSHOT["tasks"]],
+        params:
+            include=f"--include {LOCAL_TASKS_DIR}" if LOCAL_TASKS_DIR else "",
+            tasks=" ".join(ZEROSHOT["tasks"]),
+            limit=f"--limit {ZEROSHOT['limit']}" if ZEROSHOT.get("limit") else "",
+            device=config["device"],
+        threads: config["threads"]
+        resources:
+            gpu=lambda w: int(config["device"] != "cpu"),
+        log:
+            "results/logs/eval_zeroshot/{model}/{recipe}.log",
+        shell:
+            "ptqrepro eval-zeroshot --model {input.model} --quantized {input.quantized} --tasks {params.tasks}"
+            " {params.include} {params.limit} --batch-size {ZEROSHOT[batch_size]} --max-length {ZEROSHOT[max_length]}"
+            " --dtype {ZEROSHOT[dtype]} --device {params.device} --threads {threads}"
+            " --out-dir results/metrics/{wildcards.model}/{wildcards.recipe} > {log} 2>&1"

@@ -9,6 +9,11 @@ rule tables:
             for model, recipe in RUNS
             for dataset in PPL["datasets"]
         ],
+        [
+            f"results/metrics/{model}/{recipe}/zeroshot-{task}.json"
+            for model, recipe in ZEROSHOT_RUNS
+            for task in config["eval"]["zeroshot"]["tasks"]
+        ],
     output:
         csv=report("results/tables/all.csv", caption="../report/all_csv.rst", category="Tables"),
         md="results/tables/all.md",

@@ -51,6 +51,7 @@ IDENTITY_COLUMNS = ("model", "recipe", "kind", "dataset", "metric")
 MISSING_CELL = "—"
 PERPLEXITY_KIND, PERPLEXITY_METRIC = "perplexity", "ppl"
 QUANTIZE_KIND, QUANTIZE_TIME_METRIC = "quantize", "quantize_time_s"
+ZEROSHOT_KIND, ZEROSHOT_METRICS = "zeroshot", ("acc", "acc_norm")
 
 
 def gather_results(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
@@ -89,7 +90,7 @@ def render_markdown(frame: pd.DataFrame) -> str:
     for model, model_rows in frame.groupby("model", sort=True):
         sections.append(f"## {model}\n\n{_model_table(model_rows)}\n")
         files = model_rows["source"].nunique()
-        sections.append(f"Perplexity (lower is better); generated from {files} result files.\n")
+        sections.append(f"Perplexity (lower is better), zero-shot accuracy (higher is better); generated from {files} result files.\n")
     return "\n".join(sections)
 
 
@@ -174,6 +175,10 @@ def _model_table(model_rows: pd.DataFrame) -> str:
     perplexity = _metric_by_recipe(model_rows, PERPLEXITY_KIND, PERPLEXITY_METRIC)
     for dataset in perplexity.columns:
         table[dataset] = _column_for_recipes(perplexity[dataset], recipes["recipe"], 2)
+    for metric in ZEROSHOT_METRICS:
+        accuracy = _metric_by_recipe(model_rows, ZEROSHOT_KIND, metric)
+        for task in accuracy.columns:
+            table[f"{task} {metric}"] = _column_for_recipes(accuracy[task], recipes["recipe"], 3)
     quantize_time = _metric_by_recipe(model_rows, QUANTIZE_KIND, QUANTIZE_TIME_METRIC)
     if not quantize_time.empty:
         seconds = _single_calibration_column(quantize_time, model_rows["model"].iloc[0])
