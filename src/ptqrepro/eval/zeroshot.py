@@ -160,7 +160,9 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str], include_path: str | No
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
+    if manager is None or not set(tasks) <= set(manager.all_tasks):  # indexing lm-eval's registry takes ~12 s
+        manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
         raise PtqError(f"unknown zero-shot task(s) {', '.join(unknown)} (not local, not in lm-eval's registry)")
