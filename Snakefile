@@ -59,6 +59,7 @@ def one_of(names):
     """A wildcard pattern matching exactly these names (none: matches nothing)."""
     return "|".join(re.escape(name) for name in names) or "(?!)"
 
+
 def job_cost(name):
     """A recipe job's rough run time in calibration passes (Recipe/DwrSettings.relative_cost)."""
     entry = recipe_entry(name)
