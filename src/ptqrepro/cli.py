@@ -190,30 +190,42 @@ def cmd_dwr(args) -> None:
           f"{changed}/{len(result.blocks)} blocks changed")
 
 
-def cmd_eval_ppl(args) -> None:
+RESULT_DESCRIPTION_KEYS = (
+    "model", "recipe", "method", "weight_format", "weight_scheme", "weight_bits", "bits_per_weight", "act_format")
+"""Keys of an artifact's manifest that every evaluation result repeats."""
+
+
+def _model_to_evaluate(args):
+    """The quantized model of ``--model`` + ``--quantized`` on ``--device`` in the evaluation dtype:
+    ``(model, tokenizer, manifest, device, dtype name)``."""
     from ptqrepro.artifact import apply_artifact
+    from ptqrepro.models.sources import evaluation_dtype, load_model, resolve_device, torch_dtype
+
+    device = resolve_device(args.device)
+    dtype = evaluation_dtype(args.dtype, device)
+    model, tokenizer = load_model(args.model)
+    manifest = apply_artifact(model, args.quantized)
+    model.to(device=device, dtype=torch_dtype(dtype))
+    return model, tokenizer, manifest, device, dtype
+
+
+def cmd_eval_ppl(args) -> None:
     from ptqrepro.data.windows import evaluation_windows
     from ptqrepro.eval.perplexity import perplexity
-    from ptqrepro.models.sources import evaluation_dtype, load_model, resolve_device, torch_dtype
     from ptqrepro.provenance import Provenance
 
     _set_threads(args.threads)
     provenance = Provenance()
-    device = resolve_device(args.device)
-    dtype = evaluation_dtype(args.dtype, device)
     spec = _corpus(args.corpus)
-    model, tokenizer = load_model(args.model)
-    manifest = apply_artifact(model, args.quantized)
+    model, tokenizer, manifest, device, dtype = _model_to_evaluate(args)
     windows, total = evaluation_windows(
         _documents(args.corpus, "test"), tokenizer, spec, args.seqlen, args.max_windows,
         nsamples=args.nsamples, seed=args.seed,
     )
-    model.to(device=device, dtype=torch_dtype(dtype))
     metrics = perplexity(model, windows, batch_size=args.batch_size, device=device)
     protocol = {"seqlen": args.seqlen, "windows": int(windows.shape[0]), "total_windows": total,
                 "max_windows": args.max_windows, "dtype": dtype, "sampling": spec.sampling, "split": "test"}
-    description = {key: manifest[key] for key in (
-        "model", "recipe", "method", "weight_format", "weight_scheme", "weight_bits", "bits_per_weight", "act_format")}
+    description = {key: manifest[key] for key in RESULT_DESCRIPTION_KEYS}
     write_json(args.out, {
         "kind": "perplexity", **description, "dataset": spec.name, "metrics": metrics, "protocol": protocol,
         "provenance": provenance.record({"protocol": protocol, "quantized": manifest["config_hash"]}, device),
@@ -230,23 +242,16 @@ def cmd_zeroshot_tasks(args) -> None:
 
 
 def cmd_eval_zeroshot(args) -> None:
-    from ptqrepro.artifact import apply_artifact
     from ptqrepro.eval.zeroshot import evaluate_zeroshot
-    from ptqrepro.models.sources import evaluation_dtype, load_model, resolve_device, torch_dtype
     from ptqrepro.provenance import Provenance
 
     _set_threads(args.threads)
     provenance = Provenance()
-    device = resolve_device(args.device)
-    dtype = evaluation_dtype(args.dtype, device)
-    model, tokenizer = load_model(args.model)
-    manifest = apply_artifact(model, args.quantized)
-    model.to(device=device, dtype=torch_dtype(dtype))
+    model, tokenizer, manifest, device, dtype = _model_to_evaluate(args)
     model.eval()
     results = evaluate_zeroshot(model, tokenizer, args.tasks, args.include, args.batch_size, args.max_length,
                                 device, args.limit)
-    description = {key: manifest[key] for key in (
-        "model", "recipe", "method", "weight_format", "weight_scheme", "weight_bits", "bits_per_weight", "act_format")}
+    description = {key: manifest[key] for key in RESULT_DESCRIPTION_KEYS}
     protocol = {"batch_size": args.batch_size, "max_length": args.max_length, "limit": args.limit, "dtype": dtype,
                 "num_fewshot": 0}
     for task, metrics in results.items():
