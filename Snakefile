@@ -82,6 +82,9 @@ ZEROSHOT_RUNS = (
     if config["eval"].get("zeroshot") else []
 )
 ZEROSHOT_RECIPES = sorted({recipe for _, recipe in ZEROSHOT_RUNS})
+STEP_NAMES = {name: {step.name for step in recipe_from_config(name, recipe_entry(name)).steps} for name in QUANTIZATIONS}
+MAGR_RUNS = [(model, recipe) for model, recipe in RUNS if "magr" in STEP_NAMES.get(recipe, ())]
+HAS_LOW_RANK = any(names & {"lqer", "l2qer"} for names in STEP_NAMES.values())
 CALIB = config["calibration"]
 CALIBRATION_FILE = "results/calibration/{model}/" + "{corpus}-n{nsamples}-l{seqlen}-s{seed}.pt".format(**CALIB)
 
@@ -91,6 +94,15 @@ wildcard_constraints:
     recipe="[A-Za-z0-9_.+@=-]+",
     corpus="[^/]+",
     dataset="[^/]+",
+
+
+# Figures drawn from results/tables/all.csv (`ptqrepro plots --figure`).
+TABLE_FIGURES = [
+    "ppl_vs_bits",
+    *(["accuracy_vs_bits"] if ZEROSHOT_RUNS else []),
+    *(["lqer_ranks"] if HAS_LOW_RANK else []),
+    "job_costs",
+]
 
 
 include: "workflow/rules/data.smk"
@@ -107,5 +119,5 @@ rule all:
         "results/tables/claims.md",
         ["results/tables/papers"] if config["reference"] else [],
         [f"results/plots/dwr/{model}/{recipe}.png" for model, recipe in RUNS if recipe in RECONSTRUCTIONS],
-        "results/plots/ppl_vs_bits.png",
-        "results/plots/ppl_vs_bits.pdf",
+        [f"results/plots/magr/{model}/{recipe}.png" for model, recipe in MAGR_RUNS],
+        [f"results/plots/{figure}.{extension}" for figure in TABLE_FIGURES for extension in ("png", "pdf")],

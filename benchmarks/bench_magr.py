@@ -2,7 +2,8 @@
 
 Cases: the weights and calibration inputs of ``bench_gptq.py`` (``calibration_case``: [4096, 4096]
 and [11008, 4096], 2048 tokens), per-channel MagR with α = 1e-3 and 150 iterations, 2 threads.
-Ours gets ``G = XᵀX``; the reference gets X, as the authors' ``W_proximal_preprocess`` does.
+Ours gets ``G = XᵀX``, with float32 products (``ours``) and bfloat16 ones (``ours-bf16``, the
+step's ``precision: bfloat16``); the reference gets X, as the authors' ``W_proximal_preprocess`` does.
 
 Each (shape, implementation) runs once in a fresh subprocess that loads only its inputs, notes
 ``ru_maxrss``, runs, and notes ``ru_maxrss`` again. The reference on [11008, 4096] would take over
@@ -30,6 +31,8 @@ from ptqrepro.methods.magr import magr
 
 ALPHA = 1e-3
 ITERATIONS = 150
+PRODUCT_DTYPES = {"ours": torch.float32, "ours-bf16": torch.bfloat16}
+"""Our implementations: ``magr`` with these product dtypes."""
 TRUNCATED_REFERENCE = {(11008, 4096): 15}
 """Shapes on which the reference runs only this many iterations (timed and extrapolated)."""
 
@@ -80,8 +83,8 @@ def run_one(implementation: str, case_file: str, iterations: int, result_file: s
     case = torch.load(case_file)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    if implementation == "ours":
-        result = magr(case["weight"], case["gram"], ALPHA, iterations)
+    if implementation in PRODUCT_DTYPES:
+        result = magr(case["weight"], case["gram"], ALPHA, iterations, product_dtype=PRODUCT_DTYPES[implementation])
         weight, setup, objective = result.weight, None, result.objective
     else:
         (weight, setup), objective = reference_loop(case["weight"], case["x"], ALPHA, iterations), None
@@ -97,9 +100,10 @@ def measure(shape: tuple[int, int], folder: Path, reference_iterations: int | No
     result: mean ratio of row maxima after/before and relative output error ||X(W - W')ᵀ|| / ||XWᵀ||."""
     torch.set_num_threads(THREADS)
     weight, x = calibration_case(*shape)
-    inputs = {"ours": {"weight": weight, "gram": x.T @ x}, "reference": {"weight": weight, "x": x}}
+    ours = {"weight": weight, "gram": x.T @ x}
+    inputs = {**{name: ours for name in PRODUCT_DTYPES}, "reference": {"weight": weight, "x": x}}
     rows, results = [], {}
-    for implementation in ("ours", "reference"):
+    for implementation in inputs:
         case_file, result_file = folder / f"{implementation}-case.pt", folder / f"{implementation}.pt"
         torch.save(inputs[implementation], case_file)
         truncated = reference_iterations or TRUNCATED_REFERENCE.get(shape, ITERATIONS)
@@ -152,14 +156,14 @@ def markdown(rows: list[dict]) -> str:
 
 
 def objective_summary(rows: list[dict]) -> str:
-    """Ours' objective at the start and the end, and whether it never increased."""
+    """Our objectives at the start and the end, and whether they never increased."""
     lines = []
     for row in rows:
         objective = row["objective"]
         if objective:
             monotone = all(later <= earlier for earlier, later in zip(objective, objective[1:]))
             lines.append(
-                f"{row['shape'][0]}×{row['shape'][1]} ours: objective {objective[0]:.6g} -> {objective[-1]:.6g}, "
+                f"{row['shape'][0]}×{row['shape'][1]} {row['implementation']}: objective {objective[0]:.6g} -> {objective[-1]:.6g}, "
                 f"non-increasing: {monotone}"
             )
     return "\n".join(lines)

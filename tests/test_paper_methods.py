@@ -34,6 +34,7 @@ def quantize(model, entry, **kwargs):
         (["rtn", "gptq"], "exactly one quantizer"),
         (["magr"], "exactly one quantizer"),
         ([{"lqer": {"rank": 4, "factor_format": "fp16"}}], "factor_format must be a quantized format"),
+        ([{"magr": {"precision": "float16"}}, "rtn"], "precision must be float32, bfloat16 or auto, not 'float16'"),
     ],
 )
 def test_step_order_and_settings_are_checked(steps, message):
@@ -41,12 +42,18 @@ def test_step_order_and_settings_are_checked(steps, message):
         recipe_from_config("bad", {"steps": steps, "weight": "int4"})
 
 
-def test_magr_lowers_the_largest_weights_before_gptq(model):
-    result = quantize(model, {"steps": [{"magr": {"iterations": 30}}, "gptq"], "weight": "int3-beta0.9"})
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_magr_lowers_the_largest_weights_before_gptq(model, precision):
+    result = quantize(model, {"steps": [{"magr": {"iterations": 30, "precision": precision}}, "gptq"], "weight": "int3-beta0.9"})
     for record in result.records:
         assert record["magr_max_abs_after"] < record["magr_max_abs_before"]
         assert record["magr_output_rel_error"] < 0.05
         assert record["magr_iterations"] == 30 and record["magr_alpha"] == 1e-3
+        assert record["magr_products"] == precision
+        before, after = record["magr_row_max_quantiles_before"], record["magr_row_max_quantiles_after"]
+        assert len(before) == len(after) == 11 and before == sorted(before) and after == sorted(after)
+        assert before[-1] == pytest.approx(record["magr_max_abs_before"], rel=1e-3)
+        assert after[-1] == pytest.approx(record["magr_max_abs_after"], rel=1e-3)
 
 
 def test_magr_is_per_group_when_the_format_has_groups(model):
@@ -104,7 +111,7 @@ def test_lqer_artifact_reproduces_the_layer_formula(model, tmp_path, act):
     assert (cast - hooked).abs().mean() < (0.02 if act is None else 0.1) * hooked.abs().mean()
 
 
-def dwr_case(model, tmp_path, ranks=(2, 8, 32), windows=None):
+def dwr_case(model, tmp_path, ranks=(2, 8, 32), windows=None, dtype=torch.float32):
     fresh = copy.deepcopy(model)
     result = quantize(model, {"steps": ["gptq"], "weight": "int2"})
     save_artifact(tmp_path / "base", result.quantized, result.float_parameters, {"recipe": "base", "act_format": None})
@@ -112,11 +119,13 @@ def dwr_case(model, tmp_path, ranks=(2, 8, 32), windows=None):
     originals = float_weights(fresh, artifact.quantized)
     apply_artifact(fresh, tmp_path / "base")
     settings = DwrSettings(ranks=ranks, windows=windows)
-    return fresh, artifact, search_model(fresh, artifact, originals, calibration(n=4, seed=3), settings, batch_size=2)
+    return fresh, artifact, search_model(fresh, artifact, originals, calibration(n=4, seed=3), settings, batch_size=2,
+                                         dtype=dtype)
 
 
-def test_dwr_never_increases_calibration_perplexity(model, tmp_path):
-    fresh, artifact, result = dwr_case(model, tmp_path)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dwr_never_increases_calibration_perplexity(model, tmp_path, dtype):
+    fresh, artifact, result = dwr_case(model, tmp_path, dtype=dtype)
     assert result.final_ppl <= result.initial_ppl
     for block in result.blocks:
         assert set(block.curve) == {0, 2, 8, 32}
@@ -126,9 +135,10 @@ def test_dwr_never_increases_calibration_perplexity(model, tmp_path):
         assert torch.equal(weight.params["scale"], artifact.quantized[name].params["scale"])  # the same grid
         if block.chosen == 0:
             assert torch.equal(weight.codes, artifact.quantized[name].codes)
-    with torch.no_grad():  # the model carries the chosen weights: its perplexity is the final one
-        losses = [fresh(input_ids=b, labels=b).loss for b in calibration(n=4, seed=3).split(2)]
-    assert math.exp(float(torch.stack(losses).mean())) == pytest.approx(result.final_ppl, rel=1e-4)
+    # the model carries the chosen weights: its perplexity, in the search's dtype, is the final one
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        losses = [fresh(input_ids=b, labels=b).loss.float() for b in calibration(n=4, seed=3).split(2)]
+    assert math.exp(float(torch.stack(losses).mean())) == pytest.approx(result.final_ppl, rel=1e-4 if dtype == torch.float32 else 2e-3)
 
 
 def test_dwr_rejects_a_base_with_folded_scales(model, tmp_path):

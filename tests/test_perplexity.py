@@ -51,11 +51,11 @@ def test_auto_dtype_follows_the_hardware(monkeypatch):
     from ptqrepro.errors import PtqError
     from ptqrepro.models import sources
 
-    assert sources.evaluation_dtype("float16", "cpu") == "float16"
+    assert sources.compute_dtype("float16", "cpu") == "float16"
     with pytest.raises(PtqError, match="unknown dtype 'fp8'"):
-        sources.evaluation_dtype("fp8", "cpu")
+        sources.compute_dtype("fp8", "cpu")
     for native, expected in ((True, "bfloat16"), (False, "float32")):
         monkeypatch.setattr(sources, "cpu_has_native_bf16", lambda: native)
-        assert sources.evaluation_dtype("auto", "cpu") == expected
+        assert sources.compute_dtype("auto", "cpu") == expected
     monkeypatch.setattr(sources.torch.cuda, "is_bf16_supported", lambda: False)
-    assert sources.evaluation_dtype("auto", "cuda") == "float16"
+    assert sources.compute_dtype("auto", "cuda") == "float16"

@@ -75,6 +75,27 @@ def test_pipeline_grams_come_from_the_quantized_previous_layers(model):
     assert not torch.allclose(seen[0]["self_attn.q_proj"], seen[1]["self_attn.q_proj"])
 
 
+def test_bfloat16_calibration_keeps_float32_statistics(model):
+    """With bf16 forward passes (autocast) the statistics stay float32: layer 0's q_proj input
+    (embedding and norm, no matrix product) is bit for bit the float32 one; o_proj's input comes
+    out of bf16 products, so its Gram matrix moves, by about bf16's precision."""
+    import copy
+
+    data = calibration()
+    grams = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        seen = []
+        recipe = Recipe(name="rec", steps=(RecordingRtn(seen=seen),), weight=parse_format("int4"))
+        quantize_model(copy.deepcopy(model), recipe, data, batch_size=2, dtype=dtype)
+        grams[dtype] = seen[0]
+    exact, rounded = grams[torch.float32], grams[torch.bfloat16]
+    assert all(gram.dtype == torch.float32 for gram in rounded.values())
+    assert torch.equal(rounded["self_attn.q_proj"], exact["self_attn.q_proj"])
+    o_exact, o_rounded = exact["self_attn.o_proj"], rounded["self_attn.o_proj"]
+    assert not torch.equal(o_rounded, o_exact)
+    assert float((o_rounded - o_exact).norm() / o_exact.norm()) < 0.02
+
+
 def test_relative_output_error_matches_direct_computation():
     x = torch.randn(200, 32)
     w = torch.randn(8, 32)
@@ -122,14 +143,15 @@ def mean_output_error(result):
     return sum(r["output_rel_error"] for r in result.records) / len(result.records)
 
 
-def test_gptq_in_the_pipeline_beats_rtn_on_output_error(model):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gptq_in_the_pipeline_beats_rtn_on_output_error(model, dtype):
     import copy
 
     data = calibration(n=8, seqlen=32)
     gptq_model, rtn_model = copy.deepcopy(model), copy.deepcopy(model)
-    gptq_result = quantize_model(gptq_model, recipe_from_config("g", {"steps": ["gptq"], "weight": "int3"}), data)
+    gptq_result = quantize_model(gptq_model, recipe_from_config("g", {"steps": ["gptq"], "weight": "int3"}), data, dtype=dtype)
     recorder = Recipe(name="rec", steps=(RecordingRtn(seen=[]),), weight=parse_format("int3"))
-    rtn_result = quantize_model(rtn_model, recorder, data)
+    rtn_result = quantize_model(rtn_model, recorder, data, dtype=dtype)
     assert mean_output_error(gptq_result) < mean_output_error(rtn_result)
     assert all(r["cholesky_retries"] == 0 for r in gptq_result.records)
 

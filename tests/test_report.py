@@ -10,7 +10,17 @@ import pandas as pd
 import pytest
 
 from ptqrepro.errors import PtqError
-from ptqrepro.report.plots import plot_dwr_curves, plot_ppl_vs_bits, use_log_scale
+from ptqrepro.report.plots import (
+    job_costs,
+    lqer_rank_curves,
+    plot_accuracy_vs_bits,
+    plot_dwr_curves,
+    plot_job_costs,
+    plot_lqer_ranks,
+    plot_magr_row_maxima,
+    plot_ppl_vs_bits,
+    use_log_scale,
+)
 from ptqrepro.report.tables import COLUMNS, gather_results, render_markdown, write_tables
 
 MODEL = "smollm2-135m"
@@ -213,3 +223,72 @@ def test_dwr_curves_are_drawn_for_every_block(tmp_path):
     assert image.shape[1] > image.shape[0] and image[..., :3].std() > 0.05  # two panels, not blank
     with pytest.raises(PtqError, match="has no DWR search"):
         plot_dwr_curves({"recipe": "gptq@int3", "metrics": {}}, tmp_path / "none")
+
+
+def low_rank_frame(tmp_path) -> pd.DataFrame:
+    """Plain RTN MXINT4 W4A8 (k = 0), LQER and L2QER at k = 8 and 32, a quantize job with each rank."""
+    ppl = {("rtn", None): 33.1, ("rtn+lqer", 8): 31.3, ("rtn+lqer", 32): 29.0, ("rtn+l2qer", 8): 27.1, ("rtn+l2qer", 32): 24.9}
+    files = []
+    for (method, rank), value in ppl.items():
+        recipe = f"{method}-k{rank}" if rank else method
+        entry = {**result("rtn@int4"), "recipe": recipe, "method": method, "weight_format": "mxint4",
+                 "weight_scheme": "mx a=mxint8", "metrics": {"ppl": value}}
+        files.append(write(tmp_path / f"ppl-{recipe}.json", entry))
+        if rank:
+            quantize = {**entry, "kind": "quantize", "dataset": "calib", "metrics": {"lqer_rank": rank, "quantize_time_s": 9.0}}
+            files.append(write(tmp_path / f"quantize-{recipe}.json", quantize))
+    return gather_results(files)
+
+
+def test_lqer_curves_start_at_the_base_quantizer(tmp_path):
+    curves = lqer_rank_curves(low_rank_frame(tmp_path))
+    assert curves == {(MODEL, "wiki-mini"): {
+        "rtn+l2qer mx a=mxint8": {0: 33.1, 8: 27.1, 32: 24.9},
+        "rtn+lqer mx a=mxint8": {0: 33.1, 8: 31.3, 32: 29.0},
+    }}
+    paths = plot_lqer_ranks(low_rank_frame(tmp_path), tmp_path / "lqer")
+    assert matplotlib.image.imread(paths[0])[..., :3].std() > 0.05
+
+
+def test_lqer_curves_need_a_rank(result_files, tmp_path):
+    with pytest.raises(PtqError, match="no 'lqer_rank' quantize results"):
+        plot_lqer_ranks(gather_results(result_files), tmp_path / "none")
+
+
+def test_accuracy_is_plotted_against_bits_per_task(tmp_path):
+    files = [
+        write(tmp_path / f"zs-{recipe}-{task}.json",
+              result(recipe, kind="zeroshot", dataset=task, metrics={"acc": acc, "acc_norm": acc + 0.1}))
+        for recipe, acc in {"fp16": 0.32, "rtn@int4": 0.2, "rtn@int3": 0.05}.items()
+        for task in ("ptq_lastword", "ptq_nextsentence")
+    ]
+    paths = plot_accuracy_vs_bits(gather_results(files), tmp_path / "acc")
+    height, width, _ = matplotlib.image.imread(paths[0]).shape
+    assert width >= 1000  # one panel per task, side by side
+    with pytest.raises(PtqError, match="no 'acc' zeroshot results"):
+        plot_accuracy_vs_bits(gather_results([write(tmp_path / "p.json", result("fp16"))]), tmp_path / "x")
+
+
+def test_job_costs_have_one_bar_per_result_file(result_files, tmp_path):
+    frame = gather_results(result_files)
+    jobs = job_costs(frame)
+    assert len(jobs) == len(result_files)
+    assert list(jobs["wall_time_s"]) == sorted(jobs["wall_time_s"], reverse=True)
+    assert f"{MODEL} rtn@int4-g64 · quantize" in set(jobs["job"])  # a quantize job names no dataset
+    assert f"{MODEL} rtn@int4 · perplexity · c4-mini" in set(jobs["job"])
+    paths = plot_job_costs(frame, tmp_path / "jobs")
+    assert paths[1].read_bytes().startswith(b"%PDF")
+
+
+def test_magr_plot_needs_magr_records(tmp_path):
+    layers = [
+        {"layer": layer, "linear": linear, "magr_max_abs_before": 1.0 + layer,
+         "magr_row_max_quantiles_before": [0.1 * (i + 1) for i in range(11)],
+         "magr_row_max_quantiles_after": [0.09 * (i + 1) for i in range(11)]}
+        for layer in range(4) for linear in ("self_attn.q_proj", "mlp.down_proj")
+    ]
+    magr = {"model": MODEL, "recipe": "magr+gptq@int3", "layers": layers}
+    paths = plot_magr_row_maxima(magr, tmp_path / "magr")
+    assert matplotlib.image.imread(paths[0])[..., :3].std() > 0.05
+    with pytest.raises(PtqError, match="has no MagR records"):
+        plot_magr_row_maxima({"recipe": "gptq@int3", "layers": [{"layer": 0}]}, tmp_path / "none")

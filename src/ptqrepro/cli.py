@@ -99,7 +99,7 @@ def cmd_calibrate(args) -> None:
 
 def cmd_quantize(args) -> None:
     from ptqrepro.artifact import save_artifact
-    from ptqrepro.models.sources import load_model, resolve_device
+    from ptqrepro.models.sources import compute_dtype, load_model, resolve_device, torch_dtype
     from ptqrepro.pipeline import quantize_model
     from ptqrepro.provenance import Provenance
     from ptqrepro.recipes import recipe_from_config
@@ -109,10 +109,12 @@ def cmd_quantize(args) -> None:
     spec = _spec(args.spec)
     recipe = recipe_from_config(args.recipe, spec)
     device = resolve_device(args.device)
+    dtype = compute_dtype(args.dtype, device)
     calibration = torch.load(args.calibration)
     model, _ = load_model(args.model)
     result = quantize_model(
-        model, recipe, calibration["input_ids"], device=device, batch_size=args.batch_size, log=print
+        model, recipe, calibration["input_ids"], device=device, batch_size=args.batch_size, log=print,
+        dtype=torch_dtype(dtype),
     )
     fmt = recipe.weight
     description = {
@@ -126,7 +128,8 @@ def cmd_quantize(args) -> None:
         "act_format": recipe.act.name if recipe.act else None,
     }
     settings = {"model": description["model"], "recipe": spec, "calibration": calibration["corpus"], "seed": calibration["seed"],
-                "nsamples": int(calibration["input_ids"].shape[0]), "seqlen": int(calibration["input_ids"].shape[1])}
+                "nsamples": int(calibration["input_ids"].shape[0]), "seqlen": int(calibration["input_ids"].shape[1]),
+                "dtype": dtype}
     record = provenance.record(settings, device)
     errors = [r["weight_rel_error"] for r in result.records]
     metrics = {
@@ -136,6 +139,8 @@ def cmd_quantize(args) -> None:
     }
     if any("cholesky_retries" in r for r in result.records):
         metrics["cholesky_retries"] = sum(r.get("cholesky_retries", 0) for r in result.records)
+    if result.records and "lqer_rank" in result.records[0]:
+        metrics["lqer_rank"] = result.records[0]["lqer_rank"]
     if result.records and "output_rel_error" in result.records[0]:
         metrics["mean_output_rel_error"] = sum(r["output_rel_error"] for r in result.records) / len(result.records)
     save_artifact(args.out, result.quantized, result.float_parameters, {**description, "config_hash": record["config_hash"]},
@@ -149,7 +154,7 @@ def cmd_quantize(args) -> None:
 
 def cmd_dwr(args) -> None:
     from ptqrepro.artifact import apply_artifact, load_artifact, save_artifact
-    from ptqrepro.models.sources import load_model, resolve_device
+    from ptqrepro.models.sources import compute_dtype, load_model, resolve_device, torch_dtype
     from ptqrepro.provenance import Provenance
     from ptqrepro.reconstruction import float_weights, search_model
     from ptqrepro.recipes import reconstruction_from_config
@@ -160,19 +165,20 @@ def cmd_dwr(args) -> None:
     base = load_artifact(args.base)
     recipe = reconstruction_from_config(args.recipe, spec)
     device = resolve_device(args.device)
+    dtype = compute_dtype(args.dtype, device)
     calibration = torch.load(args.calibration)
     model, _ = load_model(args.model)
     originals = float_weights(model, base.quantized)
     apply_artifact(model, args.base)
     result = search_model(model, base, originals, calibration["input_ids"], recipe.settings,
-                          device=device, batch_size=args.batch_size, log=print)
+                          device=device, batch_size=args.batch_size, log=print, dtype=torch_dtype(dtype))
     description = {**{key: base.manifest[key] for key in (
         "model", "weight_format", "weight_scheme", "weight_bits", "bits_per_weight", "act_format")},
         "recipe": recipe.name, "method": f"{base.manifest['method']}+dwr"}
     settings = {"model": description["model"], "recipe": spec, "base": base.manifest["config_hash"],
                 "calibration": calibration["corpus"], "seed": calibration["seed"],
                 "windows": int(calibration["input_ids"][: recipe.settings.windows].shape[0]),
-                "seqlen": int(calibration["input_ids"].shape[1])}
+                "seqlen": int(calibration["input_ids"].shape[1]), "dtype": dtype}
     record = provenance.record(settings, device)
     changed = sum(1 for block in result.blocks if block.chosen)
     save_artifact(args.out, result.quantized, base.float_parameters, {**description, "config_hash": record["config_hash"]},
@@ -199,10 +205,10 @@ def _model_to_evaluate(args):
     """The quantized model of ``--model`` + ``--quantized`` on ``--device`` in the evaluation dtype:
     ``(model, tokenizer, manifest, device, dtype name)``."""
     from ptqrepro.artifact import apply_artifact
-    from ptqrepro.models.sources import evaluation_dtype, load_model, resolve_device, torch_dtype
+    from ptqrepro.models.sources import compute_dtype, load_model, resolve_device, torch_dtype
 
     device = resolve_device(args.device)
-    dtype = evaluation_dtype(args.dtype, device)
+    dtype = compute_dtype(args.dtype, device)
     model, tokenizer = load_model(args.model)
     manifest = apply_artifact(model, args.quantized)
     model.to(device=device, dtype=torch_dtype(dtype))
@@ -273,12 +279,16 @@ def cmd_tables(args) -> None:
 def cmd_plots(args) -> None:
     import pandas
 
-    from ptqrepro.report.plots import plot_dwr_curves, plot_ppl_vs_bits
+    from ptqrepro.report import plots
 
     if args.dwr:
-        paths = plot_dwr_curves(read_json(args.dwr), args.out)
+        paths = plots.plot_dwr_curves(read_json(args.dwr), args.out)
+    elif args.magr:
+        paths = plots.plot_magr_row_maxima(read_json(args.magr), args.out)
     else:
-        paths = plot_ppl_vs_bits(pandas.read_csv(args.table), args.out)
+        table_figures = {"ppl_vs_bits": plots.plot_ppl_vs_bits, "accuracy_vs_bits": plots.plot_accuracy_vs_bits,
+                         "lqer_ranks": plots.plot_lqer_ranks, "job_costs": plots.plot_job_costs}
+        paths = table_figures[args.figure](pandas.read_csv(args.table), args.out)
     print(" ".join(str(path) for path in paths))
 
 
@@ -315,6 +325,7 @@ def _add_recipe_job_arguments(p: argparse.ArgumentParser, spec_help: str) -> Non
     p.add_argument("--spec", required=True, help=spec_help)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="auto", help="of the calibration forward passes: float32, float16, bfloat16 or auto (see compute_dtype)")
     p.add_argument("--threads", type=int)
     p.add_argument("--out", required=True, help="artifact directory")
     p.add_argument("--metrics", required=True, help="result JSON")
@@ -363,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=256, help="windows drawn by the per-document (C4) protocol")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (see evaluation_dtype)")
+    p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (see compute_dtype)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
     p.add_argument("--out", required=True)
@@ -384,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--limit", type=int, help="score only the first N items of each task")
-    p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (see evaluation_dtype)")
+    p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (see compute_dtype)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
     p.add_argument("--out-dir", required=True, help="writes zeroshot-<task>.json there")
@@ -395,10 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", nargs="+")
     p.set_defaults(func=cmd_tables)
 
-    p = sub.add_parser("plots", help="perplexity vs weight bits per method, or a DWR search (PNG and PDF)")
+    p = sub.add_parser("plots", help="a figure of the report (PNG and PDF)")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--table", help="all.csv from tables: perplexity vs weight bits")
+    source.add_argument("--table", help="all.csv from tables: the --figure")
     source.add_argument("--dwr", help="a dwr job's quantize.json: its search curves per block")
+    source.add_argument("--magr", help="a MagR recipe's quantize.json: per-channel max|W| before and after")
+    p.add_argument("--figure", default="ppl_vs_bits", choices=["ppl_vs_bits", "accuracy_vs_bits", "lqer_ranks", "job_costs"],
+                   help="which figure of the table (default ppl_vs_bits)")
     p.add_argument("--out", required=True, help="output path without extension")
     p.set_defaults(func=cmd_plots)
 

@@ -13,10 +13,16 @@
 Peak device memory is one decoder layer plus the calibration activations. A recipe whose steps
 need no statistics (RTN) skips the forward passes: its result does not depend on them.
 Calibration runs with float activations; activation quantization applies at evaluation.
+
+The forward passes run in the calibration's compute dtype (``LayerInputs.dtype``): float32, or
+under autocast with bfloat16/float16 matrix products (the GPTQ reference runs its calibration in
+float16 on the GPU); the hidden states between layers, the statistics (Gram matrices included) and
+every method's arithmetic stay float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -48,6 +54,16 @@ class LayerInputs:
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
+    dtype: torch.dtype = torch.float32
+    """The forward passes' compute dtype (``forward_precision``)."""
+
+
+def forward_precision(inputs: LayerInputs):
+    """The context a forward pass on ``inputs`` runs in: nothing for float32, else autocast to
+    ``inputs.dtype`` on the inputs' device (linear layers and attention in that dtype)."""
+    if inputs.dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(inputs.hidden[0].device.type, dtype=inputs.dtype)
 
 
 @dataclass
@@ -70,14 +86,16 @@ class QuantizationResult:
 
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, arch: Architecture, calibration: torch.Tensor, device: str, batch_size: int
+    model: nn.Module, arch: Architecture, calibration: torch.Tensor, device: str, batch_size: int,
+    dtype: torch.dtype = torch.float32,
 ) -> LayerInputs:
-    """Run the modules before the first decoder layer and record that layer's inputs."""
+    """Run the modules before the first decoder layer and record that layer's inputs; later forward
+    passes on them compute in ``dtype``."""
     layers = decoder_layers(model, arch)
     before = modules_before_layers(model, arch)
     for module in before:
         module.to(device)
-    captured = LayerInputs(hidden=[], kwargs=[])
+    captured = LayerInputs(hidden=[], kwargs=[], dtype=dtype)
 
     def record(_module, args, kwargs):
         captured.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
@@ -100,10 +118,12 @@ def capture_layer_inputs(
 
 @torch.no_grad()
 def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
+    """The outputs of ``layer`` on every calibration batch of ``inputs``."""
     outputs = []
-    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
-        out = layer(hidden, **kwargs)
-        outputs.append(out[0] if isinstance(out, tuple) else out)
+    with forward_precision(inputs):
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+            out = layer(hidden, **kwargs)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
     return outputs
 
 
@@ -115,14 +135,16 @@ def quantize_model(
     device: str = "cpu",
     batch_size: int = 8,
     log: Callable[[str], None] = lambda message: None,
+    dtype: torch.dtype = torch.float32,
 ) -> QuantizationResult:
-    """Apply ``recipe`` to ``model`` in place, layer by layer; return the codes and per-linear records."""
+    """Apply ``recipe`` to ``model`` in place, layer by layer, with calibration forward passes in
+    ``dtype``; return the codes and per-linear records."""
     result = QuantizationResult()
     if not recipe.steps:
         return result
     arch = architecture_of(model)
     layers = decoder_layers(model, arch)
-    inputs = capture_layer_inputs(model, arch, calibration, device, batch_size) if recipe.needs_stats else None
+    inputs = capture_layer_inputs(model, arch, calibration, device, batch_size, dtype) if recipe.needs_stats else None
     sequence = arch.sequential_groups if getattr(recipe.quantizer, "true_sequential", False) else (arch.linears,)
     for index, layer in enumerate(layers):
         started = time.perf_counter()

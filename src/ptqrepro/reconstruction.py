@@ -32,7 +32,7 @@ from ptqrepro.eval.perplexity import next_token_losses
 from ptqrepro.formats import QuantizedWeight
 from ptqrepro.methods.dwr import discarded_at_rank, discarded_weight, reconstruct, search_space
 from ptqrepro.models.adapters import architecture_of, decoder_layers, modules_after_layers
-from ptqrepro.pipeline import LayerInputs, capture_layer_inputs, run_layer
+from ptqrepro.pipeline import LayerInputs, capture_layer_inputs, forward_precision, run_layer
 from ptqrepro.recipes import DwrSettings
 
 
@@ -61,13 +61,14 @@ def float_weights(model: nn.Module, names) -> dict[str, torch.Tensor]:
 def _perplexity_from(layers, first: int, head: list[nn.Module], inputs: LayerInputs, windows: list[torch.Tensor]) -> float:
     """Calibration perplexity of the model's layers ``first..`` and head on the hidden states entering ``first``."""
     losses = []
-    for hidden, kwargs, ids in zip(inputs.hidden, inputs.kwargs, windows):
-        for layer in layers[first:]:
-            out = layer(hidden, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
-        for module in head:
-            hidden = module(hidden)
-        losses.append(next_token_losses(hidden, ids))
+    with forward_precision(inputs):
+        for hidden, kwargs, ids in zip(inputs.hidden, inputs.kwargs, windows):
+            for layer in layers[first:]:
+                out = layer(hidden, **kwargs)
+                hidden = out[0] if isinstance(out, tuple) else out
+            for module in head:
+                hidden = module(hidden)
+            losses.append(next_token_losses(hidden, ids))
     return math.exp(float(torch.cat(losses).double().mean()))
 
 
@@ -86,9 +87,11 @@ def search_model(
     device: str = "cpu",
     batch_size: int = 8,
     log: Callable[[str], None] = lambda message: None,
+    dtype: torch.dtype = torch.float32,
 ) -> ReconstructionResult:
     """Run DWR on ``model``, which already carries ``artifact`` (weights, activation quantization,
-    low-rank terms); ``originals`` are the float weights W of its quantized linears."""
+    low-rank terms); ``originals`` are the float weights W of its quantized linears. Forward passes
+    compute in ``dtype`` (``pipeline.forward_precision``)."""
     if artifact.float_parameters:
         raise PtqError(
             f"DWR needs the base model's float weights in the quantized model's basis, but base recipe "
@@ -102,7 +105,7 @@ def search_model(
     if settings.windows is not None:
         calibration = calibration[: settings.windows]
     windows = list(calibration.split(batch_size))
-    inputs = capture_layer_inputs(model, arch, calibration, device, batch_size)
+    inputs = capture_layer_inputs(model, arch, calibration, device, batch_size, dtype)
     model.to(device)  # capture_layer_inputs returns the embedding to the CPU
     result = ReconstructionResult(quantized=dict(artifact.quantized))
     current = _perplexity_from(layers, 0, head, inputs, windows)

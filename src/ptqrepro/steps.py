@@ -33,6 +33,7 @@ from ptqrepro.methods.magr import coordinate_descent, magr
 from ptqrepro.methods.rtn import rtn
 from ptqrepro.methods.smoothquant import smoothing_scales
 from ptqrepro.models.adapters import Architecture
+from ptqrepro.models.sources import compute_dtype, torch_dtype
 from ptqrepro.statistics import InputStatistics, relative_output_error
 
 
@@ -223,7 +224,9 @@ class MagrStep(Step):
     """MagR (Zhang et al., NeurIPS 2024, Algorithm 1): shrink each row's (or each group's) largest
     magnitudes at a small output error before quantization. ``group_size`` None follows the
     weight format (per-channel for ``int3``, groups of 128 for ``int3-g128``); ``alpha`` None is the
-    paper's 1e-3 per channel, 1e-4 per group (§5 "The choice of parameters")."""
+    paper's 1e-3 per channel, 1e-4 per group (§5 "The choice of parameters"). ``precision`` is the
+    dtype of the products ``D Ĝ`` (``magr``'s ``product_dtype``): ``float32``, ``bfloat16``, or
+    ``auto``, bfloat16 where ``compute_dtype("auto")`` picks it for the layer's device."""
 
     name: ClassVar[str] = "magr"
     needs_stats: ClassVar[bool] = True
@@ -231,6 +234,18 @@ class MagrStep(Step):
     alpha: float | None = None
     iterations: int = 150
     group_size: int | None = None
+    precision: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("float32", "bfloat16", "auto"):
+            raise PtqError(f"step magr: precision must be float32, bfloat16 or auto, not {self.precision!r}")
+
+    def product_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype of MagR's matrix products on ``device``."""
+        precision = self.precision
+        if precision == "auto":
+            precision = "bfloat16" if compute_dtype("auto", device.type) == "bfloat16" else "float32"
+        return torch_dtype(precision)
 
     def relative_cost(self) -> float:
         return self.iterations / 15
@@ -242,13 +257,29 @@ class MagrStep(Step):
             alpha = self.alpha if self.alpha is not None else (1e-4 if group else 1e-3)
             started = time.perf_counter()
             gram = context.stats[name].gram
-            result = magr(weight, gram, alpha=alpha, iterations=self.iterations, group_size=group)
+            product_dtype = self.product_dtype(weight.device)
+            result = magr(weight, gram, alpha=alpha, iterations=self.iterations, group_size=group,
+                          layer=context.qualified(name), product_dtype=product_dtype)
             context.note(
                 name, magr_max_abs_before=float(weight.abs().max()), magr_max_abs_after=float(result.weight.abs().max()),
+                magr_row_max_quantiles_before=row_max_quantiles(weight), magr_row_max_quantiles_after=row_max_quantiles(result.weight),
                 magr_output_rel_error=relative_output_error(weight, result.weight, gram), magr_iterations=result.iterations,
-                magr_alpha=alpha, magr_time_s=round(time.perf_counter() - started, 3),
+                magr_alpha=alpha, magr_products=str(product_dtype).removeprefix("torch."),
+                magr_time_s=round(time.perf_counter() - started, 3),
             )
             weight.copy_(result.weight.to(weight.dtype))
+
+
+ROW_MAX_QUANTILES = 11
+"""Quantiles (0 %, 10 %, ..., 100 %) of the per-output-channel max|W| that MagR's record keeps."""
+
+
+def row_max_quantiles(weight: torch.Tensor) -> list[float]:
+    """The ``ROW_MAX_QUANTILES`` quantiles over output channels (rows) of max_j |W_ij|, 4 significant
+    digits: the distribution MagR reshapes, small enough to record for every linear."""
+    levels = torch.linspace(0, 1, ROW_MAX_QUANTILES, dtype=torch.float64)
+    quantiles = torch.quantile(weight.detach().abs().amax(dim=1).double().cpu(), levels)
+    return [float(f"{value:.4g}") for value in quantiles.tolist()]
 
 
 @dataclass(frozen=True)

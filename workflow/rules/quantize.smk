@@ -15,6 +15,7 @@ rule quantize:
         spec=lambda w: recipe_spec(w.recipe),
         device=config["device"],
         batch_size=CALIB["batch_size"],
+        dtype=CALIB["dtype"],
     threads: config["threads"]
     priority: longest_first
     resources:
@@ -24,7 +25,7 @@ rule quantize:
     shell:
         "ptqrepro quantize --model {input.model} --calibration {input.calibration}"
         " --recipe {wildcards.recipe:q} --spec {params.spec:q} --device {params.device}"
-        " --batch-size {params.batch_size} --threads {threads}"
+        " --batch-size {params.batch_size} --dtype {params.dtype} --threads {threads}"
         " --out {output.artifact} --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -42,6 +43,7 @@ rule dwr:
         spec=lambda w: recipe_spec(w.recipe),
         device=config["device"],
         batch_size=CALIB["batch_size"],
+        dtype=CALIB["dtype"],
     threads: config["threads"]
     priority: longest_first
     resources:
@@ -51,5 +53,5 @@ rule dwr:
     shell:
         "ptqrepro dwr --model {input.model} --base {input.base} --calibration {input.calibration}"
         " --recipe {wildcards.recipe:q} --spec {params.spec:q} --device {params.device}"
-        " --batch-size {params.batch_size} --threads {threads}"
+        " --batch-size {params.batch_size} --dtype {params.dtype} --threads {threads}"
         " --out {output.artifact} --metrics {output.metrics} > {log} 2>&1"

@@ -1,4 +1,5 @@
-# Stage 4: every result JSON gathered into one tidy table, a Markdown table and the figure.
+# Stage 4: every result JSON gathered into one tidy table and a Markdown table; the claims, the
+# papers' tables and the figures.
 
 
 rule tables:
@@ -23,16 +24,18 @@ rule tables:
         "ptqrepro tables --out results/tables {input} > {log} 2>&1"
 
 
-rule plot_ppl_vs_bits:
+rule plot_table_figure:
     input:
         "results/tables/all.csv",
     output:
-        png=report("results/plots/ppl_vs_bits.png", caption="../report/ppl_vs_bits.rst", category="Figures"),
-        pdf="results/plots/ppl_vs_bits.pdf",
+        png=report("results/plots/{figure}.png", caption="../report/table_figure.rst", category="Figures"),
+        pdf="results/plots/{figure}.pdf",
+    wildcard_constraints:
+        figure=one_of(TABLE_FIGURES),
     log:
-        "results/logs/plot_ppl_vs_bits.log",
+        "results/logs/plot_{figure}.log",
     shell:
-        "ptqrepro plots --table {input} --out results/plots/ppl_vs_bits > {log} 2>&1"
+        "ptqrepro plots --table {input} --figure {wildcards.figure} --out results/plots/{wildcards.figure} > {log} 2>&1"
 
 
 rule claims:
@@ -74,3 +77,17 @@ rule plot_dwr:
         "results/logs/plot_dwr/{model}/{recipe}.log",
     shell:
         "ptqrepro plots --dwr {input} --out results/plots/dwr/{wildcards.model}/{wildcards.recipe} > {log} 2>&1"
+
+
+rule plot_magr:
+    input:
+        "results/metrics/{model}/{recipe}/quantize.json",
+    output:
+        png=report("results/plots/magr/{model}/{recipe}.png", caption="../report/magr.rst", category="Figures"),
+        pdf="results/plots/magr/{model}/{recipe}.pdf",
+    wildcard_constraints:
+        recipe=one_of([recipe for _, recipe in MAGR_RUNS]),
+    log:
+        "results/logs/plot_magr/{model}/{recipe}.log",
+    shell:
+        "ptqrepro plots --magr {input} --out results/plots/magr/{wildcards.model}/{wildcards.recipe} > {log} 2>&1"

@@ -61,11 +61,12 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def evaluation_dtype(name: str, device: str) -> str:
-    """The dtype an evaluation runs in: ``name`` itself, or for ``auto`` the fastest that keeps
-    perplexity (bf16 changed SmolLM2's by under 0.05 %): on CUDA ``bfloat16`` (``float16`` where
-    the GPU lacks bf16); on a CPU ``bfloat16`` only with native bf16 dot products (AVX512-BF16 or
-    AMX, 2.5x faster than float32 there), else ``float32`` (bf16 is emulated and slower)."""
+def compute_dtype(name: str, device: str) -> str:
+    """The dtype an evaluation or a calibration forward pass runs in: ``name`` itself, or for
+    ``auto`` the fastest that keeps perplexity (bf16 evaluation changed SmolLM2's by under 0.05 %):
+    on CUDA ``bfloat16`` (``float16`` where the GPU lacks bf16); on a CPU ``bfloat16`` only with
+    native bf16 dot products (AVX512-BF16 or AMX, 2.5x faster than float32 there), else
+    ``float32`` (bf16 is emulated and slower)."""
     if name != "auto":
         torch_dtype(name)
         return name

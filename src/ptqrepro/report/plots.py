@@ -1,4 +1,6 @@
-"""Perplexity-versus-bits figures from the tidy results frame.
+"""The report's figures: perplexity and zero-shot accuracy against weight bits, LQER/L2QER
+perplexity against the rank k, and wall time and peak memory per job, from the tidy results
+frame; DWR's search curves and MagR's per-channel max|W| from a quantize job's result JSON.
 
 Figures are built with the object-oriented ``matplotlib.figure.Figure`` API and saved through the
 non-interactive Agg/PDF canvases: no pyplot state, no display, nothing left open.
@@ -17,7 +19,11 @@ from matplotlib.figure import Figure
 
 from ptqrepro.errors import PtqError
 from ptqrepro.io import atomic_path
-from ptqrepro.report.tables import PERPLEXITY_KIND, PERPLEXITY_METRIC
+from ptqrepro.report.tables import PERPLEXITY_KIND, PERPLEXITY_METRIC, QUANTIZE_KIND, ZEROSHOT_KIND
+
+LQER_RANK_METRIC = "lqer_rank"
+"""The quantize job's metric that names an LQER/L2QER recipe's rank k."""
+LOW_RANK_SUFFIXES = ("+lqer", "+l2qer")
 
 BASELINE_METHOD = "fp16"
 LOG_SCALE_RATIO = 10.0
@@ -45,9 +51,20 @@ def plot_ppl_vs_bits(
 
     One panel per (model, dataset), or per model for the given ``dataset``. Returns the two paths.
     """
-    ppl = _perplexity_rows(frame, dataset)
-    series_labels = sorted(_series_label(ppl[~_is_baseline(ppl)]).unique())
-    figure = _figure_for(ppl, series_labels)
+    return _plot_metric_vs_bits(frame, out_stem, PERPLEXITY_KIND, PERPLEXITY_METRIC, "perplexity", dataset)
+
+
+def plot_accuracy_vs_bits(frame: pd.DataFrame, out_stem: str | os.PathLike) -> list[Path]:
+    """Zero-shot accuracy (lm-eval's ``acc``) against weight bits, one panel per (model, task)."""
+    return _plot_metric_vs_bits(frame, out_stem, ZEROSHOT_KIND, "acc", "accuracy")
+
+
+def _plot_metric_vs_bits(
+    frame: pd.DataFrame, out_stem: str | os.PathLike, kind: str, metric: str, ylabel: str, dataset: str | None = None
+) -> list[Path]:
+    rows = _metric_rows(frame, kind, metric, dataset)
+    series_labels = sorted(_series_label(rows[~_is_baseline(rows)]).unique())
+    figure = _figure_for(rows, series_labels, ylabel)
     return [_save(figure, Path(f"{out_stem}.{extension}")) for extension in ("png", "pdf")]
 
 
@@ -57,14 +74,14 @@ def use_log_scale(values: Iterable[float]) -> bool:
     return bool(usable) and max(usable) / min(usable) > LOG_SCALE_RATIO
 
 
-def _perplexity_rows(frame: pd.DataFrame, dataset: str | None) -> pd.DataFrame:
-    """The perplexity rows to plot, or a ``PtqError`` when there are none."""
-    selected = frame[(frame["kind"] == PERPLEXITY_KIND) & (frame["metric"] == PERPLEXITY_METRIC)]
+def _metric_rows(frame: pd.DataFrame, kind: str, metric: str, dataset: str | None = None) -> pd.DataFrame:
+    """The rows of ``kind`` and ``metric`` (of ``dataset``, if given), or a ``PtqError`` when there are none."""
+    selected = frame[(frame["kind"] == kind) & (frame["metric"] == metric)]
     if dataset is not None:
         selected = selected[selected["dataset"] == dataset]
     if selected.empty:
         where = f" for dataset '{dataset}'" if dataset is not None else ""
-        raise PtqError(f"plot_ppl_vs_bits: no '{PERPLEXITY_METRIC}' perplexity results{where}")
+        raise PtqError(f"plots: no '{metric}' {kind} results{where}")
     return selected
 
 
@@ -78,23 +95,30 @@ def _series_label(rows: pd.DataFrame) -> pd.Series:
     return rows["method"].astype(str) + " " + rows["weight_scheme"].astype(str)
 
 
-def _figure_for(ppl: pd.DataFrame, series_labels: list[str]) -> Figure:
-    """A figure with one panel per (model, dataset), in sorted order."""
-    panels = list(ppl.groupby(["model", "dataset"], sort=True))
-    columns = min(len(panels), MAX_PANEL_COLUMNS)
-    rows = math.ceil(len(panels) / columns)
-    width, height = PANEL_SIZE_IN
+def _panel_axes(count: int, panel_size: tuple[float, float] = PANEL_SIZE_IN) -> tuple[Figure, list[Axes]]:
+    """A figure with room for ``count`` panels (at most ``MAX_PANEL_COLUMNS`` per row) and a
+    legend right of each; the unused axes are hidden."""
+    columns = min(count, MAX_PANEL_COLUMNS)
+    rows = math.ceil(count / columns)
+    width, height = panel_size
     figure = Figure(figsize=(width * columns + LEGEND_WIDTH_IN, height * rows), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
-    for ax, ((model, dataset), panel_rows) in zip(axes, panels):
-        _draw_panel(ax, panel_rows, series_labels)
-        ax.set_title(f"{model} — {dataset}")
-    for unused in axes[len(panels):]:
+    for unused in axes[count:]:
         unused.set_visible(False)
+    return figure, list(axes[:count])
+
+
+def _figure_for(rows: pd.DataFrame, series_labels: list[str], ylabel: str) -> Figure:
+    """A figure with one panel per (model, dataset), in sorted order."""
+    panels = list(rows.groupby(["model", "dataset"], sort=True))
+    figure, axes = _panel_axes(len(panels))
+    for ax, ((model, dataset), panel_rows) in zip(axes, panels):
+        _draw_panel(ax, panel_rows, series_labels, ylabel)
+        ax.set_title(f"{model} — {dataset}")
     return figure
 
 
-def _draw_panel(ax: Axes, rows: pd.DataFrame, series_labels: list[str]) -> None:
+def _draw_panel(ax: Axes, rows: pd.DataFrame, series_labels: list[str], ylabel: str) -> None:
     """Quantized series as lines with markers, the fp16 baseline as a dashed horizontal line."""
     is_baseline = _is_baseline(rows)
     quantized = rows[~is_baseline]
@@ -112,9 +136,139 @@ def _draw_panel(ax: Axes, rows: pd.DataFrame, series_labels: list[str]) -> None:
     if log_scale:
         ax.set_yscale("log")
     ax.set_xlabel("weight bits")
-    ax.set_ylabel("perplexity (log scale)" if log_scale else "perplexity")
+    ax.set_ylabel(f"{ylabel} (log scale)" if log_scale else ylabel)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+
+
+def lqer_rank_curves(frame: pd.DataFrame) -> dict[tuple[str, str], dict[str, dict[int, float]]]:
+    """Perplexity against the rank k: ``{(model, dataset): {"<method> <scheme>": {k: ppl}}}`` for
+    every LQER/L2QER recipe (the quantize job's ``lqer_rank``); k = 0 is the recipe's base
+    quantizer alone on the same scheme (for ``rtn+l2qer`` on MXINT4 W4A8, ``rtn`` on MXINT4 W4A8),
+    where that recipe was run."""
+    ppl = _metric_rows(frame, PERPLEXITY_KIND, PERPLEXITY_METRIC)
+    ranks = _metric_rows(frame, QUANTIZE_KIND, LQER_RANK_METRIC)[["model", "recipe", "value"]]
+    low_rank = ppl.merge(ranks.rename(columns={"value": "rank"}), on=["model", "recipe"])
+    curves: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
+    for (model, dataset), rows in low_rank.groupby(["model", "dataset"], sort=True):
+        panel = curves.setdefault((model, dataset), {})
+        for label, series in rows.groupby(_series_label(rows), sort=True):
+            points = {int(k): float(v) for k, v in zip(series["rank"], series["value"])}
+            base = ppl[(ppl["model"] == model) & (ppl["dataset"] == dataset)
+                       & (ppl["method"] == _base_method(series["method"].iloc[0]))
+                       & (ppl["weight_scheme"] == series["weight_scheme"].iloc[0])]
+            if not base.empty:
+                points[0] = float(base["value"].iloc[0])
+            panel[label] = dict(sorted(points.items()))
+    return curves
+
+
+def plot_lqer_ranks(frame: pd.DataFrame, out_stem: str | os.PathLike) -> list[Path]:
+    """``lqer_rank_curves`` drawn, one panel per (model, dataset), one line per method and weight
+    scheme; ranks are spaced evenly (k = 8 and 256 are both common)."""
+    curves = lqer_rank_curves(frame)
+    series_labels = sorted({label for panel in curves.values() for label in panel})
+    figure, axes = _panel_axes(len(curves))
+    for ax, ((model, dataset), panel) in zip(axes, curves.items()):
+        positions = {k: i for i, k in enumerate(sorted({k for points in panel.values() for k in points}))}
+        values = [value for points in panel.values() for value in points.values()]
+        for label, points in panel.items():
+            ax.plot([positions[k] for k in points], list(points.values()), label=label,
+                    **_series_style(series_labels.index(label)))
+        ax.set_xticks(range(len(positions)), [str(k) for k in positions])
+        log_scale = use_log_scale(values)
+        if log_scale:
+            ax.set_yscale("log")
+        ax.set_xlabel("rank k (0: the base quantizer alone)")
+        ax.set_ylabel("perplexity (log scale)" if log_scale else "perplexity")
+        ax.set_title(f"{model} — {dataset}")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return [_save(figure, Path(f"{out_stem}.{extension}")) for extension in ("png", "pdf")]
+
+
+def _base_method(method: str) -> str:
+    """``rtn+l2qer`` -> ``rtn``: the method without its low-rank refinement."""
+    for suffix in LOW_RANK_SUFFIXES:
+        if method.endswith(suffix):
+            return method[: -len(suffix)]
+    return method
+
+
+def job_costs(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per result file (the job that wrote it): ``job`` (model, recipe, kind and, for an
+    evaluation, its dataset or task), ``kind``, ``wall_time_s``, ``peak_rss_mb``; longest first."""
+    jobs = frame.drop_duplicates("source").copy()
+    if jobs.empty:
+        raise PtqError("plots: no results to show the jobs of")
+    evaluated = jobs["dataset"].where(jobs["kind"] != QUANTIZE_KIND)
+    jobs["job"] = (jobs["model"] + " " + jobs["recipe"] + " · " + jobs["kind"]
+                   + evaluated.map(lambda name: f" · {name}" if isinstance(name, str) else ""))
+    columns = ["job", "kind", "wall_time_s", "peak_rss_mb"]
+    return jobs.sort_values(["wall_time_s", "job"], ascending=[False, True])[columns].reset_index(drop=True)
+
+
+def plot_job_costs(frame: pd.DataFrame, out_stem: str | os.PathLike) -> list[Path]:
+    """``job_costs`` as two bar charts, wall time and peak resident memory, the kind of job by shade."""
+    jobs = job_costs(frame).iloc[::-1]  # barh draws bottom-up: longest on top
+    kinds = sorted(jobs["kind"].unique())
+    shades = {kind: str(0.15 + 0.6 * index / max(1, len(kinds) - 1)) for index, kind in enumerate(kinds)}
+    figure = Figure(figsize=(11.0, max(3.0, 0.16 * len(jobs) + 1.0)), layout="constrained")
+    time_ax, memory_ax = figure.subplots(1, 2, sharey=True)
+    colours = [shades[kind] for kind in jobs["kind"]]
+    time_ax.barh(jobs["job"], jobs["wall_time_s"], color=colours)
+    memory_ax.barh(jobs["job"], jobs["peak_rss_mb"], color=colours)
+    time_ax.set_xlabel("wall time (s)")
+    memory_ax.set_xlabel("peak resident memory (MiB)")
+    time_ax.tick_params(axis="y", labelsize=6)
+    for kind in kinds:
+        memory_ax.barh([], [], color=shades[kind], label=kind)
+    memory_ax.legend(fontsize="small", loc="lower right")
+    time_ax.set_title(f"{len(jobs)} jobs, {jobs['wall_time_s'].sum() / 60:.1f} min of wall time in all", fontsize=9)
+    return [_save(figure, Path(f"{out_stem}.{extension}")) for extension in ("png", "pdf")]
+
+
+def plot_magr_row_maxima(result: dict, out_stem: str | os.PathLike) -> list[Path]:
+    """MagR's effect on per-output-channel max|W| (a quantize job's result JSON with ``magr``
+    records): left, the quantiles over channels before (solid) and after (dashed) for the first,
+    middle and last layer's linear with the largest weight; right, per layer, the median channel's
+    max|W| after MagR relative to before, one line per linear."""
+    records = [record for record in result.get("layers", []) if "magr_row_max_quantiles_before" in record]
+    if not records:
+        raise PtqError(f"recipe {result.get('recipe')!r}: the result has no MagR records")
+    layers = sorted({record["layer"] for record in records})
+    linears = sorted({record["linear"] for record in records})
+    figure = Figure(figsize=(2 * PANEL_SIZE_IN[0] + LEGEND_WIDTH_IN, PANEL_SIZE_IN[1]), layout="constrained")
+    quantile_ax, ratio_ax = figure.subplots(1, 2)
+    shown = sorted({layers[0], layers[len(layers) // 2], layers[-1]})
+    for index, layer in enumerate(shown):
+        record = max((r for r in records if r["layer"] == layer), key=lambda r: r["magr_max_abs_before"])
+        before, after = record["magr_row_max_quantiles_before"], record["magr_row_max_quantiles_after"]
+        levels = [100 * i / (len(before) - 1) for i in range(len(before))]
+        style = _series_style(index)
+        quantile_ax.plot(levels, before, label=f"layer {layer} {record['linear']} before", **style)
+        quantile_ax.plot(levels, after, label="after", **{**style, "linestyle": "--", "marker": None})
+    quantile_ax.set_yscale("log")
+    quantile_ax.set_xlabel("output channels, percentile by max|W|")
+    quantile_ax.set_ylabel("max|W| of the channel (log scale)")
+    quantile_ax.legend(fontsize="x-small")
+    for index, linear in enumerate(linears):
+        points = sorted((r["layer"], _median_ratio(r)) for r in records if r["linear"] == linear)
+        ratio_ax.plot([p[0] for p in points], [p[1] for p in points], label=linear, **_series_style(index))
+    ratio_ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    ratio_ax.set_xlabel("decoder layer")
+    ratio_ax.set_ylabel("median channel max|W|, after / before")
+    ratio_ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    figure.suptitle(f"{result['model']}: {result['recipe']}", fontsize=10)
+    for ax in (quantile_ax, ratio_ax):
+        ax.grid(True, which="major", alpha=0.3)
+    return [_save(figure, Path(f"{out_stem}.{extension}")) for extension in ("png", "pdf")]
+
+
+def _median_ratio(record: dict) -> float:
+    before, after = record["magr_row_max_quantiles_before"], record["magr_row_max_quantiles_after"]
+    middle = len(before) // 2
+    return after[middle] / before[middle]
 
 
 def _series_style(index: int) -> dict[str, object]:
