@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,34 +71,73 @@ def test_tiny_dag_end_to_end(tmp_path, tiny_model_dir, tiny_corpus):
     claims = pandas.read_csv(tmp_path / "results/tables/claims.csv").set_index("claim")
     assert claims.loc["int2 worse than int4-g16", "verdict"] == "holds"
     assert claims.loc["recipes without a zero-shot result", "verdict"].tolist() == ["not run", "not run"]  # two tasks
-    for suffix in ("png", "pdf"):
-        assert (tmp_path / f"results/plots/ppl_vs_bits.{suffix}").stat().st_size > 1000
+    for figure in ("ppl_vs_bits", "accuracy_vs_bits", "job_costs"):
+        for suffix in ("png", "pdf"):
+            assert (tmp_path / f"results/plots/{figure}.{suffix}").stat().st_size > 1000
+    assert not (tmp_path / "results/plots/lqer_ranks.png").exists()  # no LQER recipe in this config
     # a second run has nothing to do: every output is complete and up to date
     again = snakemake(tmp_path, "-n")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
 
+PAPER_RECIPES = {
+    "gptq@int2": {"steps": ["gptq"], "weight": "int2"},
+    "gptq+dwr@int2": {"base": "gptq@int2", "dwr": {"ranks": [4, 16], "windows": 2}},
+    "magr+gptq@int3-beta0.9": {"steps": [{"magr": {"iterations": 20}}, "gptq"], "weight": "int3-beta0.9"},
+    "rtn@mxint4_a=mxint8": {"steps": ["rtn"], "weight": "mxint4", "act": "mxint8"},
+    "l2qer-k4@mxint4_a=mxint8": {"steps": ["rtn", {"l2qer": {"rank": 4}}], "weight": "mxint4", "act": "mxint8",
+                                "models": ["tiny"]},
+}
+
+
+@pytest.fixture(scope="module")
+def papers_run(tmp_path_factory, tiny_model_dir, tiny_corpus):
+    """The tiny DAG with MagR, LQER and DWR, run once: (its folder, the Snakemake run)."""
+    workdir = tmp_path_factory.mktemp("papers-run")
+    write_config(workdir, tiny_config(tiny_model_dir, tiny_corpus, PAPER_RECIPES))
+    return workdir, snakemake(workdir)
+
+
 @pytest.mark.slow
-def test_tiny_dag_with_the_papers_methods(tmp_path, tiny_model_dir, tiny_corpus):
+def test_tiny_dag_with_the_papers_methods(papers_run):
     """MagR, LQER and DWR through the real DAG: the DWR job starts from its base's artifact."""
-    recipes = {
-        "gptq@int2": {"steps": ["gptq"], "weight": "int2"},
-        "gptq+dwr@int2": {"base": "gptq@int2", "dwr": {"ranks": [4, 16], "windows": 2}},
-        "magr+gptq@int3-beta0.9": {"steps": [{"magr": {"iterations": 20}}, "gptq"], "weight": "int3-beta0.9"},
-        "l2qer-k4@mxint4_a=mxint8": {"steps": ["rtn", {"l2qer": {"rank": 4}}], "weight": "mxint4", "act": "mxint8",
-                                    "models": ["tiny"]},
-    }
-    write_config(tmp_path, tiny_config(tiny_model_dir, tiny_corpus, recipes))
-    run = snakemake(tmp_path)
+    workdir, run = papers_run
     assert run.returncode == 0, run.stderr[-3000:]
-    assert re.search(r"^quantize\s+3$", run.stdout + run.stderr, flags=re.MULTILINE)
+    assert re.search(r"^quantize\s+4$", run.stdout + run.stderr, flags=re.MULTILINE)
     assert re.search(r"^dwr\s+1$", run.stdout + run.stderr, flags=re.MULTILINE)
-    table = pandas.read_csv(tmp_path / "results/tables/all.csv")
+    table = pandas.read_csv(workdir / "results/tables/all.csv")
     ppl = table[(table.kind == "perplexity") & (table.metric == "ppl")].set_index("recipe")["value"]
-    assert set(ppl.index) == set(recipes)
-    dwr = yaml.safe_load((tmp_path / "results/metrics/tiny/gptq+dwr@int2/quantize.json").read_text())
+    assert set(ppl.index) == set(PAPER_RECIPES)
+    dwr = yaml.safe_load((workdir / "results/metrics/tiny/gptq+dwr@int2/quantize.json").read_text())
     assert len(dwr["dwr"]) == 2 and all(set(block["curve"]) == {"0", "4", "16"} for block in dwr["dwr"])
     assert dwr["metrics"]["calibration_ppl_after"] <= dwr["metrics"]["calibration_ppl_before"]
+    for figure in ("ppl_vs_bits", "lqer_ranks", "job_costs", "magr/tiny/magr+gptq@int3-beta0.9", "dwr/tiny/gptq+dwr@int2"):
+        assert (workdir / f"results/plots/{figure}.png").stat().st_size > 1000, figure
+    assert not (workdir / "results/plots/accuracy_vs_bits.png").exists()  # no zero-shot in this config
+
+
+CHROMIUM_REQUIRED = os.environ.get("PTQ_REQUIRE_CHROMIUM") == "1"
+"""Set by .ci/run, which installs Chromium: there a missing browser fails the report test."""
+def headless_chromium():
+    """A Selenium driver on headless Chromium (Debian's chromium and chromium-driver), or a skip
+    naming what is missing (a failure where PTQ_REQUIRE_CHROMIUM=1)."""
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        webdriver = None
+    if not (browser and driver and webdriver):
+        message = "the HTML report test needs chromium, chromedriver (apt install chromium chromium-driver) and selenium"
+        if CHROMIUM_REQUIRED:
+            pytest.fail(message)
+        pytest.skip(message)
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=options)
 
 
 @pytest.mark.parametrize(
@@ -160,3 +200,50 @@ def test_the_default_run_starts_its_longest_jobs_first():
     assert quantize["magr+gptq@int2-beta0.8"] > quantize["awq+rtn@int3"] > quantize["gptq@int2"] > quantize["rtn@int3"] > 0
     assert quantize["gptq@int3"] > quantize["gptq@int2"]
     assert max(level for (rule, _), level in priority.items() if rule == "eval_ppl") < min(quantize.values())
+
+
+@pytest.mark.slow
+def test_html_report_renders_every_figure_in_chromium(papers_run):
+    """`snakemake --report` of the finished tiny run: one self-contained HTML file that headless
+    Chromium opens without errors; under Figures, every figure of the run, which the report's own
+    viewer shows as a decoded image, with its caption."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    workdir, run = papers_run
+    assert run.returncode == 0, run.stderr[-3000:]
+    built = snakemake(workdir, "--report", "results/report.html")
+    assert built.returncode == 0, built.stderr[-3000:]
+    figures = sorted(str(path.relative_to(workdir)) for path in (workdir / "results/plots").rglob("*.png"))
+    assert len(figures) == 5
+    browser = headless_chromium()
+    shown, captions = {}, {}
+    try:
+        browser.set_window_size(1400, 1000)
+        browser.get((workdir / "results/report.html").as_uri())
+        wait = WebDriverWait(browser, 60)
+
+        def open_figures():
+            wait.until(lambda b: [e for e in b.find_elements(By.XPATH, "//*[text()='Figures']") if e.is_displayed()])[0].click()
+            return wait.until(lambda b: b.find_elements(By.XPATH, "//td[starts-with(text(), 'results/plots/')]"))
+
+        listed = sorted(cell.text for cell in open_figures())
+        for path in listed:
+            open_figures()
+            browser.find_element(By.XPATH, f"//td[text()='{path}']/following-sibling::td//a[@iconname='eye']").click()
+            image = wait.until(lambda b: b.find_element(By.XPATH, f"//img[contains(@src, 'filename={Path(path).name};')]"))
+            wait.until(lambda b: b.execute_script("return arguments[0].complete", image))
+            shown[path] = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image)
+            open_figures()
+            browser.find_element(By.XPATH, f"//td[text()='{path}']/following-sibling::td//a[@iconname='information-circle']").click()
+            text = wait.until(lambda b: "DESCRIPTION" in b.find_element(By.TAG_NAME, "body").text
+                              and b.find_element(By.TAG_NAME, "body").text)
+            captions[path] = text.split("DESCRIPTION", 1)[1].split("SIZE", 1)[0].strip()
+        errors = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    finally:
+        browser.quit()
+    assert not errors, errors
+    assert listed == figures
+    assert all(width >= 400 and height >= 200 for width, height in shown.values()), shown
+    assert captions["results/plots/lqer_ranks.png"].startswith("LQER and L2QER perplexity")  # the figure's own caption
+    assert all(len(caption) > 60 for caption in captions.values()), captions

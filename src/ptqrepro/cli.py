@@ -97,6 +97,18 @@ def cmd_calibrate(args) -> None:
     print(f"{tuple(windows.shape)} calibration windows from {spec.name} -> {args.out}")
 
 
+def _checkpoints(folder: str | None, settings: dict):
+    """The job's per-layer checkpoints in ``folder`` (None: no checkpoints), fingerprinted by its
+    settings, the code's git commit and torch's version."""
+    if folder is None:
+        return None
+    from ptqrepro.checkpoint import LayerCheckpoints
+    from ptqrepro.provenance import config_hash, git_commit
+
+    fingerprint = config_hash({"settings": settings, "commit": git_commit(), "torch": torch.__version__})
+    return LayerCheckpoints(folder, fingerprint, log=print)
+
+
 def cmd_quantize(args) -> None:
     from ptqrepro.artifact import save_artifact
     from ptqrepro.models.sources import compute_dtype, load_model, resolve_device, torch_dtype
@@ -111,14 +123,18 @@ def cmd_quantize(args) -> None:
     device = resolve_device(args.device)
     dtype = compute_dtype(args.dtype, device)
     calibration = torch.load(args.calibration)
+    settings = {"model": Path(args.model).name, "recipe": spec, "calibration": calibration["corpus"], "seed": calibration["seed"],
+                "nsamples": int(calibration["input_ids"].shape[0]), "seqlen": int(calibration["input_ids"].shape[1]),
+                "dtype": dtype}
+    checkpoints = _checkpoints(args.checkpoint_dir, settings)
     model, _ = load_model(args.model)
     result = quantize_model(
         model, recipe, calibration["input_ids"], device=device, batch_size=args.batch_size, log=print,
-        dtype=torch_dtype(dtype),
+        dtype=torch_dtype(dtype), checkpoints=checkpoints,
     )
     fmt = recipe.weight
     description = {
-        "model": Path(args.model).name,
+        "model": settings["model"],
         "recipe": recipe.name,
         "method": recipe.method,
         "weight_format": fmt.name if fmt else None,
@@ -127,9 +143,6 @@ def cmd_quantize(args) -> None:
         "bits_per_weight": result.bits_per_weight() or 16,
         "act_format": recipe.act.name if recipe.act else None,
     }
-    settings = {"model": description["model"], "recipe": spec, "calibration": calibration["corpus"], "seed": calibration["seed"],
-                "nsamples": int(calibration["input_ids"].shape[0]), "seqlen": int(calibration["input_ids"].shape[1]),
-                "dtype": dtype}
     record = provenance.record(settings, device)
     errors = [r["weight_rel_error"] for r in result.records]
     metrics = {
@@ -149,6 +162,8 @@ def cmd_quantize(args) -> None:
         "kind": "quantize", **description, "dataset": calibration["corpus"], "metrics": metrics,
         "settings": settings, "provenance": record, "layers": result.records,
     })
+    if checkpoints is not None:
+        checkpoints.remove()
     print(f"{recipe.name}: {len(result.quantized)} linears, {description['bits_per_weight']} bits/weight")
 
 
@@ -167,11 +182,6 @@ def cmd_dwr(args) -> None:
     device = resolve_device(args.device)
     dtype = compute_dtype(args.dtype, device)
     calibration = torch.load(args.calibration)
-    model, _ = load_model(args.model)
-    originals = float_weights(model, base.quantized)
-    apply_artifact(model, args.base)
-    result = search_model(model, base, originals, calibration["input_ids"], recipe.settings,
-                          device=device, batch_size=args.batch_size, log=print, dtype=torch_dtype(dtype))
     description = {**{key: base.manifest[key] for key in (
         "model", "weight_format", "weight_scheme", "weight_bits", "bits_per_weight", "act_format")},
         "recipe": recipe.name, "method": f"{base.manifest['method']}+dwr"}
@@ -179,6 +189,12 @@ def cmd_dwr(args) -> None:
                 "calibration": calibration["corpus"], "seed": calibration["seed"],
                 "windows": int(calibration["input_ids"][: recipe.settings.windows].shape[0]),
                 "seqlen": int(calibration["input_ids"].shape[1]), "dtype": dtype}
+    checkpoints = _checkpoints(args.checkpoint_dir, settings)
+    model, _ = load_model(args.model)
+    originals = float_weights(model, base.quantized)
+    apply_artifact(model, args.base)
+    result = search_model(model, base, originals, calibration["input_ids"], recipe.settings, device=device,
+                          batch_size=args.batch_size, log=print, dtype=torch_dtype(dtype), checkpoints=checkpoints)
     record = provenance.record(settings, device)
     changed = sum(1 for block in result.blocks if block.chosen)
     save_artifact(args.out, result.quantized, base.float_parameters, {**description, "config_hash": record["config_hash"]},
@@ -192,6 +208,8 @@ def cmd_dwr(args) -> None:
         "dwr": [{"layer": b.layer, "chosen_rank": b.chosen, "curve": {str(k): p for k, p in b.curve.items()},
                  "seconds": b.seconds} for b in result.blocks],
     })
+    if checkpoints is not None:
+        checkpoints.remove()
     print(f"{recipe.name}: calibration ppl {result.initial_ppl:.4f} -> {result.final_ppl:.4f}, "
           f"{changed}/{len(result.blocks)} blocks changed")
 
@@ -329,6 +347,7 @@ def _add_recipe_job_arguments(p: argparse.ArgumentParser, spec_help: str) -> Non
     p.add_argument("--threads", type=int)
     p.add_argument("--out", required=True, help="artifact directory")
     p.add_argument("--metrics", required=True, help="result JSON")
+    p.add_argument("--checkpoint-dir", help="save every finished layer there and resume from it (deleted on success)")
 
 
 def build_parser() -> argparse.ArgumentParser:

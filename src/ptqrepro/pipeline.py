@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ptqrepro.artifact import Artifact
+from ptqrepro.checkpoint import LayerCheckpoints
 from ptqrepro.formats import QuantizedWeight
 from ptqrepro.lowrank import QuantizedLowRank
 from ptqrepro.models.adapters import (
@@ -136,53 +138,99 @@ def quantize_model(
     batch_size: int = 8,
     log: Callable[[str], None] = lambda message: None,
     dtype: torch.dtype = torch.float32,
+    checkpoints: LayerCheckpoints | None = None,
 ) -> QuantizationResult:
     """Apply ``recipe`` to ``model`` in place, layer by layer, with calibration forward passes in
-    ``dtype``; return the codes and per-linear records."""
+    ``dtype``; return the codes and per-linear records. With ``checkpoints``, every finished
+    layer is saved there, and the layers already there are restored instead of quantized again
+    (``checkpoint`` module: the result is the same as an uninterrupted run's)."""
     result = QuantizationResult()
     if not recipe.steps:
         return result
     arch = architecture_of(model)
     layers = decoder_layers(model, arch)
     inputs = capture_layer_inputs(model, arch, calibration, device, batch_size, dtype) if recipe.needs_stats else None
-    sequence = arch.sequential_groups if getattr(recipe.quantizer, "true_sequential", False) else (arch.linears,)
+    restorable = checkpoints.finished() if checkpoints is not None else 0
     for index, layer in enumerate(layers):
         started = time.perf_counter()
         layer.to(device)
-        linears = layer_linears(layer, arch)
-        context = LayerContext(
-            index=index, prefix=f"{arch.layers}.{index}", layer=layer, arch=arch, linears=linears,
-            weight_format=recipe.weight,
-            stats=collect_input_statistics(lambda: run_layer(layer, inputs), linears, recipe.needs_gram) if inputs else None,
-            original={name: linear.weight.data.float().clone() for name, linear in linears.items()},
-        )
-        for step in recipe.transforms:
-            step.apply(context)
-        for position, names in enumerate(sequence):
-            if position > 0 and inputs is not None:
-                context.stats.update(
-                    collect_input_statistics(lambda: run_layer(layer, inputs), {n: linears[n] for n in names}, recipe.needs_gram)
-                )
-            before = {name: linears[name].weight.data.clone() for name in names}
-            recipe.quantizer.quantize(context, names)
-            for step in recipe.refinements:
-                step.refine(context, names)
-            for name in names:
-                linear = linears[name]
-                effective = context.quantized[name].dequantize().to(linear.weight.device)
-                if name in context.corrections:
-                    result.corrections[context.qualified(name)] = context.corrections[name]
-                    effective += context.corrections[name].weight_delta().to(effective.device)
-                linear.weight.data.copy_(effective)
-                result.quantized[context.qualified(name)] = context.quantized[name]
-                result.records.append(_record(context, name, before[name], linear.weight.data))
-        for name in sorted(context.changed):
-            result.float_parameters[context.qualified(name)] = layer.get_parameter(name).detach().cpu().clone()
+        if index < restorable:
+            done = _restore_layer(model, checkpoints.load(index))
+            action = f"restored from {checkpoints.folder}"
+        else:
+            done = _quantize_layer(index, layer, arch, recipe, inputs)
+            if checkpoints is not None:
+                checkpoints.save(index, Artifact(done.quantized, done.corrections, done.float_parameters,
+                                                 {"layer": index, "records": done.records}))
+            action = recipe.method
+        result.quantized.update(done.quantized)
+        result.corrections.update(done.corrections)
+        result.float_parameters.update(done.float_parameters)
+        result.records.extend(done.records)
         if inputs is not None:
             inputs.hidden = run_layer(layer, inputs)
         layer.to("cpu")
-        log(f"layer {index}: {recipe.method} in {time.perf_counter() - started:.1f}s")
+        log(f"layer {index}: {action} in {time.perf_counter() - started:.1f}s")
     return result
+
+
+def effective_weight(weight: QuantizedWeight, correction: QuantizedLowRank | None, device) -> torch.Tensor:
+    """The float weight a quantized linear computes with: Q(W), plus LQER's low-rank term A B."""
+    effective = weight.dequantize().to(device)
+    if correction is not None:
+        effective += correction.weight_delta().to(effective.device)
+    return effective
+
+
+def _quantize_layer(
+    index: int, layer: nn.Module, arch: Architecture, recipe: Recipe, inputs: LayerInputs | None
+) -> QuantizationResult:
+    """Run the recipe's steps on one decoder layer (on its device) and write the effective
+    weights into it; return that layer's codes, terms, changed parameters and records."""
+    done = QuantizationResult()
+    linears = layer_linears(layer, arch)
+    context = LayerContext(
+        index=index, prefix=f"{arch.layers}.{index}", layer=layer, arch=arch, linears=linears,
+        weight_format=recipe.weight,
+        stats=collect_input_statistics(lambda: run_layer(layer, inputs), linears, recipe.needs_gram) if inputs else None,
+        original={name: linear.weight.data.float().clone() for name, linear in linears.items()},
+    )
+    for step in recipe.transforms:
+        step.apply(context)
+    sequence = arch.sequential_groups if getattr(recipe.quantizer, "true_sequential", False) else (arch.linears,)
+    for position, names in enumerate(sequence):
+        if position > 0 and inputs is not None:
+            context.stats.update(
+                collect_input_statistics(lambda: run_layer(layer, inputs), {n: linears[n] for n in names}, recipe.needs_gram)
+            )
+        before = {name: linears[name].weight.data.clone() for name in names}
+        recipe.quantizer.quantize(context, names)
+        for step in recipe.refinements:
+            step.refine(context, names)
+        for name in names:
+            linear = linears[name]
+            correction = context.corrections.get(name)
+            linear.weight.data.copy_(effective_weight(context.quantized[name], correction, linear.weight.device))
+            if correction is not None:
+                done.corrections[context.qualified(name)] = correction
+            done.quantized[context.qualified(name)] = context.quantized[name]
+            done.records.append(_record(context, name, before[name], linear.weight.data))
+    for name in sorted(context.changed):
+        done.float_parameters[context.qualified(name)] = layer.get_parameter(name).detach().cpu().clone()
+    return done
+
+
+def _restore_layer(model: nn.Module, checkpoint: Artifact) -> QuantizationResult:
+    """Write a checkpointed layer's effective weights and changed parameters into ``model``
+    (whose layer is on its device) exactly as ``_quantize_layer`` did; return its results."""
+    for name, weight in checkpoint.quantized.items():
+        linear = model.get_submodule(name)
+        linear.weight.data.copy_(effective_weight(weight, checkpoint.corrections.get(name), linear.weight.device))
+    for name, value in checkpoint.float_parameters.items():
+        parameter = model.get_parameter(name)
+        parameter.data.copy_(value.to(parameter.device))
+    return QuantizationResult(quantized=checkpoint.quantized, corrections=checkpoint.corrections,
+                              float_parameters=checkpoint.float_parameters, records=checkpoint.manifest["records"])
 
 
 def _record(context: LayerContext, name: str, weight: torch.Tensor, quantized: torch.Tensor) -> dict:

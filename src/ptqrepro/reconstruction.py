@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ptqrepro.artifact import Artifact
+from ptqrepro.checkpoint import LayerCheckpoints
 from ptqrepro.errors import PtqError
 from ptqrepro.eval.perplexity import next_token_losses
 from ptqrepro.formats import QuantizedWeight
@@ -88,10 +89,12 @@ def search_model(
     batch_size: int = 8,
     log: Callable[[str], None] = lambda message: None,
     dtype: torch.dtype = torch.float32,
+    checkpoints: LayerCheckpoints | None = None,
 ) -> ReconstructionResult:
     """Run DWR on ``model``, which already carries ``artifact`` (weights, activation quantization,
     low-rank terms); ``originals`` are the float weights W of its quantized linears. Forward passes
-    compute in ``dtype`` (``pipeline.forward_precision``)."""
+    compute in ``dtype`` (``pipeline.forward_precision``). With ``checkpoints``, every searched
+    block is saved there and the blocks already there are restored instead of searched again."""
     if artifact.float_parameters:
         raise PtqError(
             f"DWR needs the base model's float weights in the quantized model's basis, but base recipe "
@@ -111,35 +114,63 @@ def search_model(
     current = _perplexity_from(layers, 0, head, inputs, windows)
     result.initial_ppl = current
     log(f"calibration perplexity of the base model: {current:.4f}")
+    restorable = checkpoints.finished() if checkpoints is not None else 0
     for index, layer in enumerate(layers):
-        started = time.perf_counter()
-        prefix = f"{arch.layers}.{index}."
-        names = [name for name in result.quantized if name.startswith(prefix)]
-        spaces = {
-            name: search_space(discarded_weight(originals[name], result.quantized[name]), settings.space, settings.seed + index)
-            for name in names
-        }
-        curve, candidates = {0: current}, {}
-        for k in settings.ranks:
-            candidates[k] = {
-                name: reconstruct(result.quantized[name], discarded_at_rank(space, min(k, space.max_rank)))
-                for name, space in spaces.items()
-            }
-            for name in names:
-                _set_weight(model, name, candidates[k][name])
-            curve[k] = _perplexity_from(layers, index, head, inputs, windows)
-        best = min(curve, key=lambda k: (curve[k], k))
-        if curve[best] < current:
-            result.quantized.update(candidates[best])
-            current = curve[best]
+        if index < restorable:
+            block, current = _restore_block(model, checkpoints.load(index), result)
+            log(f"layer {index}: restored from {checkpoints.folder}, k={block.chosen}, calibration ppl {current:.4f}")
         else:
-            best = 0
-        for name in names:
-            _set_weight(model, name, result.quantized[name])
-        inputs.hidden = run_layer(layer, inputs)
-        block = BlockSearch(layer=index, curve=curve, chosen=best, seconds=round(time.perf_counter() - started, 3))
+            block, current = _search_block(model, layers, index, head, inputs, windows, originals, settings, result, current)
+            if checkpoints is not None:
+                names = [name for name in result.quantized if name.startswith(f"{arch.layers}.{index}.")]
+                checkpoints.save(index, Artifact({name: result.quantized[name] for name in names}, {}, {},
+                                                 {"block": asdict(block), "ppl": current}))
+            log(f"layer {index}: k={block.chosen}, calibration ppl {current:.4f} "
+                f"({', '.join(f'{k}: {p:.4f}' for k, p in block.curve.items())}) in {block.seconds:.1f}s")
         result.blocks.append(block)
-        log(f"layer {index}: k={best}, calibration ppl {current:.4f} "
-            f"({', '.join(f'{k}: {p:.4f}' for k, p in curve.items())}) in {block.seconds:.1f}s")
+        inputs.hidden = run_layer(layer, inputs)
     result.final_ppl = current
     return result
+
+
+def _search_block(model, layers, index, head, inputs, windows, originals, settings, result, current):
+    """Algorithm 1's step on block ``index``: score every candidate rank, keep the best if it
+    lowers the calibration perplexity ``current`` (``result.quantized`` updated, the model carrying
+    the kept weights); return the block's search and the perplexity after it."""
+    started = time.perf_counter()
+    arch = architecture_of(model)
+    prefix = f"{arch.layers}.{index}."
+    names = [name for name in result.quantized if name.startswith(prefix)]
+    spaces = {
+        name: search_space(discarded_weight(originals[name], result.quantized[name]), settings.space, settings.seed + index)
+        for name in names
+    }
+    curve, candidates = {0: current}, {}
+    for k in settings.ranks:
+        candidates[k] = {
+            name: reconstruct(result.quantized[name], discarded_at_rank(space, min(k, space.max_rank)))
+            for name, space in spaces.items()
+        }
+        for name in names:
+            _set_weight(model, name, candidates[k][name])
+        curve[k] = _perplexity_from(layers, index, head, inputs, windows)
+    best = min(curve, key=lambda k: (curve[k], k))
+    if curve[best] < current:
+        result.quantized.update(candidates[best])
+        current = curve[best]
+    else:
+        best = 0
+    for name in names:
+        _set_weight(model, name, result.quantized[name])
+    return BlockSearch(layer=index, curve=curve, chosen=best, seconds=round(time.perf_counter() - started, 3)), current
+
+
+def _restore_block(model, checkpoint: Artifact, result: ReconstructionResult) -> tuple[BlockSearch, float]:
+    """A checkpointed block: its kept weights into ``model`` and ``result``; its search and the
+    calibration perplexity after it."""
+    for name, weight in checkpoint.quantized.items():
+        result.quantized[name] = weight
+        _set_weight(model, name, weight)
+    block = dict(checkpoint.manifest["block"])
+    block["curve"] = {int(k): value for k, value in block["curve"].items()}
+    return BlockSearch(**block), checkpoint.manifest["ppl"]

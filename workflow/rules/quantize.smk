@@ -1,5 +1,7 @@
 # Stage 2: one job per (model, recipe); the recipe's steps run layer by layer. A reconstruction
-# recipe (DWR) starts from its base recipe's artifact, so the base is quantized once.
+# recipe (DWR) starts from its base recipe's artifact, so the base is quantized once. Each job
+# saves every finished layer under results/checkpoints/ (deleted when it succeeds): killed and
+# rerun (snakemake --rerun-incomplete), it resumes after its last finished layer.
 
 
 rule quantize:
@@ -26,7 +28,8 @@ rule quantize:
         "ptqrepro quantize --model {input.model} --calibration {input.calibration}"
         " --recipe {wildcards.recipe:q} --spec {params.spec:q} --device {params.device}"
         " --batch-size {params.batch_size} --dtype {params.dtype} --threads {threads}"
-        " --out {output.artifact} --metrics {output.metrics} > {log} 2>&1"
+        " --out {output.artifact} --metrics {output.metrics}"
+        " --checkpoint-dir results/checkpoints/{wildcards.model}/{wildcards.recipe:q} > {log} 2>&1"
 
 
 rule dwr:
@@ -54,4 +57,5 @@ rule dwr:
         "ptqrepro dwr --model {input.model} --base {input.base} --calibration {input.calibration}"
         " --recipe {wildcards.recipe:q} --spec {params.spec:q} --device {params.device}"
         " --batch-size {params.batch_size} --dtype {params.dtype} --threads {threads}"
-        " --out {output.artifact} --metrics {output.metrics} > {log} 2>&1"
+        " --out {output.artifact} --metrics {output.metrics}"
+        " --checkpoint-dir results/checkpoints/{wildcards.model}/{wildcards.recipe:q} > {log} 2>&1"

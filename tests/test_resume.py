@@ -1,0 +1,164 @@
+"""Per-layer checkpoints: a quantization or DWR job stopped half-way and run again resumes after
+its last finished layer and gives the uninterrupted run's result, bit for bit."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_llama, tiny_tokenizer
+from ptqrepro.artifact import Artifact, save_artifact, load_artifact
+from ptqrepro.checkpoint import LayerCheckpoints
+from ptqrepro.cli import main
+from ptqrepro.formats import parse_format
+from ptqrepro.methods.rtn import rtn
+from ptqrepro.pipeline import quantize_model
+from ptqrepro.reconstruction import float_weights, search_model
+from ptqrepro.recipes import DwrSettings, recipe_from_config
+
+
+class Crash(Exception):
+    """Stands in for a job killed after a layer."""
+
+
+def crash_after(layer: int):
+    def log(message: str) -> None:
+        if message.startswith(f"layer {layer}:"):
+            raise Crash(message)
+
+    return log
+
+
+def calibration(n=6, seqlen=32, seed=0):
+    return torch.randint(0, 96, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[name].codes, b[name].codes)
+        and all(torch.equal(a[name].params[key], b[name].params[key]) for key in a[name].params)
+        for name in a
+    )
+
+
+@pytest.mark.parametrize("entry", [
+    {"steps": ["gptq"], "weight": "int3"},
+    {"steps": ["smoothquant", "rtn", {"l2qer": {"rank": 4}}], "weight": "mxint4", "act": "mxint8"},
+])
+def test_quantize_resumes_after_the_last_finished_layer(tmp_path, entry):
+    base = tiny_llama(vocab_size=96, layers=3)
+    recipe = recipe_from_config("r", entry)
+    uninterrupted = quantize_model(copy.deepcopy(base), recipe, calibration())
+    checkpoints = LayerCheckpoints(tmp_path / "ckpt", "settings")
+    with pytest.raises(Crash):
+        quantize_model(copy.deepcopy(base), recipe, calibration(), log=crash_after(1), checkpoints=checkpoints)
+    assert checkpoints.finished() == 2
+    messages = []
+    resumed_model = copy.deepcopy(base)
+    resumed = quantize_model(resumed_model, recipe, calibration(), log=messages.append, checkpoints=checkpoints)
+    assert [m.split(" in ")[0] for m in messages[:2]] == [f"layer {i}: restored from {tmp_path / 'ckpt'}" for i in (0, 1)]
+    assert not messages[2].startswith("layer 2: restored")
+    assert same_weights(resumed.quantized, uninterrupted.quantized)
+    assert resumed.float_parameters.keys() == uninterrupted.float_parameters.keys()
+    assert all(torch.equal(resumed.float_parameters[k], uninterrupted.float_parameters[k]) for k in resumed.float_parameters)
+    assert resumed.corrections.keys() == uninterrupted.corrections.keys()
+    for name, term in resumed.corrections.items():
+        assert torch.equal(term.weight_delta(), uninterrupted.corrections[name].weight_delta())
+    assert [r["weight_rel_error"] for r in resumed.records] == [r["weight_rel_error"] for r in uninterrupted.records]
+
+
+def test_checkpoints_of_other_settings_are_discarded(tmp_path):
+    weight = rtn(torch.randn(8, 16), parse_format("int4"))
+    layer = Artifact({"model.layers.0.mlp.up_proj": weight}, {}, {}, {"layer": 0, "records": []})
+    first = LayerCheckpoints(tmp_path / "ckpt", "a")
+    first.save(0, layer)
+    assert LayerCheckpoints(tmp_path / "ckpt", "a").finished() == 1
+    assert torch.equal(first.load(0).quantized["model.layers.0.mlp.up_proj"].codes, weight.codes)
+    messages = []
+    assert LayerCheckpoints(tmp_path / "ckpt", "b", log=messages.append).finished() == 0
+    assert messages and "other settings: discarded" in messages[0]
+    LayerCheckpoints(tmp_path / "ckpt", "b").remove()
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_layer_gap_stops_the_resume_there(tmp_path):
+    checkpoints = LayerCheckpoints(tmp_path / "ckpt", "a")
+    weight = rtn(torch.randn(8, 16), parse_format("int4"))
+    for index in (0, 2):
+        checkpoints.save(index, Artifact({f"l{index}": weight}, {}, {}, {"layer": index, "records": []}))
+    assert checkpoints.finished() == 1
+
+
+def test_dwr_resumes_after_the_last_searched_block(tmp_path):
+    fresh = tiny_llama(vocab_size=96, layers=3)
+    result = quantize_model(copy.deepcopy(fresh), recipe_from_config("g", {"steps": ["gptq"], "weight": "int2"}), calibration())
+    save_artifact(tmp_path / "base", result.quantized, {}, {"recipe": "base", "act_format": None})
+    base = load_artifact(tmp_path / "base")
+    originals = float_weights(fresh, base.quantized)
+    settings = DwrSettings(ranks=(2, 8, 32))
+
+    def search(**kwargs):
+        model = copy.deepcopy(fresh)
+        for name, weight in base.quantized.items():
+            model.get_submodule(name).weight.data.copy_(weight.dequantize())
+        return search_model(model, base, originals, calibration(n=4, seed=3), settings, batch_size=2, **kwargs)
+
+    uninterrupted = search()
+    checkpoints = LayerCheckpoints(tmp_path / "ckpt", "dwr")
+    with pytest.raises(Crash):
+        search(log=crash_after(0), checkpoints=checkpoints)
+    assert checkpoints.finished() == 1
+    resumed = search(checkpoints=checkpoints)
+    assert same_weights(resumed.quantized, uninterrupted.quantized)
+    assert [(b.layer, b.chosen, b.curve) for b in resumed.blocks] == [(b.layer, b.chosen, b.curve) for b in uninterrupted.blocks]
+    assert resumed.final_ppl == uninterrupted.final_ppl
+
+
+@pytest.mark.slow
+def test_a_killed_quantize_job_resumes_to_the_same_artifact(tmp_path, tiny_corpus):
+    """A real `ptqrepro quantize` process, SIGKILLed once it has logged layer 1 of 6, rerun; the
+    result is byte for byte the artifact of an uninterrupted run (in this process)."""
+    model_dir = tmp_path / "model"
+    tokenizer = tiny_tokenizer(tiny_corpus)
+    tiny_llama(len(tokenizer), layers=6).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    prepare = [["prepare-model", "--name", "six", "--spec", json.dumps({"hub": str(model_dir)}), "--out", str(tmp_path / "m")],
+               ["prepare-corpus", "--name", "tiny", "--spec", f"{{source: local, path: {tiny_corpus}}}", "--out", str(tmp_path / "c")],
+               ["calibrate", "--model", str(tmp_path / "m"), "--corpus", str(tmp_path / "c"), "--nsamples", "4",
+                "--seqlen", "32", "--out", str(tmp_path / "calib.pt")]]
+    for arguments in prepare:
+        assert main(arguments) == 0
+
+    def quantize(out: str, checkpoint: str | None = None) -> list[str]:
+        job = ["quantize", "--model", str(tmp_path / "m"), "--calibration", str(tmp_path / "calib.pt"),
+               "--recipe", "magr+gptq", "--spec", "{steps: [{magr: {iterations: 300}}, gptq], weight: int3}",
+               "--device", "cpu", "--dtype", "float32", "--threads", "1",
+               "--out", str(tmp_path / out), "--metrics", str(tmp_path / f"{out}.json")]
+        return job + (["--checkpoint-dir", str(tmp_path / checkpoint)] if checkpoint else [])
+
+    cli = [sys.executable, "-m", "ptqrepro.cli"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    killed = subprocess.Popen([*cli, *quantize("resumed", "ckpt")], stdout=subprocess.PIPE, text=True, env=env)
+    for line in killed.stdout:
+        if line.startswith("layer 1:"):
+            killed.send_signal(signal.SIGKILL)
+            break
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    layers_done = sorted(path.name for path in (tmp_path / "ckpt").glob("layer-*"))
+    assert layers_done[:2] == ["layer-0000", "layer-0001"] and len(layers_done) < 6, layers_done
+    assert not (tmp_path / "resumed").exists()
+    rerun = subprocess.run([*cli, *quantize("resumed", "ckpt")], capture_output=True, text=True, env=env, check=True)
+    assert "layer 0: restored" in rerun.stdout and "layer 1: restored" in rerun.stdout
+    assert not (tmp_path / "ckpt").exists()  # removed once the artifact is written
+    assert main(quantize("uninterrupted")) == 0
+    resumed, uninterrupted = (tmp_path / name / "quantized.safetensors" for name in ("resumed", "uninterrupted"))
+    assert resumed.read_bytes() == uninterrupted.read_bytes()
