@@ -8,7 +8,9 @@
    quantizer and refinements (with GPTQ's ``true_sequential``, group by group, re-collecting the
    statistics of each group on the partly quantized layer); write the quantized weights (plus
    any low-rank correction, merged) into the layer; run the inputs through the quantized layer
-   to obtain the next layer's inputs; move the layer back to the CPU.
+   to obtain the next layer's inputs; move the layer back to the CPU. With per-layer
+   checkpoints (``checkpoint.LayerCheckpoints``) each finished layer is saved, and a rerun
+   restores the saved layers (their weights, then their outputs) instead of quantizing them.
 
 Peak device memory is one decoder layer plus the calibration activations. A recipe whose steps
 need no statistics (RTN) skips the forward passes: its result does not depend on them.
