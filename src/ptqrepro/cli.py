@@ -294,6 +294,10 @@ def cmd_tables(args) -> None:
     print(" ".join(str(path) for path in paths.values()))
 
 
+TABLE_FIGURES = ("ppl_vs_bits", "accuracy_vs_bits", "lqer_ranks", "job_costs")
+"""The figures of all.csv; ``--figure F`` draws ``report.plots.plot_F``."""
+
+
 def cmd_plots(args) -> None:
     import pandas
 
@@ -304,9 +308,7 @@ def cmd_plots(args) -> None:
     elif args.magr:
         paths = plots.plot_magr_row_maxima(read_json(args.magr), args.out)
     else:
-        table_figures = {"ppl_vs_bits": plots.plot_ppl_vs_bits, "accuracy_vs_bits": plots.plot_accuracy_vs_bits,
-                         "lqer_ranks": plots.plot_lqer_ranks, "job_costs": plots.plot_job_costs}
-        paths = table_figures[args.figure](pandas.read_csv(args.table), args.out)
+        paths = getattr(plots, f"plot_{args.figure}")(pandas.read_csv(args.table), args.out)
     print(" ".join(str(path) for path in paths))
 
 
@@ -430,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--table", help="all.csv from tables: the --figure")
     source.add_argument("--dwr", help="a dwr job's quantize.json: its search curves per block")
     source.add_argument("--magr", help="a MagR recipe's quantize.json: per-channel max|W| before and after")
-    p.add_argument("--figure", default="ppl_vs_bits", choices=["ppl_vs_bits", "accuracy_vs_bits", "lqer_ranks", "job_costs"],
+    p.add_argument("--figure", default="ppl_vs_bits", choices=TABLE_FIGURES,
                    help="which figure of the table (default ppl_vs_bits)")
     p.add_argument("--out", required=True, help="output path without extension")
     p.set_defaults(func=cmd_plots)

@@ -120,9 +120,10 @@ def search_model(
             block, current = _restore_block(model, checkpoints.load(index), result)
             log(f"layer {index}: restored from {checkpoints.folder}, k={block.chosen}, calibration ppl {current:.4f}")
         else:
-            block, current = _search_block(model, layers, index, head, inputs, windows, originals, settings, result, current)
+            names = [name for name in result.quantized if name.startswith(f"{arch.layers}.{index}.")]
+            block, current = _search_block(model, layers, index, names, head, inputs, windows, originals, settings,
+                                           result, current)
             if checkpoints is not None:
-                names = [name for name in result.quantized if name.startswith(f"{arch.layers}.{index}.")]
                 checkpoints.save(index, Artifact({name: result.quantized[name] for name in names}, {}, {},
                                                  {"block": asdict(block), "ppl": current}))
             log(f"layer {index}: k={block.chosen}, calibration ppl {current:.4f} "
@@ -133,14 +134,12 @@ def search_model(
     return result
 
 
-def _search_block(model, layers, index, head, inputs, windows, originals, settings, result, current):
-    """Algorithm 1's step on block ``index``: score every candidate rank, keep the best if it
-    lowers the calibration perplexity ``current`` (``result.quantized`` updated, the model carrying
-    the kept weights); return the block's search and the perplexity after it."""
+def _search_block(model, layers, index, names, head, inputs, windows, originals, settings, result, current):
+    """Algorithm 1's step on block ``index``, whose quantized linears are ``names``: score every
+    candidate rank, keep the best if it lowers the calibration perplexity ``current``
+    (``result.quantized`` updated, the model carrying the kept weights); return the block's search
+    and the perplexity after it."""
     started = time.perf_counter()
-    arch = architecture_of(model)
-    prefix = f"{arch.layers}.{index}."
-    names = [name for name in result.quantized if name.startswith(prefix)]
     spaces = {
         name: search_space(discarded_weight(originals[name], result.quantized[name]), settings.space, settings.seed + index)
         for name in names

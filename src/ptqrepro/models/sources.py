@@ -14,6 +14,7 @@ Every later job calls ``load_model`` on the prepared directory.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -75,8 +76,10 @@ def compute_dtype(name: str, device: str) -> str:
     return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
-    """Whether /proc/cpuinfo lists ``avx512_bf16`` or ``amx_bf16`` (False where it cannot be read)."""
+    """Whether /proc/cpuinfo lists ``avx512_bf16`` or ``amx_bf16`` (False where it cannot be read);
+    read once per process."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

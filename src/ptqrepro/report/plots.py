@@ -65,7 +65,7 @@ def _plot_metric_vs_bits(
     rows = _metric_rows(frame, kind, metric, dataset)
     series_labels = sorted(_series_label(rows[~_is_baseline(rows)]).unique())
     figure = _figure_for(rows, series_labels, ylabel)
-    return [_save(figure, Path(f"{out_stem}.{extension}")) for extension in ("png", "pdf")]
+    return _save(figure, out_stem)
 
 
 def use_log_scale(values: Iterable[float]) -> bool:
@@ -132,10 +132,16 @@ def _draw_panel(ax: Axes, rows: pd.DataFrame, series_labels: list[str], ylabel: 
         ax.axhline(value, color="black", linestyle="--", linewidth=1.2, label=label)
     tick_source = quantized if not quantized.empty else rows
     ax.set_xticks(sorted(int(bits) for bits in tick_source["weight_bits"].unique()))
-    log_scale = use_log_scale(rows["value"])
+    _finish_panel(ax, rows["value"], "weight bits", ylabel)
+
+
+def _finish_panel(ax: Axes, values: Iterable[float], xlabel: str, ylabel: str) -> None:
+    """Axis labels, a log y axis where ``values`` span a wide range (``use_log_scale``), a grid,
+    and the legend right of the panel."""
+    log_scale = use_log_scale(values)
     if log_scale:
         ax.set_yscale("log")
-    ax.set_xlabel("weight bits")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{ylabel} (log scale)" if log_scale else ylabel)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
@@ -171,20 +177,14 @@ def plot_lqer_ranks(frame: pd.DataFrame, out_stem: str | os.PathLike) -> list[Pa
     figure, axes = _panel_axes(len(curves))
     for ax, ((model, dataset), panel) in zip(axes, curves.items()):
         positions = {k: i for i, k in enumerate(sorted({k for points in panel.values() for k in points}))}
-        values = [value for points in panel.values() for value in points.values()]
         for label, points in panel.items():
             ax.plot([positions[k] for k in points], list(points.values()), label=label,
                     **_series_style(series_labels.index(label)))
         ax.set_xticks(range(len(positions)), [str(k) for k in positions])
-        log_scale = use_log_scale(values)
-        if log_scale:
-            ax.set_yscale("log")
-        ax.set_xlabel("rank k (0: the base quantizer alone)")
-        ax.set_ylabel("perplexity (log scale)" if log_scale else "perplexity")
         ax.set_title(f"{model} — {dataset}")
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    return [_save(figure, Path(f"{out_stem}.{extension}")) for extension in ("png", "pdf")]
+        _finish_panel(ax, [value for points in panel.values() for value in points.values()],
+                      "rank k (0: the base quantizer alone)", "perplexity")
+    return _save(figure, out_stem)
 
 
 def _base_method(method: str) -> str:
@@ -225,7 +225,7 @@ def plot_job_costs(frame: pd.DataFrame, out_stem: str | os.PathLike) -> list[Pat
         memory_ax.barh([], [], color=shades[kind], label=kind)
     memory_ax.legend(fontsize="small", loc="lower right")
     time_ax.set_title(f"{len(jobs)} jobs, {jobs['wall_time_s'].sum() / 60:.1f} min of wall time in all", fontsize=9)
-    return [_save(figure, Path(f"{out_stem}.{extension}")) for extension in ("png", "pdf")]
+    return _save(figure, out_stem)
 
 
 def plot_magr_row_maxima(result: dict, out_stem: str | os.PathLike) -> list[Path]:
@@ -262,7 +262,7 @@ def plot_magr_row_maxima(result: dict, out_stem: str | os.PathLike) -> list[Path
     figure.suptitle(f"{result['model']}: {result['recipe']}", fontsize=10)
     for ax in (quantile_ax, ratio_ax):
         ax.grid(True, which="major", alpha=0.3)
-    return [_save(figure, Path(f"{out_stem}.{extension}")) for extension in ("png", "pdf")]
+    return _save(figure, out_stem)
 
 
 def _median_ratio(record: dict) -> float:
@@ -282,12 +282,15 @@ def _series_style(index: int) -> dict[str, object]:
     }
 
 
-def _save(figure: Figure, path: Path) -> Path:
-    """Save ``figure`` to ``path`` atomically; the format follows the extension."""
-    extension = path.suffix.lstrip(".")
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format=extension, dpi=150, metadata=SAVE_METADATA[extension])
-    return path
+def _save(figure: Figure, out_stem: str | os.PathLike) -> list[Path]:
+    """Save ``figure`` as ``<out_stem>.png`` and ``<out_stem>.pdf``, each atomically; return both paths."""
+    paths = []
+    for extension in ("png", "pdf"):
+        path = Path(f"{out_stem}.{extension}")
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format=extension, dpi=150, metadata=SAVE_METADATA[extension])
+        paths.append(path)
+    return paths
 
 
 def plot_dwr_curves(result: dict, out_stem: str | os.PathLike) -> list[Path]:
@@ -322,4 +325,4 @@ def plot_dwr_curves(result: dict, out_stem: str | os.PathLike) -> list[Path]:
     if "calibration_ppl_before" in metrics:
         chosen.set_title(f"calibration ppl {metrics['calibration_ppl_before']:.2f} → "
                          f"{metrics['calibration_ppl_after']:.2f}", fontsize=9)
-    return [_save(figure, Path(f"{out_stem}.{extension}")) for extension in ("png", "pdf")]
+    return _save(figure, out_stem)
