@@ -36,6 +36,13 @@ if config["offline"]:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+# glibc hands every freed block over 32 MB back to the kernel and faults in fresh zeroed pages on
+# the next allocation; the jobs allocate and free such tensors (activations, logits) by the
+# thousand. Keeping freed memory in the process cut a GPTQ job's system time from 11 s to 3 s on
+# SmolLM2 at a 8 % higher peak RSS. A value already in the environment wins.
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 30))
+os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 34))
+
 MODELS = list(config["models"])
 RECIPES = list(config["recipes"])
 # A reconstruction recipe (DWR) is made by its own rule from its base recipe's artifact.

@@ -35,6 +35,7 @@ def quantize(model, entry, **kwargs):
         (["magr"], "exactly one quantizer"),
         ([{"lqer": {"rank": 4, "factor_format": "fp16"}}], "factor_format must be a quantized format"),
         ([{"magr": {"precision": "float16"}}, "rtn"], "precision must be float32, bfloat16 or auto, not 'float16'"),
+        ([{"awq": {"precision": "fp8"}}, "rtn"], "step awq: precision must be float32, bfloat16 or auto, not 'fp8'"),
     ],
 )
 def test_step_order_and_settings_are_checked(steps, message):

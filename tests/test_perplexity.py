@@ -59,3 +59,19 @@ def test_auto_dtype_follows_the_hardware(monkeypatch):
         assert sources.compute_dtype("auto", "cpu") == expected
     monkeypatch.setattr(sources.torch.cuda, "is_bf16_supported", lambda: False)
     assert sources.compute_dtype("auto", "cuda") == "float16"
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 22])
+def test_chunked_cross_entropy_equals_the_whole_batch_at_once(monkeypatch, chunk):
+    """``next_token_losses`` converts a few positions at a time to float32: bit for bit what one
+    cross-entropy over the whole float32 batch gives, whatever the chunk."""
+    import torch.nn.functional as F
+
+    from ptqrepro.eval import perplexity as module
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 9, 50, generator=generator).bfloat16()
+    ids = torch.randint(0, 50, (3, 9), generator=generator)
+    monkeypatch.setattr(module, "CHUNK_ELEMENTS", chunk)
+    whole = F.cross_entropy(logits[:, :-1].float().reshape(-1, 50), ids[:, 1:].reshape(-1), reduction="none")
+    assert torch.equal(module.next_token_losses(logits, ids), whole.view(3, -1).mean(dim=1))

@@ -126,3 +126,29 @@ def test_clip_search_lowers_each_groups_error():
     assert (threshold <= w.view(16, 4, 16).abs().amax(2) + 1e-6).all()
     clipped = torch.maximum(torch.minimum(w.view(16, 4, 16), threshold[..., None]), -threshold[..., None]).view(16, 64)
     assert output_error(w - quantize(clipped), x.T @ x) < output_error(w - quantize(w), x.T @ x)
+
+
+def test_bfloat16_products_rank_awq_candidates_as_float32_does():
+    """AWQ's searches only rank candidates: with bfloat16 products the scale search's losses stay
+    within bf16's rounding of the float32 ones and the clip search keeps each group's error low."""
+    x = correlated_inputs(seed=5)
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(6))
+    fmt = parse_format("int3")
+    quantize = lambda weight: rtn(weight, fmt).dequantize()  # noqa: E731
+    gram = x.T @ x
+    _, exact = search_scales([w], gram, x.abs().mean(0), quantize)
+    s, rounded = search_scales([w], gram, x.abs().mean(0), quantize, product_dtype=torch.bfloat16)
+    assert rounded != exact
+    assert rounded == pytest.approx(exact, rel=1e-2)
+    assert float(output_error(w - quantize(w * s) / s, gram)) <= min(exact) * 1.01
+    threshold = search_clip(w, gram, None, quantize, product_dtype=torch.bfloat16)
+    clipped = torch.maximum(torch.minimum(w, threshold), -threshold)
+    assert output_error(w - quantize(clipped), gram) <= output_error(w - quantize(w), gram)
+
+
+def test_output_error_is_the_squared_output_difference_in_either_precision():
+    x = correlated_inputs(seed=7)
+    delta = torch.randn(16, 64, generator=torch.Generator().manual_seed(8))
+    direct = float((x @ delta.T).pow(2).sum())
+    assert float(output_error(delta, x.T @ x)) == pytest.approx(direct, rel=1e-5)
+    assert float(output_error(delta, (x.T @ x).bfloat16())) == pytest.approx(direct, rel=1e-2)

@@ -22,9 +22,11 @@ from torch import nn
 
 
 def output_error(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """``||X D^T||_F^2 = tr(D G D^T)`` for a weight error D [out, in] and G = X^T X."""
-    delta = delta.float()
-    return torch.einsum("oi,ij,oj->", delta, gram, delta)
+    """``||X D^T||_F^2 = tr(D G D^T) = sum((D G) * D)`` for a weight error D [out, in] and
+    G = X^T X: the product D G in G's dtype (a bfloat16 G halves its cost on CPUs with native
+    bf16), the elementwise product and the sum in float32."""
+    product = delta.to(gram.dtype) @ gram
+    return product.float().mul_(delta.float()).sum()
 
 
 def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, gram: torch.Tensor) -> float:
@@ -32,6 +34,17 @@ def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, gram: t
     error = output_error(weight - quantized, gram)
     reference = output_error(weight, gram)
     return float(torch.sqrt(error.clamp(min=0) / reference.clamp(min=1e-30)))
+
+
+def add_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
+    """``G += X^T X`` in place, keeping G exactly symmetric, with 3/4 of a full product's work:
+    split the columns X = [A B]; G's blocks are A^T A, B^T B and B^T A, the fourth is (B^T A)^T."""
+    half = x.shape[1] // 2
+    a, b = x[:, :half], x[:, half:]
+    gram[:half, :half].addmm_(a.T, a)
+    gram[half:, half:].addmm_(b.T, b)
+    gram[half:, :half].addmm_(b.T, a)
+    gram[:half, half:].copy_(gram[half:, :half].T)
 
 
 @dataclass
@@ -59,7 +72,7 @@ class InputStatistics:
         """Accumulate one calibration batch's inputs."""
         x = x.reshape(-1, x.shape[-1]).float()
         if self.gram is not None:
-            self.gram.addmm_(x.T, x)
+            add_gram(self.gram, x)
         magnitude = x.abs()
         torch.maximum(self.absmax, magnitude.amax(dim=0), out=self.absmax)
         batch_sum = magnitude.sum(dim=0)

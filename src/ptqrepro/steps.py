@@ -124,6 +124,29 @@ class Step:
         raise NotImplementedError
 
 
+PRECISIONS = ("float32", "bfloat16", "auto")
+
+
+@dataclass(frozen=True)
+class ProductPrecisionStep(Step):
+    """A step whose matrix products with the Gram matrix may run in bfloat16: ``precision`` is
+    ``float32``, ``bfloat16``, or ``auto`` (bfloat16 where ``compute_dtype("auto")`` picks it for
+    the layer's device: CUDA, or a CPU with native bf16 dot products)."""
+
+    precision: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise PtqError(f"step {self.name}: precision must be float32, bfloat16 or auto, not {self.precision!r}")
+
+    def product_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype of the step's matrix products on ``device``."""
+        precision = self.precision
+        if precision == "auto":
+            precision = "bfloat16" if compute_dtype("auto", device.type) == "bfloat16" else "float32"
+        return torch_dtype(precision)
+
+
 @dataclass(frozen=True)
 class RtnStep(Step):
     """Round-to-nearest every linear (data-free)."""
@@ -184,8 +207,9 @@ class SmoothQuantStep(Step):
 
 
 @dataclass(frozen=True)
-class AwqStep(Step):
-    """AWQ's scale search over the layer's scaling groups, folded in, then its clip search."""
+class AwqStep(ProductPrecisionStep):
+    """AWQ's scale search over the layer's scaling groups, folded in, then its clip search; their
+    output errors tr(D G D^T) computed in ``precision``."""
 
     name: ClassVar[str] = "awq"
     needs_stats: ClassVar[bool] = True
@@ -204,7 +228,8 @@ class AwqStep(Step):
                 continue  # e.g. v_proj -> o_proj under grouped-query attention
             stats = context.stats[targets[0]]
             weights = [context.linears[t].weight.data for t in targets]
-            s, losses = search_scales(weights, stats.gram, stats.absmean, context.fake_quantize, self.n_grid)
+            s, losses = search_scales(weights, stats.gram, stats.absmean, context.fake_quantize, self.n_grid,
+                                      self.product_dtype(weights[0].device))
             context.fold_scale(source, targets, s)
             for target in targets:
                 context.note(target, awq_ratio=losses.index(min(losses)) / self.n_grid)
@@ -215,18 +240,18 @@ class AwqStep(Step):
                 continue
             weight = linear.weight.data
             length = context.weight_format.group_length(weight.shape[1])
-            threshold = search_clip(weight, context.stats[name].gram, length, context.fake_quantize, self.n_grid, self.max_shrink)
+            threshold = search_clip(weight, context.stats[name].gram, length, context.fake_quantize, self.n_grid,
+                                    self.max_shrink, self.product_dtype(weight.device))
             weight.copy_(apply_clip(weight, threshold))
 
 
 @dataclass(frozen=True)
-class MagrStep(Step):
+class MagrStep(ProductPrecisionStep):
     """MagR (Zhang et al., NeurIPS 2024, Algorithm 1): shrink each row's (or each group's) largest
     magnitudes at a small output error before quantization. ``group_size`` None follows the
     weight format (per-channel for ``int3``, groups of 128 for ``int3-g128``); ``alpha`` None is the
     paper's 1e-3 per channel, 1e-4 per group (§5 "The choice of parameters"). ``precision`` is the
-    dtype of the products ``D Ĝ`` (``magr``'s ``product_dtype``): ``float32``, ``bfloat16``, or
-    ``auto``, bfloat16 where ``compute_dtype("auto")`` picks it for the layer's device."""
+    dtype of the products ``D Ĝ`` (``magr``'s ``product_dtype``)."""
 
     name: ClassVar[str] = "magr"
     needs_stats: ClassVar[bool] = True
@@ -234,18 +259,6 @@ class MagrStep(Step):
     alpha: float | None = None
     iterations: int = 150
     group_size: int | None = None
-    precision: str = "float32"
-
-    def __post_init__(self) -> None:
-        if self.precision not in ("float32", "bfloat16", "auto"):
-            raise PtqError(f"step magr: precision must be float32, bfloat16 or auto, not {self.precision!r}")
-
-    def product_dtype(self, device: torch.device) -> torch.dtype:
-        """The dtype of MagR's matrix products on ``device``."""
-        precision = self.precision
-        if precision == "auto":
-            precision = "bfloat16" if compute_dtype("auto", device.type) == "bfloat16" else "float32"
-        return torch_dtype(precision)
 
     def relative_cost(self) -> float:
         return self.iterations / 15

@@ -13,6 +13,10 @@ the Gram matrix G = X^T X as tr(D G D^T) with D the effective weight error.
 Clip search: for each (row, group), the clipping threshold t = (1 - i/n) max|w| for
 i < n * max_shrink minimising that group's output error d^T G_gg d, where d = w - Q(clamp(w, -t, t)).
 The reference samples 512 tokens for this; the Gram matrix uses every calibration token.
+
+Both searches only rank candidates, so their products with G may run in bfloat16
+(``product_dtype``; float32 accumulation, the reduction in float32), which halves their cost on
+CPUs with native bf16 dot products.
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ Quantizer = Callable[[torch.Tensor], torch.Tensor]
 
 
 def search_scales(
-    weights: list[torch.Tensor], gram: torch.Tensor, act_absmean: torch.Tensor, quantize: Quantizer, n_grid: int = 20
+    weights: list[torch.Tensor], gram: torch.Tensor, act_absmean: torch.Tensor, quantize: Quantizer, n_grid: int = 20,
+    product_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, list[float]]:
     """The scale s [in] minimising the group's quantized output error, and the loss per ratio."""
     weights = [w.float() for w in weights]
-    gram = gram.float()
+    gram = gram.to(product_dtype)
     s_x = act_absmean.float()
     losses, best, best_loss = [], None, float("inf")
     for step in range(n_grid):
@@ -47,14 +52,14 @@ def search_scales(
 
 def search_clip(
     weight: torch.Tensor, gram: torch.Tensor, group_length: int | None, quantize: Quantizer,
-    n_grid: int = 20, max_shrink: float = 0.5,
+    n_grid: int = 20, max_shrink: float = 0.5, product_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The per-(row, group) clipping thresholds t [out, groups] minimising each group's output error."""
     weight = weight.float()
     out_features, in_features = weight.shape
     length = group_length or in_features
     groups = in_features // length
-    blocks = gram.float().reshape(groups, length, groups, length).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    blocks = gram.to(product_dtype).reshape(groups, length, groups, length).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
     grouped = weight.view(out_features, groups, length)
     amax = grouped.abs().amax(dim=2)
     best_error = torch.full_like(amax, float("inf"))
@@ -63,7 +68,8 @@ def search_clip(
         threshold = amax * (1 - step / n_grid)
         clipped = torch.maximum(torch.minimum(grouped, threshold[..., None]), -threshold[..., None])
         delta = grouped - quantize(clipped.view(out_features, in_features)).view(out_features, groups, length)
-        error = torch.einsum("ogi,gij,ogj->og", delta, blocks, delta)
+        product = torch.einsum("ogi,gij->ogj", delta.to(product_dtype), blocks)
+        error = product.float().mul_(delta).sum(dim=2)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best_threshold = torch.where(better, threshold, best_threshold)
