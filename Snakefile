@@ -8,10 +8,12 @@
 import json
 import os
 import re
+import shlex
 import sys
 
 from snakemake.utils import min_version, validate
 
+from ptqrepro.cluster import rule_resources, rule_threads
 from ptqrepro.config import check_config
 from ptqrepro.errors import PtqError
 from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
@@ -42,6 +44,27 @@ if config["offline"]:
 # SmolLM2 at a 8 % higher peak RSS. A value already in the environment wins.
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 30))
 os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 34))
+
+# GPUs are a per-node pool: on a cluster each submission (one job, or one group of evaluations) gets
+# its own `--resources gpu=N`, and only SLURM counts them across jobs; locally it bounds the whole run.
+resource_scopes:
+    gpu="local",
+
+
+# Every rule other than quantize, dwr and the evaluations: no GPU; memory and wall time from
+# `resources.other`, partition and account as every job (ptqrepro.cluster).
+OTHER_RESOURCES = rule_resources(config, "other")
+
+# `{GPU_SLOT} GPUS DEVICE COMMAND`: a GPU job on a GPU of its own where several run on one machine
+# (profiles/local); the command as it is without a GPU, on a pinned cuda:N, or under SLURM.
+GPU_SLOT = shlex.quote(os.path.join(workflow.basedir, "workflow", "scripts", "gpu-slot"))
+
+
+def quantized_artifact(path):
+    """A quantized model's folder: temp() under storage.temporary_artifacts, so Snakemake deletes it
+    once every job that reads it (its evaluations, a DWR search on it) has finished."""
+    return temp(directory(path)) if config["storage"]["temporary_artifacts"] else directory(path)
+
 
 MODELS = list(config["models"])
 RECIPES = list(config["recipes"])

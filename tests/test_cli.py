@@ -94,3 +94,31 @@ def test_bad_dwr_job_is_one_line_and_writes_nothing(prepared, tmp_path, capsys, 
     assert code == 2
     assert message in out.err and out.err.count("\n") == 1
     assert not (tmp_path / "d").exists() and not (tmp_path / "d.json").exists()
+
+
+@pytest.mark.parametrize("job", ["quantize", "dwr"])
+def test_offload_is_checked_and_recorded(prepared, tmp_path, capsys, job):
+    """``--offload`` names where the activations are kept: a bad value is one line and writes
+    nothing; a good one is recorded in the result's provenance (it changes no result, so no hash)."""
+    assert main(["quantize", "--model", str(prepared / "model"), "--calibration", str(prepared / "calib.pt"),
+                 "--recipe", "b", "--spec", "{steps: [gptq], weight: int3}", "--device", "cpu",
+                 "--out", str(tmp_path / "b"), "--metrics", str(tmp_path / "b.json")]) == 0
+    capsys.readouterr()
+    arguments = {"quantize": ["--recipe", "g", "--spec", "{steps: [gptq], weight: int3}"],
+                 "dwr": ["--base", str(tmp_path / "b"), "--recipe", "b+dwr", "--spec", "{base: b, dwr: {ranks: [4]}}"]}[job]
+
+    def submit(offload: str, out: str):
+        return run(capsys, job, "--model", str(prepared / "model"), "--calibration", str(prepared / "calib.pt"),
+                   *arguments, "--device", "cpu", "--offload", offload,
+                   "--out", str(tmp_path / out), "--metrics", str(tmp_path / f"{out}.json"))
+
+    code, out = submit("gpu", "bad")
+    assert code == 2 and "unknown offload 'gpu': expected device or cpu" in out.err and out.err.count("\n") == 1
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.json").exists()
+    reports = {}
+    for offload in ("device", "cpu"):
+        assert submit(offload, offload)[0] == 0
+        reports[offload] = json.loads((tmp_path / f"{offload}.json").read_text())
+    assert reports["cpu"]["provenance"]["offload"] == "cpu" and reports["device"]["provenance"]["offload"] == "device"
+    assert reports["cpu"]["provenance"]["config_hash"] == reports["device"]["provenance"]["config_hash"]
+    assert (tmp_path / "cpu" / "quantized.safetensors").read_bytes() == (tmp_path / "device" / "quantized.safetensors").read_bytes()

@@ -94,7 +94,9 @@ PAPER_RECIPES = {
 def papers_run(tmp_path_factory, tiny_model_dir, tiny_corpus):
     """The tiny DAG with MagR, LQER and DWR, run once: (its folder, the Snakemake run)."""
     workdir = tmp_path_factory.mktemp("papers-run")
-    write_config(workdir, tiny_config(tiny_model_dir, tiny_corpus, PAPER_RECIPES))
+    config = tiny_config(tiny_model_dir, tiny_corpus, PAPER_RECIPES)
+    config["storage"] = {"temporary_artifacts": True}  # as the paper configs
+    write_config(workdir, config)
     return workdir, snakemake(workdir)
 
 
@@ -114,6 +116,34 @@ def test_tiny_dag_with_the_papers_methods(papers_run):
     for figure in ("ppl_vs_bits", "lqer_ranks", "job_costs", "magr/tiny/magr+gptq@int3-beta0.9", "dwr/tiny/gptq+dwr@int2"):
         assert (workdir / f"results/plots/{figure}.png").stat().st_size > 1000, figure
     assert not (workdir / "results/plots/accuracy_vs_bits.png").exists()  # no zero-shot in this config
+
+
+def job_ids(log: str, rule: str, recipe: str) -> list[str]:
+    """The ids Snakemake's log gives the jobs of a rule on a recipe."""
+    blocks = re.findall(r"^(?:local)?rule (\w+):\n((?:    .*\n)+)", log, flags=re.MULTILINE)
+    return [re.search(r"jobid: (\d+)", body).group(1) for name, body in blocks
+            if name == rule and re.search(rf"wildcards: .*recipe={re.escape(recipe)}(,|$)", body, flags=re.MULTILINE)]
+
+
+@pytest.mark.slow
+def test_temporary_artifacts_are_deleted_after_their_last_reader(papers_run):
+    """storage.temporary_artifacts (on in this run): every quantized model is deleted, and each only
+    after every job reading it finished: its evaluation and, for gptq@int2, the DWR search that
+    starts from it. The table has every result; a second run has nothing to do."""
+    workdir, run = papers_run
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = run.stdout + run.stderr
+    for recipe in PAPER_RECIPES:
+        assert not (workdir / "results/quantized/tiny" / recipe).exists(), recipe
+        removed = log.index(f"Removing temporary output results/quantized/tiny/{recipe}.")
+        readers = job_ids(log, "eval_ppl", recipe) + job_ids(log, "dwr", "gptq+dwr@int2") * (recipe == "gptq@int2")
+        assert len(readers) == 1 + (recipe == "gptq@int2"), (recipe, readers)
+        for job in readers:
+            assert log.index(f"Finished jobid: {job} ") < removed, (recipe, job)
+    table = pandas.read_csv(workdir / "results/tables/all.csv")
+    assert set(table[table.kind == "perplexity"].recipe) == set(PAPER_RECIPES)
+    again = snakemake(workdir, "-n")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
 
 CHROMIUM_REQUIRED = os.environ.get("PTQ_REQUIRE_CHROMIUM") == "1"
@@ -191,7 +221,7 @@ def test_the_default_run_starts_its_longest_jobs_first():
     run = subprocess.run([*SNAKEMAKE, "-n"], capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     priority = {}
-    for job in run.stdout.split("\nrule ")[1:]:
+    for job in re.split(r"\n *rule ", run.stdout)[1:]:  # a group job indents its jobs
         rule = job.split(":", 1)[0]
         recipe = re.search(r"recipe=([^,\s]+)", job)
         level = re.search(r"priority: (\d+)", job)

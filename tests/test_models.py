@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,3 +73,36 @@ def test_smollm2_gguf_converts_to_a_plain_llama(tmp_path):
         next_token = model(ids).logits[0, -1].argmax()
     assert tokenizer.decode(next_token).strip() == "Paris"
     assert json.loads((tmp_path / "smollm2" / "model.json").read_text())["source"] == "gguf"
+
+
+def mapped_ranges(path) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory mappings of ``path`` (/proc/self/maps)."""
+    target, ranges = str(Path(path).resolve()), []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target:
+            start, end = (int(value, 16) for value in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def is_mapped(tensor: torch.Tensor, ranges) -> bool:
+    return any(start <= tensor.data_ptr() < end for start, end in ranges)
+
+
+def layer_weights(model) -> list[torch.Tensor]:
+    return [parameter for name, parameter in model.named_parameters() if ".layers." in name]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_load_model_maps_the_weights_from_the_file_unless_it_converts_them(tiny_model_dir, tmp_path):
+    """In the checkpoint's dtype the decoder weights are views of the memory-mapped safetensors file
+    (nothing read yet); a conversion (here float32 -> bfloat16) copies every one of them."""
+    prepare_model(ModelSource.from_config("tiny", {"hub": str(tiny_model_dir)}), tmp_path / "tiny")
+    for dtype in ("auto", "float32"):
+        model, _ = load_model(tmp_path / "tiny", dtype)
+        ranges = mapped_ranges(tiny_model_dir / "model.safetensors")
+        assert ranges and all(is_mapped(p, ranges) for p in layer_weights(model)), dtype
+    converted, _ = load_model(tmp_path / "tiny", "bfloat16")
+    assert all(p.dtype == torch.bfloat16 and not is_mapped(p, mapped_ranges(tiny_model_dir / "model.safetensors"))
+               for p in layer_weights(converted))

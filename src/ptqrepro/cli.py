@@ -3,7 +3,7 @@
     ptqrepro prepare-model  --name M --spec '{gguf: {...}}' --out results/models/M
     ptqrepro prepare-corpus --name C [--spec '{path: ...}'] --out results/corpora/C
     ptqrepro calibrate      --model DIR --corpus DIR --nsamples N --seqlen L --seed S --out FILE.pt
-    ptqrepro quantize       --model DIR --calibration FILE.pt --recipe NAME --spec '{steps: [rtn], weight: int4}' --out DIR --metrics FILE.json
+    ptqrepro quantize       --model DIR --calibration FILE.pt --recipe NAME --spec '{steps: [rtn], weight: int4}' [--offload cpu] --out DIR --metrics FILE.json
     ptqrepro eval-ppl       --model DIR --quantized DIR --corpus DIR --seqlen L [--max-windows K] --out FILE.json
     ptqrepro zeroshot-tasks --corpus DIR --items N --seed S --out DIR
     ptqrepro eval-zeroshot  --model DIR --quantized DIR --tasks T... [--include DIR] --out-dir DIR
@@ -29,6 +29,7 @@ import yaml
 
 from ptqrepro.errors import PtqError
 from ptqrepro.io import atomic_path, read_json, write_json
+from ptqrepro.placement import OFFLOADS, check_offload
 
 SPLIT_FILE = "{split}.jsonl"
 CORPUS_MANIFEST = "corpus.json"
@@ -118,6 +119,7 @@ def cmd_quantize(args) -> None:
 
     _set_threads(args.threads)
     provenance = Provenance()
+    check_offload(args.offload)
     spec = _spec(args.spec)
     recipe = recipe_from_config(args.recipe, spec)
     device = resolve_device(args.device)
@@ -127,10 +129,10 @@ def cmd_quantize(args) -> None:
                 "nsamples": int(calibration["input_ids"].shape[0]), "seqlen": int(calibration["input_ids"].shape[1]),
                 "dtype": dtype}
     checkpoints = _checkpoints(args.checkpoint_dir, settings)
-    model, _ = load_model(args.model)
+    model, _ = load_model(args.model, dtype="auto")
     result = quantize_model(
         model, recipe, calibration["input_ids"], device=device, batch_size=args.batch_size, log=print,
-        dtype=torch_dtype(dtype), checkpoints=checkpoints,
+        dtype=torch_dtype(dtype), checkpoints=checkpoints, offload=args.offload, release_layers=True,
     )
     fmt = recipe.weight
     description = {
@@ -143,7 +145,7 @@ def cmd_quantize(args) -> None:
         "bits_per_weight": result.bits_per_weight() or 16,
         "act_format": recipe.act.name if recipe.act else None,
     }
-    record = provenance.record(settings, device)
+    record = {**provenance.record(settings, device), "offload": args.offload}
     errors = [r["weight_rel_error"] for r in result.records]
     metrics = {
         "quantize_time_s": record["wall_time_s"],
@@ -171,11 +173,12 @@ def cmd_dwr(args) -> None:
     from ptqrepro.artifact import apply_artifact, load_artifact, save_artifact
     from ptqrepro.models.sources import compute_dtype, load_model, resolve_device, torch_dtype
     from ptqrepro.provenance import Provenance
-    from ptqrepro.reconstruction import float_weights, search_model
+    from ptqrepro.reconstruction import linear_weights, search_model
     from ptqrepro.recipes import reconstruction_from_config
 
     _set_threads(args.threads)
     provenance = Provenance()
+    check_offload(args.offload)
     spec = _spec(args.spec)
     base = load_artifact(args.base)
     recipe = reconstruction_from_config(args.recipe, spec)
@@ -186,16 +189,18 @@ def cmd_dwr(args) -> None:
         "model", "weight_format", "weight_scheme", "weight_bits", "bits_per_weight", "act_format")},
         "recipe": recipe.name, "method": f"{base.manifest['method']}+dwr"}
     settings = {"model": description["model"], "recipe": spec, "base": base.manifest["config_hash"],
-                "calibration": calibration["corpus"], "seed": calibration["seed"],
+                "calibration": calibration["corpus"], "seed": calibration["seed"], "dwr_seed": recipe.settings.seed,
                 "windows": int(calibration["input_ids"][: recipe.settings.windows].shape[0]),
                 "seqlen": int(calibration["input_ids"].shape[1]), "dtype": dtype}
     checkpoints = _checkpoints(args.checkpoint_dir, settings)
     model, _ = load_model(args.model)
-    originals = float_weights(model, base.quantized)
+    unquantized, _ = load_model(args.model, dtype="auto")
+    originals = linear_weights(unquantized, base.quantized)
     apply_artifact(model, args.base)
     result = search_model(model, base, originals, calibration["input_ids"], recipe.settings, device=device,
-                          batch_size=args.batch_size, log=print, dtype=torch_dtype(dtype), checkpoints=checkpoints)
-    record = provenance.record(settings, device)
+                          batch_size=args.batch_size, log=print, dtype=torch_dtype(dtype), checkpoints=checkpoints,
+                          offload=args.offload)
+    record = {**provenance.record(settings, device), "offload": args.offload}
     changed = sum(1 for block in result.blocks if block.chosen)
     save_artifact(args.out, result.quantized, base.float_parameters, {**description, "config_hash": record["config_hash"]},
                   corrections=base.corrections)
@@ -248,7 +253,8 @@ def cmd_eval_ppl(args) -> None:
     )
     metrics = perplexity(model, windows, batch_size=args.batch_size, device=device)
     protocol = {"seqlen": args.seqlen, "windows": int(windows.shape[0]), "total_windows": total,
-                "max_windows": args.max_windows, "dtype": dtype, "sampling": spec.sampling, "split": "test"}
+                "max_windows": args.max_windows, "dtype": dtype, "sampling": spec.sampling, "split": "test",
+                "seed": args.seed}
     description = {key: manifest[key] for key in RESULT_DESCRIPTION_KEYS}
     write_json(args.out, {
         "kind": "perplexity", **description, "dataset": spec.name, "metrics": metrics, "protocol": protocol,
@@ -346,6 +352,8 @@ def _add_recipe_job_arguments(p: argparse.ArgumentParser, spec_help: str) -> Non
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="auto", help="of the calibration forward passes: float32, float16, bfloat16 or auto (see compute_dtype)")
+    p.add_argument("--offload", default="device",
+                   help=f"where the calibration activations between layers are kept: {' or '.join(OFFLOADS)} (see ptqrepro.placement)")
     p.add_argument("--threads", type=int)
     p.add_argument("--out", required=True, help="artifact directory")
     p.add_argument("--metrics", required=True, help="result JSON")

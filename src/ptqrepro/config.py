@@ -7,6 +7,7 @@ step or an unparsable format string stops the DAG before any job runs, in one li
 
 from __future__ import annotations
 
+from ptqrepro.cluster import check_resources
 from ptqrepro.data.corpora import corpus_spec
 from ptqrepro.errors import PtqError
 from ptqrepro.eval.zeroshot import LOCAL_TASKS
@@ -40,6 +41,7 @@ def check_config(config: dict) -> None:
         raise PtqError("config key 'recipes' is empty: name at least one recipe")
     claims_from_config(config.get("claims", []), config["recipes"])
     _check_zeroshot(zeroshot, config["recipes"])
+    check_resources(config)
 
 
 def _check_zeroshot(zeroshot: dict, recipes: dict) -> None:

@@ -44,6 +44,10 @@ class QuantizedLowRank:
     def rank(self) -> int:
         return self.down.codes.shape[0]
 
+    def to(self, device) -> "QuantizedLowRank":
+        """The same term with both factors on ``device``."""
+        return QuantizedLowRank(down=self.down.to(device), up=self.up.to(device))
+
     def weight_delta(self) -> torch.Tensor:
         """``(A B)ᵀ`` [out, in]: what the term adds to the weight when activations stay float."""
         return self.up.dequantize() @ self.down.dequantize()

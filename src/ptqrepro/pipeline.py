@@ -1,25 +1,32 @@
 """Sequential, layer-by-layer application of a recipe (DESIGN.md "pipeline").
 
 1. Capture the inputs of decoder layer 0 on the calibration windows (a pre-hook on layer 0
-   records them and stops the forward pass).
-2. For each decoder layer: move it to the device; if a step needs statistics, run the
-   captured inputs through it once and accumulate each linear's input statistics (channel
-   abs-max and abs-means, and the Gram matrix X^T X when a step needs it); apply the recipe's transform steps in order, then its
-   quantizer and refinements (with GPTQ's ``true_sequential``, group by group, re-collecting the
-   statistics of each group on the partly quantized layer); write the quantized weights (plus
-   any low-rank correction, merged) into the layer; run the inputs through the quantized layer
-   to obtain the next layer's inputs; move the layer back to the CPU. With per-layer
-   checkpoints (``checkpoint.LayerCheckpoints``) each finished layer is saved, and a rerun
-   restores the saved layers (their weights, then their outputs) instead of quantizing them.
+   records them and stops the forward pass; only the modules before layer 0 visit the device).
+2. For each decoder layer: give it a copy on the device, in float32 where it was loaded in
+   float16 or bfloat16 (``placement.fetch``); if a step needs statistics, run the captured inputs
+   through it once and accumulate each linear's input statistics (channel abs-max and abs-means,
+   and the Gram matrix X^T X when a step needs it); apply the recipe's transform steps in order,
+   then its quantizer and refinements (with GPTQ's ``true_sequential``, group by group,
+   re-collecting the statistics of each group on the partly quantized layer); write the quantized
+   weights (plus any low-rank correction, merged) into the layer; move its codes and records to
+   the CPU; replace the captured inputs, batch by batch, by the quantized layer's outputs (the
+   next layer's inputs); then return the layer to the CPU in its loaded dtype, or free it
+   (``release_layers``: a job that only needs the returned codes). With per-layer checkpoints
+   (``checkpoint.LayerCheckpoints``) each finished layer is saved, and a rerun restores the saved
+   layers (their weights, then their outputs) instead of quantizing them.
 
-Peak device memory is one decoder layer plus the calibration activations. A recipe whose steps
-need no statistics (RTN) skips the forward passes: its result does not depend on them.
+Peak device memory is one decoder layer (plus the copies and statistics its steps make)
+plus the calibration activations (one set, and one batch's outputs), or, with ``offload="cpu"``,
+one batch of them: the activations then stay on the CPU and each batch visits the device for one
+layer's forward pass. The loaded model is never written (memory-mapped weights stay clean), and
+nothing but the layer at work, the activations and the statistics stays on the device. A recipe
+whose steps need no statistics (RTN) skips the forward passes: its result does not depend on them.
 Calibration runs with float activations; activation quantization applies at evaluation.
 
 The forward passes run in the calibration's compute dtype (``LayerInputs.dtype``): float32, or
 under autocast with bfloat16/float16 matrix products (the GPTQ reference runs its calibration in
 float16 on the GPU); the hidden states between layers, the statistics (Gram matrices included) and
-every method's arithmetic stay float32.
+every method's arithmetic stay float32, whatever dtype the model was loaded in.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from ptqrepro.models.adapters import (
     layer_linears,
     modules_before_layers,
 )
+from ptqrepro.placement import borrowed, check_offload, fetch, parameter_dtype, release, store
 from ptqrepro.recipes import Recipe
 from ptqrepro.statistics import collect_input_statistics, relative_output_error
 from ptqrepro.steps import LayerContext
@@ -54,20 +62,31 @@ class _StopForward(Exception):
 
 @dataclass
 class LayerInputs:
-    """Hidden states entering the current decoder layer, one tensor per calibration batch."""
+    """Hidden states entering the current decoder layer, one tensor per calibration batch, kept on
+    the compute ``device`` or on the CPU (``offload``); each batch's other layer arguments (position
+    ids and embeddings, mask) stay on the device."""
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
     dtype: torch.dtype = torch.float32
     """The forward passes' compute dtype (``forward_precision``)."""
+    device: str = "cpu"
+    """Where the forward passes compute."""
+    offload: str = "device"
+    """Where ``hidden`` is kept: ``device`` or ``cpu`` (``placement.OFFLOADS``)."""
+
+    @property
+    def home(self) -> str:
+        """The device that keeps the hidden states."""
+        return "cpu" if self.offload == "cpu" else self.device
 
 
 def forward_precision(inputs: LayerInputs):
     """The context a forward pass on ``inputs`` runs in: nothing for float32, else autocast to
-    ``inputs.dtype`` on the inputs' device (linear layers and attention in that dtype)."""
+    ``inputs.dtype`` on the compute device (linear layers and attention in that dtype)."""
     if inputs.dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(inputs.hidden[0].device.type, dtype=inputs.dtype)
+    return torch.autocast(torch.device(inputs.device).type, dtype=inputs.dtype)
 
 
 @dataclass
@@ -91,44 +110,60 @@ class QuantizationResult:
 @torch.no_grad()
 def capture_layer_inputs(
     model: nn.Module, arch: Architecture, calibration: torch.Tensor, device: str, batch_size: int,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, offload: str = "device",
 ) -> LayerInputs:
-    """Run the modules before the first decoder layer and record that layer's inputs; later forward
+    """Run the modules before the first decoder layer on ``device`` (in at least float32, borrowed
+    for the capture) and record that layer's inputs, kept where ``offload`` says; later forward
     passes on them compute in ``dtype``."""
     layers = decoder_layers(model, arch)
-    before = modules_before_layers(model, arch)
-    for module in before:
-        module.to(device)
-    captured = LayerInputs(hidden=[], kwargs=[], dtype=dtype)
+    captured = LayerInputs(hidden=[], kwargs=[], dtype=dtype, device=device, offload=check_offload(offload))
 
     def record(_module, args, kwargs):
-        captured.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden.to(captured.home))
         captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
         raise _StopForward
 
     handle = layers[0].register_forward_pre_hook(record, with_kwargs=True)
     try:
-        for batch in calibration.split(batch_size):
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except _StopForward:
-                pass
+        with borrowed(modules_before_layers(model, arch), device):
+            for batch in calibration.split(batch_size):
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _StopForward:
+                    pass
     finally:
         handle.remove()
-        for module in before:
-            module.to("cpu")
     return captured
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
-    """The outputs of ``layer`` on every calibration batch of ``inputs``."""
-    outputs = []
+def layer_output(layer: nn.Module, inputs: LayerInputs, batch: int) -> torch.Tensor:
+    """The output of ``layer`` (on the compute device) on calibration batch ``batch`` of ``inputs``,
+    on the compute device."""
     with forward_precision(inputs):
-        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
-            out = layer(hidden, **kwargs)
-            outputs.append(out[0] if isinstance(out, tuple) else out)
-    return outputs
+        out = layer(inputs.hidden[batch].to(inputs.device), **inputs.kwargs[batch])
+    return out[0] if isinstance(out, tuple) else out
+
+
+def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
+    """The outputs of ``layer`` on every calibration batch of ``inputs``, kept where ``inputs``
+    keeps its hidden states."""
+    return [layer_output(layer, inputs, batch).to(inputs.home) for batch in range(len(inputs.hidden))]
+
+
+def advance(layer: nn.Module, inputs: LayerInputs) -> None:
+    """Replace the hidden states of ``inputs`` by ``layer``'s outputs, batch by batch, so that at
+    most one batch's outputs exist beside them."""
+    for batch in range(len(inputs.hidden)):
+        inputs.hidden[batch] = layer_output(layer, inputs, batch).to(inputs.home)
+
+
+def observe(layer: nn.Module, inputs: LayerInputs) -> None:
+    """Run ``layer`` on every calibration batch of ``inputs`` and keep nothing (for the hooks that
+    collect statistics)."""
+    for batch in range(len(inputs.hidden)):
+        layer_output(layer, inputs, batch)
 
 
 @torch.no_grad()
@@ -141,26 +176,33 @@ def quantize_model(
     log: Callable[[str], None] = lambda message: None,
     dtype: torch.dtype = torch.float32,
     checkpoints: LayerCheckpoints | None = None,
+    offload: str = "device",
+    release_layers: bool = False,
 ) -> QuantizationResult:
-    """Apply ``recipe`` to ``model`` in place, layer by layer, with calibration forward passes in
-    ``dtype``; return the codes and per-linear records. With ``checkpoints``, every finished
-    layer is saved there, and the layers already there are restored instead of quantized again
-    (``checkpoint`` module: the result is the same as an uninterrupted run's)."""
+    """Apply ``recipe`` to ``model`` layer by layer, with calibration forward passes in ``dtype`` and
+    the activations between layers kept where ``offload`` says; return the codes and per-linear
+    records, on the CPU. Each finished layer is written back into ``model`` in its loaded dtype, or,
+    with ``release_layers``, freed (the model can no longer compute afterwards). With
+    ``checkpoints``, every finished layer is saved there, and the layers already there are restored
+    instead of quantized again (``checkpoint`` module: the result is the same as an uninterrupted
+    run's)."""
+    check_offload(offload)
     result = QuantizationResult()
     if not recipe.steps:
         return result
     arch = architecture_of(model)
     layers = decoder_layers(model, arch)
-    inputs = capture_layer_inputs(model, arch, calibration, device, batch_size, dtype) if recipe.needs_stats else None
+    inputs = capture_layer_inputs(model, arch, calibration, device, batch_size, dtype, offload) if recipe.needs_stats else None
     restorable = checkpoints.finished() if checkpoints is not None else 0
     for index, layer in enumerate(layers):
         started = time.perf_counter()
-        layer.to(device)
+        loaded_dtype = parameter_dtype(layer)
+        fetch(layer, device)
         if index < restorable:
             done = _restore_layer(model, checkpoints.load(index))
             action = f"restored from {checkpoints.folder}"
         else:
-            done = _quantize_layer(index, layer, arch, recipe, inputs)
+            done = _on_cpu(_quantize_layer(index, layer, arch, recipe, inputs))
             if checkpoints is not None:
                 checkpoints.save(index, Artifact(done.quantized, done.corrections, done.float_parameters,
                                                  {"layer": index, "records": done.records}))
@@ -170,10 +212,23 @@ def quantize_model(
         result.float_parameters.update(done.float_parameters)
         result.records.extend(done.records)
         if inputs is not None:
-            inputs.hidden = run_layer(layer, inputs)
-        layer.to("cpu")
+            advance(layer, inputs)
+        if release_layers:
+            release(layer)
+        else:
+            store(layer, loaded_dtype)
         log(f"layer {index}: {action} in {time.perf_counter() - started:.1f}s")
     return result
+
+
+def _on_cpu(done: QuantizationResult) -> QuantizationResult:
+    """``done`` with its codes, parameters and low-rank terms moved to the CPU."""
+    return QuantizationResult(
+        quantized={name: weight.to("cpu") for name, weight in done.quantized.items()},
+        corrections={name: term.to("cpu") for name, term in done.corrections.items()},
+        float_parameters=done.float_parameters,
+        records=done.records,
+    )
 
 
 def effective_weight(weight: QuantizedWeight, correction: QuantizedLowRank | None, device) -> torch.Tensor:
@@ -194,7 +249,7 @@ def _quantize_layer(
     context = LayerContext(
         index=index, prefix=f"{arch.layers}.{index}", layer=layer, arch=arch, linears=linears,
         weight_format=recipe.weight,
-        stats=collect_input_statistics(lambda: run_layer(layer, inputs), linears, recipe.needs_gram) if inputs else None,
+        stats=collect_input_statistics(lambda: observe(layer, inputs), linears, recipe.needs_gram) if inputs else None,
         original={name: linear.weight.data.float().clone() for name, linear in linears.items()},
     )
     for step in recipe.transforms:
@@ -203,7 +258,7 @@ def _quantize_layer(
     for position, names in enumerate(sequence):
         if position > 0 and inputs is not None:
             context.stats.update(
-                collect_input_statistics(lambda: run_layer(layer, inputs), {n: linears[n] for n in names}, recipe.needs_gram)
+                collect_input_statistics(lambda: observe(layer, inputs), {n: linears[n] for n in names}, recipe.needs_gram)
             )
         before = {name: linears[name].weight.data.clone() for name in names}
         recipe.quantizer.quantize(context, names)

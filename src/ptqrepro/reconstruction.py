@@ -14,13 +14,19 @@ A rank beyond a linear's largest (min(out, in)) means its full D there. The cand
 not change. A candidate's perplexity only needs the layers from the block on: the hidden states
 entering the block are computed once per block (from the blocks already decided) and reused for
 every candidate. The curve k -> perplexity of every block is recorded (k = 0: the block as it was).
+
+The model stays on the CPU (``placement``): a candidate's forward pass borrows one layer at a time
+onto the device, runs every scoring window through it, and then the final norm and head, so the
+device holds one layer, the head and two sets of the windows' hidden states (the block's inputs
+and the pass's), or one batch of them with ``offload="cpu"``. On a GPU every candidate thus copies
+the layers from its block on to the device once.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -33,7 +39,8 @@ from ptqrepro.eval.perplexity import next_token_losses
 from ptqrepro.formats import QuantizedWeight
 from ptqrepro.methods.dwr import discarded_at_rank, discarded_weight, reconstruct, search_space
 from ptqrepro.models.adapters import architecture_of, decoder_layers, modules_after_layers
-from ptqrepro.pipeline import LayerInputs, capture_layer_inputs, forward_precision, run_layer
+from ptqrepro.pipeline import LayerInputs, advance, capture_layer_inputs, forward_precision
+from ptqrepro.placement import borrowed
 from ptqrepro.recipes import DwrSettings
 
 
@@ -58,18 +65,28 @@ def float_weights(model: nn.Module, names) -> dict[str, torch.Tensor]:
     return {name: model.get_submodule(name).weight.detach().float().clone() for name in names}
 
 
+def linear_weights(model: nn.Module, names) -> dict[str, torch.Tensor]:
+    """The weights of the named linears of ``model`` as they are, without a copy: from a model that
+    ``load_model`` loaded lazily and nothing writes, each stays unread in its memory-mapped file
+    until the search reaches its block (``float_weights`` copies every one at once)."""
+    return {name: model.get_submodule(name).weight.detach() for name in names}
+
+
 @torch.no_grad()
 def _perplexity_from(layers, first: int, head: list[nn.Module], inputs: LayerInputs, windows: list[torch.Tensor]) -> float:
-    """Calibration perplexity of the model's layers ``first..`` and head on the hidden states entering ``first``."""
+    """Calibration perplexity of the model's layers ``first..`` and head on the hidden states entering
+    ``first``, layer by layer on the device (``inputs`` is left as it was)."""
+    hidden = replace(inputs, hidden=list(inputs.hidden))
+    for layer in layers[first:]:
+        with borrowed([layer], inputs.device):
+            advance(layer, hidden)
     losses = []
-    with forward_precision(inputs):
-        for hidden, kwargs, ids in zip(inputs.hidden, inputs.kwargs, windows):
-            for layer in layers[first:]:
-                out = layer(hidden, **kwargs)
-                hidden = out[0] if isinstance(out, tuple) else out
+    with borrowed(head, inputs.device), forward_precision(inputs):
+        for batch, ids in enumerate(windows):
+            logits = hidden.hidden[batch].to(inputs.device)
             for module in head:
-                hidden = module(hidden)
-            losses.append(next_token_losses(hidden, ids))
+                logits = module(logits)
+            losses.append(next_token_losses(logits, ids))
     return math.exp(float(torch.cat(losses).double().mean()))
 
 
@@ -90,10 +107,12 @@ def search_model(
     log: Callable[[str], None] = lambda message: None,
     dtype: torch.dtype = torch.float32,
     checkpoints: LayerCheckpoints | None = None,
+    offload: str = "device",
 ) -> ReconstructionResult:
-    """Run DWR on ``model``, which already carries ``artifact`` (weights, activation quantization,
-    low-rank terms); ``originals`` are the float weights W of its quantized linears. Forward passes
-    compute in ``dtype`` (``pipeline.forward_precision``). With ``checkpoints``, every searched
+    """Run DWR on ``model`` (on the CPU), which already carries ``artifact`` (weights, activation
+    quantization, low-rank terms); ``originals`` are the float weights W of its quantized linears.
+    Forward passes compute on ``device`` in ``dtype`` (``pipeline.forward_precision``), the
+    calibration activations kept where ``offload`` says. With ``checkpoints``, every searched
     block is saved there and the blocks already there are restored instead of searched again."""
     if artifact.float_parameters:
         raise PtqError(
@@ -104,12 +123,10 @@ def search_model(
     arch = architecture_of(model)
     layers = decoder_layers(model, arch)
     head = modules_after_layers(model, arch)
-    model.to(device)
     if settings.windows is not None:
         calibration = calibration[: settings.windows]
     windows = list(calibration.split(batch_size))
-    inputs = capture_layer_inputs(model, arch, calibration, device, batch_size, dtype)
-    model.to(device)  # capture_layer_inputs returns the embedding to the CPU
+    inputs = capture_layer_inputs(model, arch, calibration, device, batch_size, dtype, offload)
     result = ReconstructionResult(quantized=dict(artifact.quantized))
     current = _perplexity_from(layers, 0, head, inputs, windows)
     result.initial_ppl = current
@@ -129,7 +146,8 @@ def search_model(
             log(f"layer {index}: k={block.chosen}, calibration ppl {current:.4f} "
                 f"({', '.join(f'{k}: {p:.4f}' for k, p in block.curve.items())}) in {block.seconds:.1f}s")
         result.blocks.append(block)
-        inputs.hidden = run_layer(layer, inputs)
+        with borrowed([layer], device):
+            advance(layer, inputs)
     result.final_ppl = current
     return result
 

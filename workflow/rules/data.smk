@@ -8,6 +8,8 @@ rule prepare_model:
         directory("results/models/{model}"),
     params:
         spec=lambda w: json.dumps(config["models"][w.model]),
+    resources:
+        **OTHER_RESOURCES,
     log:
         "results/logs/prepare_model/{model}.log",
     shell:
@@ -19,6 +21,8 @@ rule prepare_corpus:
         directory("results/corpora/{corpus}"),
     params:
         spec=lambda w: json.dumps(config.get("corpora", {}).get(w.corpus) or {}),
+    resources:
+        **OTHER_RESOURCES,
     log:
         "results/logs/prepare_corpus/{corpus}.log",
     shell:
@@ -31,6 +35,8 @@ rule calibrate:
         corpus="results/corpora/{corpus}",
     output:
         "results/calibration/{model}/{corpus}-n{nsamples}-l{seqlen}-s{seed}.pt",
+    resources:
+        **OTHER_RESOURCES,
     log:
         "results/logs/calibrate/{model}/{corpus}-n{nsamples}-l{seqlen}-s{seed}.log",
     shell:

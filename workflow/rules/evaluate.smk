@@ -1,5 +1,10 @@
 # Stage 3: perplexity of every quantized model on every evaluation corpus (GPTQ protocol).
 
+# The evaluations of one quantized model (perplexity on every dataset, zero-shot) form one group: on
+# a cluster they run as one submission, one after another on one GPU (profiles/slurm merges the
+# group's jobs with `group-components` and gives each submission the pool `gpu=1`).
+EVALUATION_GROUP = "eval_{model}_{recipe}"
+
 
 rule eval_ppl:
     input:
@@ -11,13 +16,15 @@ rule eval_ppl:
     params:
         max_windows=f"--max-windows {PPL['max_windows']}" if PPL.get("max_windows") else "",
         device=config["device"],
-    threads: config["threads"]
+    threads: rule_threads(config, "eval_ppl")
     resources:
-        gpu=lambda w: int(config["device"] != "cpu"),
+        **rule_resources(config, "eval_ppl"),
+    group:
+        EVALUATION_GROUP
     log:
         "results/logs/eval_ppl/{model}/{recipe}/{dataset}.log",
     shell:
-        "ptqrepro eval-ppl --model {input.model} --quantized {input.quantized} --corpus {input.corpus}"
+        "{GPU_SLOT} {resources.gpu} {params.device} ptqrepro eval-ppl --model {input.model} --quantized {input.quantized} --corpus {input.corpus}"
         " --seqlen {PPL[seqlen]} {params.max_windows} --nsamples {PPL[nsamples]} --seed {PPL[seed]}"
         " --batch-size {PPL[batch_size]} --dtype {PPL[dtype]} --device {params.device} --threads {threads}"
         " --out {output} > {log} 2>&1"
@@ -36,6 +43,8 @@ rule zeroshot_tasks:
         corpus="results/corpora/{corpus}",
     output:
         directory("results/zeroshot/{corpus}-n{nitems}-s{seed}"),
+    resources:
+        **OTHER_RESOURCES,
     log:
         "results/logs/zeroshot_tasks/{corpus}-n{nitems}-s{seed}.log",
     shell:
@@ -59,13 +68,15 @@ if ZEROSHOT:
             tasks=" ".join(ZEROSHOT["tasks"]),
             limit=f"--limit {ZEROSHOT['limit']}" if ZEROSHOT.get("limit") else "",
             device=config["device"],
-        threads: config["threads"]
+        threads: rule_threads(config, "eval_zeroshot")
         resources:
-            gpu=lambda w: int(config["device"] != "cpu"),
+            **rule_resources(config, "eval_zeroshot"),
+        group:
+            EVALUATION_GROUP
         log:
             "results/logs/eval_zeroshot/{model}/{recipe}.log",
         shell:
-            "ptqrepro eval-zeroshot --model {input.model} --quantized {input.quantized} --tasks {params.tasks}"
+            "{GPU_SLOT} {resources.gpu} {params.device} ptqrepro eval-zeroshot --model {input.model} --quantized {input.quantized} --tasks {params.tasks}"
             " {params.include} {params.limit} --batch-size {ZEROSHOT[batch_size]} --max-length {ZEROSHOT[max_length]}"
             " --dtype {ZEROSHOT[dtype]} --device {params.device} --threads {threads}"
             " --out-dir results/metrics/{wildcards.model}/{wildcards.recipe} > {log} 2>&1"

@@ -11,23 +11,23 @@ rule quantize:
         model="results/models/{model}",
         calibration=CALIBRATION_FILE,
     output:
-        artifact=directory("results/quantized/{model}/{recipe}"),
+        artifact=quantized_artifact("results/quantized/{model}/{recipe}"),
         metrics="results/metrics/{model}/{recipe}/quantize.json",
     params:
         spec=lambda w: recipe_spec(w.recipe),
         device=config["device"],
         batch_size=CALIB["batch_size"],
         dtype=CALIB["dtype"],
-    threads: config["threads"]
+    threads: rule_threads(config, "quantize")
     priority: longest_first
     resources:
-        gpu=lambda w: int(config["device"] != "cpu"),
+        **rule_resources(config, "quantize"),
     log:
         "results/logs/quantize/{model}/{recipe}.log",
     shell:
-        "ptqrepro quantize --model {input.model} --calibration {input.calibration}"
+        "{GPU_SLOT} {resources.gpu} {params.device} ptqrepro quantize --model {input.model} --calibration {input.calibration}"
         " --recipe {wildcards.recipe:q} --spec {params.spec:q} --device {params.device}"
-        " --batch-size {params.batch_size} --dtype {params.dtype} --threads {threads}"
+        " --batch-size {params.batch_size} --dtype {params.dtype} --offload {config[calibration][offload]} --threads {threads}"
         " --out {output.artifact} --metrics {output.metrics}"
         " --checkpoint-dir results/checkpoints/{wildcards.model}/{wildcards.recipe:q} > {log} 2>&1"
 
@@ -40,22 +40,22 @@ rule dwr:
         base=lambda w: f"results/quantized/{w.model}/{config['recipes'][w.recipe]['base']}",
         calibration=CALIBRATION_FILE,
     output:
-        artifact=directory("results/quantized/{model}/{recipe}"),
+        artifact=quantized_artifact("results/quantized/{model}/{recipe}"),
         metrics="results/metrics/{model}/{recipe}/quantize.json",
     params:
         spec=lambda w: recipe_spec(w.recipe),
         device=config["device"],
         batch_size=CALIB["batch_size"],
         dtype=CALIB["dtype"],
-    threads: config["threads"]
+    threads: rule_threads(config, "dwr")
     priority: longest_first
     resources:
-        gpu=lambda w: int(config["device"] != "cpu"),
+        **rule_resources(config, "dwr"),
     log:
         "results/logs/dwr/{model}/{recipe}.log",
     shell:
-        "ptqrepro dwr --model {input.model} --base {input.base} --calibration {input.calibration}"
+        "{GPU_SLOT} {resources.gpu} {params.device} ptqrepro dwr --model {input.model} --base {input.base} --calibration {input.calibration}"
         " --recipe {wildcards.recipe:q} --spec {params.spec:q} --device {params.device}"
-        " --batch-size {params.batch_size} --dtype {params.dtype} --threads {threads}"
+        " --batch-size {params.batch_size} --dtype {params.dtype} --offload {config[calibration][offload]} --threads {threads}"
         " --out {output.artifact} --metrics {output.metrics}"
         " --checkpoint-dir results/checkpoints/{wildcards.model}/{wildcards.recipe:q} > {log} 2>&1"

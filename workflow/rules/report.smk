@@ -18,6 +18,8 @@ rule tables:
     output:
         csv=report("results/tables/all.csv", caption="../report/all_csv.rst", category="Tables"),
         md="results/tables/all.md",
+    resources:
+        **OTHER_RESOURCES,
     log:
         "results/logs/tables.log",
     shell:
@@ -32,6 +34,8 @@ rule plot_table_figure:
         pdf="results/plots/{figure}.pdf",
     wildcard_constraints:
         figure=one_of(TABLE_FIGURES),
+    resources:
+        **OTHER_RESOURCES,
     log:
         "results/logs/plot_{figure}.log",
     shell:
@@ -46,6 +50,8 @@ rule claims:
         md="results/tables/claims.md",
     params:
         claims=json.dumps(config["claims"]),
+    resources:
+        **OTHER_RESOURCES,
     log:
         "results/logs/claims.log",
     shell:
@@ -59,6 +65,8 @@ rule paper_tables:
     output:
         report(directory("results/tables/papers"), caption="../report/paper_tables.rst", category="Tables",
                patterns=["{paper}.md"]),
+    resources:
+        **OTHER_RESOURCES,
     log:
         "results/logs/paper_tables.log",
     shell:
@@ -73,6 +81,8 @@ rule plot_dwr:
         pdf="results/plots/dwr/{model}/{recipe}.pdf",
     wildcard_constraints:
         recipe=one_of(RECONSTRUCTIONS),
+    resources:
+        **OTHER_RESOURCES,
     log:
         "results/logs/plot_dwr/{model}/{recipe}.log",
     shell:
@@ -87,6 +97,8 @@ rule plot_magr:
         pdf="results/plots/magr/{model}/{recipe}.pdf",
     wildcard_constraints:
         recipe=one_of([recipe for _, recipe in MAGR_RUNS]),
+    resources:
+        **OTHER_RESOURCES,
     log:
         "results/logs/plot_magr/{model}/{recipe}.log",
     shell:

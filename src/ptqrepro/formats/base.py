@@ -80,6 +80,10 @@ class QuantizedWeight:
     def groups(self) -> int:
         return next(iter(self.params.values())).shape[1]
 
+    def to(self, device) -> "QuantizedWeight":
+        """The same weight with its codes and parameters on ``device``."""
+        return QuantizedWeight(self.codes.to(device), {key: value.to(device) for key, value in self.params.items()}, self.fmt)
+
     def dequantize(self) -> torch.Tensor:
         """The weight's values, float32 [out, in]."""
         out_features, in_features = self.codes.shape

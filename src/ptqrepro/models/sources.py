@@ -158,14 +158,24 @@ def model_location(model_dir: str | Path) -> str:
 
 
 def load_model(model_dir: str | Path, dtype: str = "float32"):
-    """Load a prepared model (on the CPU, memory-mapped where possible) and its tokenizer."""
+    """Load a prepared model and its tokenizer, on the CPU, in ``dtype`` (a name of ``DTYPES``, or
+    ``auto``: the checkpoint's own dtype, from its config).
+
+    The load is lazy where it can be; this relies on what ``from_pretrained`` does in transformers
+    5.x, which has no switch for it (its ``low_cpu_mem_usage`` is ignored: always on). The model is
+    built on the meta device (no memory for initial weights), then each parameter is pointed at its
+    bytes in the memory-mapped safetensors file (``safe_open(..., backend="mmap")``), so a weight
+    takes memory only when it is read, as file pages that the kernel can drop again. That holds
+    only when ``dtype`` is the checkpoint's dtype (always with ``auto``): a conversion, e.g. a
+    float16 checkpoint loaded as float32, materialises every weight in private memory at load time
+    (twice the file's size for that example). ``tests/test_models.py`` checks both cases."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
     logging.disable_progress_bar()
 
     location = model_location(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(location, dtype="auto" if dtype == "auto" else torch_dtype(dtype))
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(location)
     return model, tokenizer
