@@ -60,15 +60,10 @@ class ReconstructionResult:
     final_ppl: float = math.nan
 
 
-def float_weights(model: nn.Module, names) -> dict[str, torch.Tensor]:
-    """The float weights of the named linears (read before the artifact overwrites them)."""
-    return {name: model.get_submodule(name).weight.detach().float().clone() for name in names}
-
-
 def linear_weights(model: nn.Module, names) -> dict[str, torch.Tensor]:
     """The weights of the named linears of ``model`` as they are, without a copy: from a model that
     ``load_model`` loaded lazily and nothing writes, each stays unread in its memory-mapped file
-    until the search reaches its block (``float_weights`` copies every one at once)."""
+    until the search reaches its block."""
     return {name: model.get_submodule(name).weight.detach() for name in names}
 
 
