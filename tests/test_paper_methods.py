@@ -10,7 +10,7 @@ import torch
 from ptqrepro.artifact import apply_artifact, load_artifact, save_artifact
 from ptqrepro.errors import PtqError
 from ptqrepro.pipeline import quantize_model
-from ptqrepro.reconstruction import float_weights, search_model
+from ptqrepro.reconstruction import linear_weights, search_model
 from ptqrepro.recipes import DwrSettings, recipe_from_config, reconstruction_from_config
 
 
@@ -117,7 +117,7 @@ def dwr_case(model, tmp_path, ranks=(2, 8, 32), windows=None, dtype=torch.float3
     result = quantize(model, {"steps": ["gptq"], "weight": "int2"})
     save_artifact(tmp_path / "base", result.quantized, result.float_parameters, {"recipe": "base", "act_format": None})
     artifact = load_artifact(tmp_path / "base")
-    originals = float_weights(fresh, artifact.quantized)
+    originals = linear_weights(copy.deepcopy(fresh), artifact.quantized)  # apply_artifact writes into fresh
     apply_artifact(fresh, tmp_path / "base")
     settings = DwrSettings(ranks=ranks, windows=windows)
     return fresh, artifact, search_model(fresh, artifact, originals, calibration(n=4, seed=3), settings, batch_size=2,

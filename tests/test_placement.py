@@ -19,7 +19,7 @@ from ptqrepro.models.adapters import LLAMA
 from ptqrepro.models.sources import ModelSource, load_model, prepare_model
 from ptqrepro.pipeline import capture_layer_inputs, quantize_model
 from ptqrepro.placement import borrowed, fetch
-from ptqrepro.reconstruction import float_weights, search_model
+from ptqrepro.reconstruction import linear_weights, search_model
 from ptqrepro.recipes import DwrSettings, recipe_from_config
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -111,7 +111,7 @@ def test_where_the_activations_are_kept_changes_no_result(device):
 
     base_result = quantize_model(copy.deepcopy(base), recipe_from_config("r", {"steps": ["rtn"], "weight": "int3"}), data)
     artifact = Artifact(base_result.quantized, {}, {}, {"recipe": "r"})
-    originals = float_weights(base, artifact.quantized)
+    originals = linear_weights(base, artifact.quantized)
     searches = {}
     for offload in ("device", "cpu"):
         model = copy.deepcopy(base)

@@ -21,7 +21,7 @@ from ptqrepro.cli import main
 from ptqrepro.formats import parse_format
 from ptqrepro.methods.rtn import rtn
 from ptqrepro.pipeline import quantize_model
-from ptqrepro.reconstruction import float_weights, search_model
+from ptqrepro.reconstruction import linear_weights, search_model
 from ptqrepro.recipes import DwrSettings, recipe_from_config
 
 
@@ -102,7 +102,7 @@ def test_dwr_resumes_after_the_last_searched_block(tmp_path):
     result = quantize_model(copy.deepcopy(fresh), recipe_from_config("g", {"steps": ["gptq"], "weight": "int2"}), calibration())
     save_artifact(tmp_path / "base", result.quantized, {}, {"recipe": "base", "act_format": None})
     base = load_artifact(tmp_path / "base")
-    originals = float_weights(fresh, base.quantized)
+    originals = linear_weights(fresh, base.quantized)
     settings = DwrSettings(ranks=(2, 8, 32))
 
     def search(**kwargs):
