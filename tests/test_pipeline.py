@@ -22,11 +22,33 @@ class RecordingRtn(RtnStep):
     name: ClassVar[str] = "recording-rtn"
     needs_stats: ClassVar[bool] = True
     needs_gram: ClassVar[bool] = True
+    sequential: ClassVar[bool] = True
     seen: list = None
 
     def quantize(self, context: LayerContext, names) -> None:
         self.seen.append({name: context.stats[name].gram.clone() for name in names})
         super().quantize(context, names)
+
+
+@dataclass(frozen=True)
+class FloatRecordingRtn(RecordingRtn):
+    """The same, calibrated on the float model's activations (as AWQ, SmoothQuant, L2QER)."""
+
+    sequential: ClassVar[bool] = False
+
+
+def q_proj_grams(model, data) -> list[torch.Tensor]:
+    """X^T X of every decoder layer's q_proj input when ``model`` runs on ``data``."""
+    captured = {index: [] for index in range(len(model.model.layers))}
+    handles = [
+        layer.self_attn.q_proj.register_forward_pre_hook(lambda _m, args, i=index: captured[i].append(args[0].reshape(-1, args[0].shape[-1])))
+        for index, layer in enumerate(model.model.layers)
+    ]
+    with torch.no_grad():
+        model(input_ids=data)
+    for handle in handles:
+        handle.remove()
+    return [torch.cat(xs).T @ torch.cat(xs) for xs in captured.values()]
 
 
 def calibration(vocab=96, n=5, seqlen=24, seed=0):
@@ -62,17 +84,44 @@ def test_pipeline_grams_come_from_the_quantized_previous_layers(model):
     assert len(seen) == 2 and "output_rel_error" in result.records[0]
     # In the final model every layer is quantized; q_proj's input in layer i depends only on
     # layers < i and layer i's (unchanged) input norm, so it must reproduce the pipeline's Gram.
-    for index, grams in enumerate(seen):
-        captured = []
-        q_proj = model.model.layers[index].self_attn.q_proj
-        handle = q_proj.register_forward_pre_hook(lambda _m, args: captured.append(args[0].reshape(-1, 64)))
-        with torch.no_grad():
-            model(input_ids=data)
-        handle.remove()
-        x = torch.cat(captured)
-        assert torch.allclose(grams["self_attn.q_proj"], x.T @ x, rtol=1e-4, atol=1e-2)
+    for grams, gram in zip(seen, q_proj_grams(model, data), strict=True):
+        assert torch.allclose(grams["self_attn.q_proj"], gram, rtol=1e-4, atol=1e-2)
     # and the two layers saw different data, so propagation happened
     assert not torch.allclose(seen[0]["self_attn.q_proj"], seen[1]["self_attn.q_proj"])
+
+
+def test_non_sequential_steps_calibrate_on_the_float_model(model):
+    """A recipe without a sequential step (AWQ, SmoothQuant, L2QER) sees the float model's
+    activations in every layer, not the quantized layers' outputs."""
+    import copy
+
+    float_model = copy.deepcopy(model)
+    data = calibration()
+    seen = []
+    quantize_model(model, Recipe(name="rec", steps=(FloatRecordingRtn(seen=seen),), weight=parse_format("int2")),
+                   data, batch_size=2)
+    float_grams, quantized_grams = q_proj_grams(float_model, data), q_proj_grams(model, data)
+    for grams, gram, quantized in zip(seen, float_grams, quantized_grams, strict=True):
+        assert torch.allclose(grams["self_attn.q_proj"], gram, rtol=1e-4, atol=1e-2)
+    assert not torch.allclose(seen[1]["self_attn.q_proj"], quantized_grams[1], rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("steps, sequential", [(["smoothquant", "rtn"], False), (["smoothquant", "gptq"], True)])
+def test_smoothing_depends_on_the_weight_format_only_when_sequential(model, steps, sequential):
+    """SmoothQuant's factors come from activation maxima: on the float model's activations they
+    are the same whatever the weight format; behind GPTQ they follow the quantized layers."""
+    import copy
+
+    smoothed = [
+        quantize_model(copy.deepcopy(model), recipe_from_config("s", {"steps": steps, "weight": weight}), calibration(),
+                       batch_size=2).float_parameters
+        for weight in ("int8", "int2")
+    ]
+    assert set(smoothed[0]) == set(smoothed[1])
+    assert any(".0." in name for name in smoothed[0]) and any(".1." in name for name in smoothed[0])
+    for name in smoothed[0]:
+        same = torch.equal(smoothed[0][name], smoothed[1][name])
+        assert same if (".0." in name or not sequential) else not same, name
 
 
 def test_bfloat16_calibration_keeps_float32_statistics(model):

@@ -9,16 +9,19 @@
    then its quantizer and refinements (with GPTQ's ``true_sequential``, group by group,
    re-collecting the statistics of each group on the partly quantized layer); write the quantized
    weights (plus any low-rank correction, merged) into the layer; move its codes and records to
-   the CPU; replace the captured inputs, batch by batch, by the quantized layer's outputs (the
-   next layer's inputs); then return the layer to the CPU in its loaded dtype, or free it
-   (``release_layers``: a job that only needs the returned codes). With per-layer checkpoints
+   the CPU; the next layer's inputs are, for a ``Recipe.sequential`` recipe (GPTQ, MagR), the
+   quantized layer's outputs, computed batch by batch in place of the captured inputs (the GPTQ
+   reference's loop), and otherwise the float layer's outputs from the statistics pass (AWQ,
+   SmoothQuant and L2QER calibrate on the float model's activations, as their references do: one
+   forward pass per layer instead of two); then return the layer to the CPU in its loaded dtype,
+   or free it (``release_layers``: a job that only needs the returned codes). With per-layer checkpoints
    (``checkpoint.LayerCheckpoints``) each finished layer is saved, and a rerun restores the saved
    layers (their weights, then their outputs) instead of quantizing them.
 
 Peak device memory is one decoder layer (plus the copies and statistics its steps make)
-plus the calibration activations (one set, and one batch's outputs), or, with ``offload="cpu"``,
-one batch of them: the activations then stay on the CPU and each batch visits the device for one
-layer's forward pass. The loaded model is never written (memory-mapped weights stay clean), and
+plus the calibration activations (one set, and one batch's outputs; two sets for a recipe that
+calibrates on the float model), or, with ``offload="cpu"``, one batch of them: the activations
+then stay on the CPU and each batch visits the device for one layer's forward pass. The loaded model is never written (memory-mapped weights stay clean), and
 nothing but the layer at work, the activations and the statistics stays on the device. A recipe
 whose steps need no statistics (RTN) skips the forward passes: its result does not depend on them.
 Calibration runs with float activations; activation quantization applies at evaluation.
@@ -159,11 +162,14 @@ def advance(layer: nn.Module, inputs: LayerInputs) -> None:
         inputs.hidden[batch] = layer_output(layer, inputs, batch).to(inputs.home)
 
 
-def observe(layer: nn.Module, inputs: LayerInputs) -> None:
-    """Run ``layer`` on every calibration batch of ``inputs`` and keep nothing (for the hooks that
-    collect statistics)."""
+def observe(layer: nn.Module, inputs: LayerInputs, outputs: list[torch.Tensor] | None = None) -> None:
+    """Run ``layer`` on every calibration batch of ``inputs`` (for the hooks that collect
+    statistics), appending its outputs to ``outputs`` (kept where ``inputs`` keeps its hidden
+    states) if given, else keeping nothing."""
     for batch in range(len(inputs.hidden)):
-        layer_output(layer, inputs, batch)
+        out = layer_output(layer, inputs, batch)
+        if outputs is not None:
+            outputs.append(out.to(inputs.home))
 
 
 @torch.no_grad()
@@ -193,16 +199,20 @@ def quantize_model(
     arch = architecture_of(model)
     layers = decoder_layers(model, arch)
     inputs = capture_layer_inputs(model, arch, calibration, device, batch_size, dtype, offload) if recipe.needs_stats else None
+    float_inputs = inputs is not None and not recipe.sequential
     restorable = checkpoints.finished() if checkpoints is not None else 0
     for index, layer in enumerate(layers):
         started = time.perf_counter()
         loaded_dtype = parameter_dtype(layer)
         fetch(layer, device)
+        float_outputs = [] if float_inputs else None
         if index < restorable:
+            if float_inputs:
+                observe(layer, inputs, float_outputs)
             done = _restore_layer(model, checkpoints.load(index))
             action = f"restored from {checkpoints.folder}"
         else:
-            done = _on_cpu(_quantize_layer(index, layer, arch, recipe, inputs))
+            done = _on_cpu(_quantize_layer(index, layer, arch, recipe, inputs, float_outputs))
             if checkpoints is not None:
                 checkpoints.save(index, Artifact(done.quantized, done.corrections, done.float_parameters,
                                                  {"layer": index, "records": done.records}))
@@ -211,7 +221,9 @@ def quantize_model(
         result.corrections.update(done.corrections)
         result.float_parameters.update(done.float_parameters)
         result.records.extend(done.records)
-        if inputs is not None:
+        if float_inputs:
+            inputs.hidden = float_outputs
+        elif inputs is not None:
             advance(layer, inputs)
         if release_layers:
             release(layer)
@@ -240,16 +252,20 @@ def effective_weight(weight: QuantizedWeight, correction: QuantizedLowRank | Non
 
 
 def _quantize_layer(
-    index: int, layer: nn.Module, arch: Architecture, recipe: Recipe, inputs: LayerInputs | None
+    index: int, layer: nn.Module, arch: Architecture, recipe: Recipe, inputs: LayerInputs | None,
+    float_outputs: list[torch.Tensor] | None = None,
 ) -> QuantizationResult:
     """Run the recipe's steps on one decoder layer (on its device) and write the effective
-    weights into it; return that layer's codes, terms, changed parameters and records."""
+    weights into it; return that layer's codes, terms, changed parameters and records. The
+    statistics pass runs the layer before any step changes it, appending its (float) outputs to
+    ``float_outputs`` if given."""
     done = QuantizationResult()
     linears = layer_linears(layer, arch)
     context = LayerContext(
         index=index, prefix=f"{arch.layers}.{index}", layer=layer, arch=arch, linears=linears,
         weight_format=recipe.weight,
-        stats=collect_input_statistics(lambda: observe(layer, inputs), linears, recipe.needs_gram) if inputs else None,
+        stats=collect_input_statistics(lambda: observe(layer, inputs, float_outputs), linears, recipe.needs_gram)
+        if inputs else None,
         original={name: linear.weight.data.float().clone() for name, linear in linears.items()},
     )
     for step in recipe.transforms:

@@ -51,6 +51,12 @@ class Recipe:
     def needs_gram(self) -> bool:
         return any(step.needs_gram for step in self.steps)
 
+    @property
+    def sequential(self) -> bool:
+        """Calibrate each layer on the outputs of the quantized earlier layers (``Step.sequential``:
+        any step of the recipe asks for it), else on the float model's activations."""
+        return any(step.sequential for step in self.steps)
+
     def relative_cost(self) -> float:
         """The job's rough run time in calibration passes (``Step.relative_cost``), for scheduling."""
         return float(self.needs_stats) + sum(step.relative_cost() for step in self.steps)

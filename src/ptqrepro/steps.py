@@ -91,6 +91,10 @@ class Step:
     name: ClassVar[str]
     needs_stats: ClassVar[bool] = False
     needs_gram: ClassVar[bool] = False  # of the statistics, the Gram matrix X^T X
+    sequential: ClassVar[bool] = False
+    """The statistics come from the inputs that the already quantized earlier layers produce (the
+    GPTQ reference's loop); otherwise from the float model's activations (the AWQ, SmoothQuant and
+    LQER references calibrate on the unquantized model)."""
     quantizer: ClassVar[bool] = False
     refines: ClassVar[bool] = False
 
@@ -167,6 +171,7 @@ class GptqStep(Step):
     name: ClassVar[str] = "gptq"
     needs_stats: ClassVar[bool] = True
     needs_gram: ClassVar[bool] = True
+    sequential: ClassVar[bool] = True
     quantizer: ClassVar[bool] = True
     blocksize: int = 128
     percdamp: float = 0.01
@@ -256,6 +261,7 @@ class MagrStep(ProductPrecisionStep):
     name: ClassVar[str] = "magr"
     needs_stats: ClassVar[bool] = True
     needs_gram: ClassVar[bool] = True
+    sequential: ClassVar[bool] = True
     alpha: float | None = None
     iterations: int = 150
     group_size: int | None = None
@@ -303,6 +309,7 @@ class CoordinateDescentStep(Step):
     name: ClassVar[str] = "cd"
     needs_stats: ClassVar[bool] = True
     needs_gram: ClassVar[bool] = True
+    sequential: ClassVar[bool] = True
     refines: ClassVar[bool] = True
     sweeps: int = 30
     damping: float = 0.75
