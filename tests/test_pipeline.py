@@ -10,7 +10,7 @@ from ptqrepro.formats import parse_format
 from ptqrepro.methods.rtn import rtn
 from ptqrepro.models.adapters import LLAMA, architecture_of
 from ptqrepro.pipeline import quantize_model
-from ptqrepro.statistics import add_gram, relative_output_error
+from ptqrepro.statistics import add_gram, add_gram_blocks, add_gram_syrk, relative_output_error
 from ptqrepro.recipes import Recipe, recipe_from_config
 from ptqrepro.steps import LayerContext, RtnStep
 
@@ -145,13 +145,14 @@ def test_bfloat16_calibration_keeps_float32_statistics(model):
     assert float((o_rounded - o_exact).norm() / o_exact.norm()) < 0.02
 
 
+@pytest.mark.parametrize("update", [add_gram, add_gram_syrk, add_gram_blocks])
 @pytest.mark.parametrize("features", [1, 7, 64])
-def test_gram_accumulation_is_exactly_symmetric_and_equals_x_transpose_x(features):
+def test_gram_accumulation_is_exactly_symmetric_and_equals_x_transpose_x(features, update):
     generator = torch.Generator().manual_seed(features)
     gram = torch.zeros(features, features)
     batches = [torch.randn(100, features, generator=generator) for _ in range(3)]
     for x in batches:
-        add_gram(gram, x)
+        update(gram, x)
     stacked = torch.cat(batches)
     assert torch.equal(gram, gram.T)
     assert torch.allclose(gram, stacked.T @ stacked, rtol=1e-5, atol=1e-4)

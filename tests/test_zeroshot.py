@@ -84,6 +84,7 @@ def test_lm_eval_scores_a_quantized_model_on_the_local_tasks(tmp_path, tiny_mode
     assert 0 <= lastword["metrics"]["acc"] <= 1 and lastword["metrics"]["perplexity"] > 1
     assert {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"} <= set(choice["metrics"])
     assert 0 <= choice["metrics"]["acc"] <= 1 and choice["metrics"]["acc_stderr"] > 0
+    assert choice["protocol"]["random_seed"] == 0 and choice["protocol"]["bootstrap_iters"] == 1000
 
 
 def test_an_unknown_task_is_named(tmp_path, tiny_model_dir):

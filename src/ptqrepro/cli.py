@@ -49,8 +49,14 @@ def _spec(text: str | None) -> dict:
 
 
 def _set_threads(threads: int | None) -> None:
+    """One size for each thread pool a job computes with: torch's and the BLAS that SciPy loads
+    (``statistics.add_gram_syrk``), which would otherwise start one thread per core."""
     if threads:
+        import scipy.linalg.blas  # noqa: F401  (loaded first, so that the limit reaches it)
+        from threadpoolctl import threadpool_limits
+
         torch.set_num_threads(threads)
+        threadpool_limits(threads, user_api="blas")
 
 
 def _corpus(corpus_dir: str):
@@ -272,7 +278,7 @@ def cmd_zeroshot_tasks(args) -> None:
 
 
 def cmd_eval_zeroshot(args) -> None:
-    from ptqrepro.eval.zeroshot import evaluate_zeroshot
+    from ptqrepro.eval.zeroshot import HARNESS_SETTINGS, evaluate_zeroshot
     from ptqrepro.provenance import Provenance
 
     _set_threads(args.threads)
@@ -283,7 +289,7 @@ def cmd_eval_zeroshot(args) -> None:
                                 device, args.limit)
     description = {key: manifest[key] for key in RESULT_DESCRIPTION_KEYS}
     protocol = {"batch_size": args.batch_size, "max_length": args.max_length, "limit": args.limit, "dtype": dtype,
-                "num_fewshot": 0}
+                "num_fewshot": 0, **HARNESS_SETTINGS}
     for task, metrics in results.items():
         write_json(Path(args.out_dir) / f"zeroshot-{task}.json", {
             "kind": "zeroshot", **description, "dataset": task, "metrics": metrics, "protocol": protocol,

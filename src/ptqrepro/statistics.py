@@ -37,8 +37,28 @@ def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, gram: t
 
 
 def add_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
-    """``G += X^T X`` in place, keeping G exactly symmetric, with 3/4 of a full product's work:
-    split the columns X = [A B]; G's blocks are A^T A, B^T B and B^T A, the fourth is (B^T A)^T."""
+    """``G += X^T X`` in place for float32 ``G`` [in, in] and ``X`` [tokens, in], keeping G exactly
+    symmetric: BLAS's symmetric rank-k update on the CPU, three blocks elsewhere."""
+    if gram.device.type == "cpu" and x.device.type == "cpu":
+        add_gram_syrk(gram, x)
+    else:
+        add_gram_blocks(gram, x)
+
+
+def add_gram_syrk(gram: torch.Tensor, x: torch.Tensor) -> None:
+    """``G += X^T X`` on the CPU by ``ssyrk`` (through SciPy), which computes one triangle (half a
+    full product's work), then mirrored. Read as Fortran arrays, the C-ordered G is G^T = G and X
+    is X^T: ssyrk updates the lower triangle of the former (G's upper triangle) in place."""
+    from scipy.linalg.blas import ssyrk
+
+    ssyrk(1.0, x.contiguous().numpy().T, beta=1.0, c=gram.numpy().T, trans=0, lower=1, overwrite_c=1)
+    upper = gram.triu(1)
+    gram.triu_().add_(upper.T)
+
+
+def add_gram_blocks(gram: torch.Tensor, x: torch.Tensor) -> None:
+    """``G += X^T X`` with 3/4 of a full product's work: split the columns X = [A B]; G's blocks
+    are A^T A, B^T B and B^T A, the fourth is (B^T A)^T."""
     half = x.shape[1] // 2
     a, b = x[:, :half], x[:, half:]
     gram[:half, :half].addmm_(a.T, a)

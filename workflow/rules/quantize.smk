@@ -2,6 +2,7 @@
 # recipe (DWR) starts from its base recipe's artifact, so the base is quantized once. Each job
 # saves every finished layer under results/checkpoints/ (deleted when it succeeds): killed and
 # rerun (snakemake --rerun-incomplete), it resumes after its last finished layer.
+CHECKPOINT_DIR = "results/checkpoints/{model}/{recipe}"
 
 
 rule quantize:
@@ -18,6 +19,7 @@ rule quantize:
         device=config["device"],
         batch_size=CALIB["batch_size"],
         dtype=CALIB["dtype"],
+        checkpoints=lambda w: CHECKPOINT_DIR.format(model=w.model, recipe=w.recipe),
     threads: rule_threads(config, "quantize")
     priority: longest_first
     resources:
@@ -29,7 +31,7 @@ rule quantize:
         " --recipe {wildcards.recipe:q} --spec {params.spec:q} --device {params.device}"
         " --batch-size {params.batch_size} --dtype {params.dtype} --offload {config[calibration][offload]} --threads {threads}"
         " --out {output.artifact} --metrics {output.metrics}"
-        " --checkpoint-dir results/checkpoints/{wildcards.model}/{wildcards.recipe:q} > {log} 2>&1"
+        " --checkpoint-dir {params.checkpoints:q} > {log} 2>&1"
 
 
 rule dwr:
@@ -47,6 +49,7 @@ rule dwr:
         device=config["device"],
         batch_size=CALIB["batch_size"],
         dtype=CALIB["dtype"],
+        checkpoints=lambda w: CHECKPOINT_DIR.format(model=w.model, recipe=w.recipe),
     threads: rule_threads(config, "dwr")
     priority: longest_first
     resources:
@@ -58,4 +61,4 @@ rule dwr:
         " --recipe {wildcards.recipe:q} --spec {params.spec:q} --device {params.device}"
         " --batch-size {params.batch_size} --dtype {params.dtype} --offload {config[calibration][offload]} --threads {threads}"
         " --out {output.artifact} --metrics {output.metrics}"
-        " --checkpoint-dir results/checkpoints/{wildcards.model}/{wildcards.recipe:q} > {log} 2>&1"
+        " --checkpoint-dir {params.checkpoints:q} > {log} 2>&1"

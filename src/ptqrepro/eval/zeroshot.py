@@ -27,6 +27,9 @@ from pathlib import Path
 from ptqrepro.errors import PtqError
 
 LOCAL_TASKS = ("ptq_lastword", "ptq_nextsentence")
+HARNESS_SETTINGS = {"random_seed": 0, "numpy_random_seed": 0, "torch_random_seed": 0, "bootstrap_iters": 1000}
+"""What ``simple_evaluate`` is given beyond the tasks (its seeds, and the bootstrap that estimates
+the standard error of the perplexity metric); every zero-shot result records them."""
 MIN_PASSAGE_WORDS = 30
 MAX_PASSAGE_WORDS = 120
 CONTEXT_SENTENCES = 3
@@ -168,7 +171,7 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str], include_path: str | No
         raise PtqError(f"unknown zero-shot task(s) {', '.join(unknown)} (not local, not in lm-eval's registry)")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=device)
     output = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False,
-                             bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+                             **HARNESS_SETTINGS)
     results = {}
     for task in tasks:
         metrics = output["results"][task]
