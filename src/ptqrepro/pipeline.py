@@ -14,16 +14,18 @@
    reference's loop), and otherwise the float layer's outputs from the statistics pass (AWQ,
    SmoothQuant and L2QER calibrate on the float model's activations, as their references do: one
    forward pass per layer instead of two); then return the layer to the CPU in its loaded dtype,
-   or free it (``release_layers``: a job that only needs the returned codes). With per-layer checkpoints
-   (``checkpoint.LayerCheckpoints``) each finished layer is saved, and a rerun restores the saved
-   layers (their weights, then their outputs) instead of quantizing them.
+   or free it (``release_layers``: a job that only needs the returned codes). With per-layer
+   checkpoints (``checkpoint.LayerCheckpoints``) each finished layer is saved, and a rerun restores
+   the saved layers instead of quantizing them (their weights, then the next layer's inputs as
+   above: the float layer's outputs are computed before its saved weights are written).
 
 Peak device memory is one decoder layer (plus the copies and statistics its steps make)
 plus the calibration activations (one set, and one batch's outputs; two sets for a recipe that
 calibrates on the float model), or, with ``offload="cpu"``, one batch of them: the activations
-then stay on the CPU and each batch visits the device for one layer's forward pass. The loaded model is never written (memory-mapped weights stay clean), and
-nothing but the layer at work, the activations and the statistics stays on the device. A recipe
-whose steps need no statistics (RTN) skips the forward passes: its result does not depend on them.
+then stay on the CPU and each batch visits the device for one layer's forward pass. The loaded
+model is never written (memory-mapped weights stay clean), and nothing but the layer at work, the
+activations and the statistics stays on the device. A recipe whose steps need no statistics (RTN)
+skips the forward passes: its result does not depend on them.
 Calibration runs with float activations; activation quantization applies at evaluation.
 
 The forward passes run in the calibration's compute dtype (``LayerInputs.dtype``): float32, or
