@@ -154,7 +154,9 @@ def layer_output(layer: nn.Module, inputs: LayerInputs, batch: int) -> torch.Ten
 def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
     """The outputs of ``layer`` on every calibration batch of ``inputs``, kept where ``inputs``
     keeps its hidden states."""
-    return [layer_output(layer, inputs, batch).to(inputs.home) for batch in range(len(inputs.hidden))]
+    outputs = []
+    observe(layer, inputs, outputs)
+    return outputs
 
 
 def advance(layer: nn.Module, inputs: LayerInputs) -> None:
@@ -210,7 +212,7 @@ def quantize_model(
         float_outputs = [] if float_inputs else None
         if index < restorable:
             if float_inputs:
-                observe(layer, inputs, float_outputs)
+                float_outputs = run_layer(layer, inputs)
             done = _restore_layer(model, checkpoints.load(index))
             action = f"restored from {checkpoints.folder}"
         else:

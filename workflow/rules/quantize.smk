@@ -2,7 +2,11 @@
 # recipe (DWR) starts from its base recipe's artifact, so the base is quantized once. Each job
 # saves every finished layer under results/checkpoints/ (deleted when it succeeds): killed and
 # rerun (snakemake --rerun-incomplete), it resumes after its last finished layer.
-CHECKPOINT_DIR = "results/checkpoints/{model}/{recipe}"
+
+
+def checkpoint_dir(wildcards):
+    """Where a quantize or DWR job saves its finished layers."""
+    return f"results/checkpoints/{wildcards.model}/{wildcards.recipe}"
 
 
 rule quantize:
@@ -19,7 +23,7 @@ rule quantize:
         device=config["device"],
         batch_size=CALIB["batch_size"],
         dtype=CALIB["dtype"],
-        checkpoints=lambda w: CHECKPOINT_DIR.format(model=w.model, recipe=w.recipe),
+        checkpoints=checkpoint_dir,
     threads: rule_threads(config, "quantize")
     priority: longest_first
     resources:
@@ -49,7 +53,7 @@ rule dwr:
         device=config["device"],
         batch_size=CALIB["batch_size"],
         dtype=CALIB["dtype"],
-        checkpoints=lambda w: CHECKPOINT_DIR.format(model=w.model, recipe=w.recipe),
+        checkpoints=checkpoint_dir,
     threads: rule_threads(config, "dwr")
     priority: longest_first
     resources:
