@@ -135,6 +135,12 @@ TABLE_FIGURES = [
 ]
 
 
+# Every job's software for `--software-deployment-method conda`: this checkout and pyproject.toml's
+# dependencies (envs/ptqrepro.yaml; tests/test_envs.py keeps the two in step). The path is relative
+# to workflow/rules/, where the rules are written.
+CONDA_ENV = "../../envs/ptqrepro.yaml"
+
+
 include: "workflow/rules/data.smk"
 include: "workflow/rules/quantize.smk"
 include: "workflow/rules/evaluate.smk"

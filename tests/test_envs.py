@@ -92,3 +92,21 @@ def test_pip_installs_this_checkout_editable_with_pyproject_dependencies(environ
         chosen = {str(Requirement(f"{r.name}{r.specifier}")) for r in requirements
                   if r.marker is not None and r.marker.evaluate({"extra": extra})}
         assert chosen == dependencies, extra
+
+
+def test_every_job_runs_in_the_environment():
+    """Every rule with a command names envs/ptqrepro.yaml as its conda environment, so that
+    ``--software-deployment-method conda`` runs each job there (the path in a rule is relative to
+    the file that defines the rule, as Snakemake reads it)."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import OutputSettings, ResourceSettings
+
+    with SnakemakeApi(OutputSettings()) as api:
+        workflow = api.workflow(resource_settings=ResourceSettings(), snakefile=REPO / "Snakefile", workdir=REPO)
+        rules = {rule.name: rule for rule in workflow._workflow.rules}
+    with_command = {name for name, rule in rules.items() if rule.shellcmd}
+    assert {"prepare_model", "quantize", "dwr", "eval_ppl", "eval_zeroshot", "tables"} <= with_command
+    for name in with_command:
+        rule = rules[name]
+        assert rule.conda_env, f"rule {name} has no conda directive"
+        assert (Path(rule.basedir) / rule.conda_env).resolve() == ENV_FILE, name

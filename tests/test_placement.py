@@ -180,3 +180,124 @@ def test_the_config_puts_the_offload_on_the_quantize_and_dwr_jobs(tmp_path, tiny
     write_config(tmp_path, config)
     run = snakemake(tmp_path, "-n")
     assert run.returncode != 0 and "'gpu' is not one of ['device', 'cpu']" in run.stdout + run.stderr
+
+
+def artifact_model(tmp_path, spec: dict):
+    """A tiny LLaMA carrying the artifact of ``spec`` (activation quantization and low-rank terms
+    installed as hooks), and its base."""
+    from ptqrepro.artifact import apply_artifact, save_artifact
+
+    base = tiny_llama(vocab_size=96, layers=3)
+    result = quantize_model(copy.deepcopy(base), recipe_from_config("r", spec), calibration(), batch_size=2)
+    save_artifact(tmp_path / "a", result.quantized, result.float_parameters,
+                  {"recipe": "r", "act_format": spec.get("act")}, result.corrections)
+    model = copy.deepcopy(base)
+    apply_artifact(model, tmp_path / "a")
+    return model
+
+
+LQER_W4A8 = {"steps": ["rtn", {"l2qer": {"rank": 4}}], "weight": "int4-g16", "act": "int8"}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_streamed_evaluation_scores_as_the_whole_model(tmp_path, device):
+    """``layers`` placement (activation quantization and low-rank terms included) gives the whole
+    model's losses bit for bit; inside a forward pass exactly the running layer holds copies of its
+    tensors, and afterwards every module has its own tensors back."""
+    from ptqrepro.eval.perplexity import window_losses
+    from ptqrepro.placement import placed_for_evaluation
+
+    model = artifact_model(tmp_path, LQER_W4A8)
+    windows = calibration(n=4, seed=1)
+    layers = model.model.layers
+    loaded = [layer.self_attn.q_proj.weight.data for layer in layers]
+    lent_while_running = []
+
+    def record(index):
+        def hook(_module, _args):
+            lent_while_running.append((index, [layer.self_attn.q_proj.weight.data_ptr() != loaded[i].data_ptr()
+                                               for i, layer in enumerate(layers)]))
+        return hook
+
+    for index, layer in enumerate(layers):
+        layer.mlp.register_forward_pre_hook(record(index))
+    with placed_for_evaluation(model, device, "layers") as placement:
+        assert placement == "layers"
+        streamed_losses = window_losses(model, windows, 2, device)
+        assert all(layer.self_attn.q_proj.weight.data_ptr() == loaded[i].data_ptr() for i, layer in enumerate(layers))
+    assert lent_while_running == [(i, [j == i for j in range(3)]) for _ in range(2) for i in range(3)]
+    assert {t.device.type for t in model.parameters()} | {t.device.type for t in model.buffers()} == {"cpu"}
+    with placed_for_evaluation(model, device, "whole") as placement:
+        assert placement == "whole"
+        assert torch.equal(window_losses(model, windows, 2, device), streamed_losses)
+
+
+def test_auto_placement_and_bad_placements(model):
+    """``auto`` keeps the whole model on a CPU; an unknown placement, and a model with a tensor
+    outside the modules its architecture declares, are clear errors."""
+    from ptqrepro.placement import choose_placement, placed_for_evaluation
+
+    assert choose_placement("auto", model, "cpu") == "whole"
+    with pytest.raises(PtqError, match="unknown placement 'gpu': expected auto, whole, layers"):
+        choose_placement("gpu", model, "cpu")
+    model.model.register_buffer("scale", torch.ones(1))
+    with pytest.raises(PtqError, match="llama declares no module holding model.scale"):
+        with placed_for_evaluation(model, "cpu", "layers"):
+            pass
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_streamed_evaluation_holds_one_layer_on_the_gpu(tmp_path):
+    """With ``layers`` the GPU's peak during a forward pass stays below the model's layers; ``auto``
+    picks ``whole`` for a model that fits."""
+    from ptqrepro.eval.perplexity import window_losses
+    from ptqrepro.placement import model_bytes, placed_for_evaluation
+
+    model = tiny_llama(vocab_size=96, layers=8)
+    layers_bytes = model_bytes(model.model.layers)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    with placed_for_evaluation(model, "cuda", "layers"):
+        window_losses(model, calibration(n=2), 2, "cuda")
+    assert torch.cuda.max_memory_allocated() - baseline < layers_bytes / 2
+    assert torch.cuda.memory_allocated() - baseline == 0
+    with placed_for_evaluation(model, "cuda", "auto") as placement:
+        assert placement == "whole"
+
+
+def test_an_evaluation_loads_the_model_in_its_dtype(tmp_path, tiny_corpus):
+    """The evaluated model's parameters are in the evaluation dtype and its buffers (the rotary
+    frequencies) float32, as ``from_pretrained`` builds them; converting a float32 load afterwards
+    would round the frequencies to bfloat16 as well."""
+    import argparse
+
+    from ptqrepro.artifact import save_artifact
+    from ptqrepro.cli import _model_to_evaluate
+
+    folder, _ = prepared_model(tmp_path, tiny_corpus, torch.float32)
+    save_artifact(tmp_path / "a", {}, {}, {"recipe": "fp16"})
+    args = argparse.Namespace(model=folder, quantized=tmp_path / "a", device="cpu", dtype="bfloat16", placement="auto")
+    with _model_to_evaluate(args) as (model, _tokenizer, _manifest, device, dtype, placement):
+        assert (device, dtype, placement) == ("cpu", "bfloat16", "whole")
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+def test_the_config_puts_the_placement_on_the_evaluations(tmp_path, tiny_model_dir, tiny_corpus):
+    """``eval.placement`` reaches the perplexity and zero-shot jobs; the schema refuses an unknown one."""
+    from test_dag import snakemake, tiny_config, write_config
+
+    config = tiny_config(tiny_model_dir, tiny_corpus, recipes={"r": {"steps": ["rtn"], "weight": "int4"}})
+    config["eval"]["placement"] = "layers"
+    config["eval"]["zeroshot"] = {"tasks": ["ptq_lastword"], "corpus": "tiny", "items": 4}
+    write_config(tmp_path, config)
+    run = snakemake(tmp_path, "-n", "-p")
+    assert run.returncode == 0, run.stderr[-2000:]
+    commands = re.findall(r"ptqrepro (?:eval-ppl|eval-zeroshot) .*", run.stdout + run.stderr)
+    assert {line.split()[1] for line in commands} == {"eval-ppl", "eval-zeroshot"}
+    assert all("--placement layers" in line for line in commands)
+    config["eval"]["placement"] = "gpu"
+    write_config(tmp_path, config)
+    run = snakemake(tmp_path, "-n")
+    assert run.returncode != 0 and "'gpu' is not one of ['auto', 'whole', 'layers']" in run.stdout + run.stderr

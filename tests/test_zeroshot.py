@@ -59,7 +59,8 @@ def test_a_test_split_without_prose_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_lm_eval_scores_a_quantized_model_on_the_local_tasks(tmp_path, tiny_model_dir, tiny_corpus):
-    """The real harness through the CLI: tasks from the corpus, an int4 model with int8 activations."""
+    """The real harness through the CLI: tasks from the corpus, an int4 model with int8 activations; the
+    same metrics with the model streamed one decoder layer at a time (``--placement layers``)."""
     from ptqrepro.cli import main
 
     calibration, corpus, model = tmp_path / "calib.pt", tmp_path / "corpus", tmp_path / "model"
@@ -80,6 +81,15 @@ def test_lm_eval_scores_a_quantized_model_on_the_local_tasks(tmp_path, tiny_mode
     assert run.returncode == 0, run.stderr[-3000:]
     lastword = json.loads((tmp_path / "metrics" / "zeroshot-ptq_lastword.json").read_text())
     choice = json.loads((tmp_path / "metrics" / "zeroshot-ptq_nextsentence.json").read_text())
+    assert choice["provenance"]["placement"] == "whole"
+    streamed = subprocess.run(
+        [*run.args[:run.args.index("--out-dir")], "--placement", "layers", "--out-dir", str(tmp_path / "streamed")],
+        capture_output=True, text=True, env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", **__import__("os").environ},
+    )
+    assert streamed.returncode == 0, streamed.stderr[-3000:]
+    for task, result in (("ptq_lastword", lastword), ("ptq_nextsentence", choice)):
+        layered = json.loads((tmp_path / "streamed" / f"zeroshot-{task}.json").read_text())
+        assert layered["metrics"] == result["metrics"] and layered["provenance"]["placement"] == "layers"
     assert lastword["kind"] == "zeroshot" and lastword["dataset"] == "ptq_lastword" and lastword["act_format"] == "int8"
     assert 0 <= lastword["metrics"]["acc"] <= 1 and lastword["metrics"]["perplexity"] > 1
     assert {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"} <= set(choice["metrics"])

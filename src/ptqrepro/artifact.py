@@ -130,8 +130,9 @@ def install_low_rank(linear: nn.Linear, term: QuantizedLowRank, act) -> None:
 
 
 @torch.no_grad()
-def apply_artifact(model: nn.Module, artifact_dir: str | Path) -> dict:
-    """Turn a loaded base model into the quantized model the artifact describes."""
+def apply_artifact(model: nn.Module, artifact_dir: str | Path, device: str = "cpu") -> dict:
+    """Turn a loaded base model into the quantized model the artifact describes; its low-rank
+    terms are kept on ``device``, where the model will compute (so no forward pass copies them)."""
     artifact = load_artifact(artifact_dir)
     act = parse_format(artifact.manifest.get("act_format"))
     activations = ActivationQuantizer(act) if act is not None else None
@@ -141,7 +142,7 @@ def apply_artifact(model: nn.Module, artifact_dir: str | Path) -> dict:
         if activations is not None:
             activations.install(linear)
         if name in artifact.corrections:
-            install_low_rank(linear, artifact.corrections[name], act)
+            install_low_rank(linear, artifact.corrections[name].to(device), act)
     for name, value in artifact.float_parameters.items():
         model.get_parameter(name).data.copy_(value)
     return artifact.manifest

@@ -19,6 +19,7 @@ is touched, since every output is written atomically.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -29,7 +30,7 @@ import yaml
 
 from ptqrepro.errors import PtqError
 from ptqrepro.io import atomic_path, read_json, write_json
-from ptqrepro.placement import OFFLOADS, check_offload
+from ptqrepro.placement import OFFLOADS, PLACEMENTS, check_offload
 
 SPLIT_FILE = "{split}.jsonl"
 CORPUS_MANIFEST = "corpus.json"
@@ -230,18 +231,22 @@ RESULT_DESCRIPTION_KEYS = (
 """Keys of an artifact's manifest that every evaluation result repeats."""
 
 
+@contextlib.contextmanager
 def _model_to_evaluate(args):
-    """The quantized model of ``--model`` + ``--quantized`` on ``--device`` in the evaluation dtype:
-    ``(model, tokenizer, manifest, device, dtype name)``."""
+    """The quantized model of ``--model`` + ``--quantized`` in the evaluation dtype, computing on
+    ``--device`` as ``--placement`` puts it there (``placement.placed_for_evaluation``): inside the
+    block, ``(model, tokenizer, manifest, device, dtype name, placement chosen)``. The model loads
+    in the evaluation dtype (lazily where that is the checkpoint's), so the host holds it once."""
     from ptqrepro.artifact import apply_artifact
-    from ptqrepro.models.sources import compute_dtype, load_model, resolve_device, torch_dtype
+    from ptqrepro.models.sources import compute_dtype, load_model, resolve_device
+    from ptqrepro.placement import placed_for_evaluation
 
     device = resolve_device(args.device)
     dtype = compute_dtype(args.dtype, device)
-    model, tokenizer = load_model(args.model)
-    manifest = apply_artifact(model, args.quantized)
-    model.to(device=device, dtype=torch_dtype(dtype))
-    return model, tokenizer, manifest, device, dtype
+    model, tokenizer = load_model(args.model, dtype)
+    manifest = apply_artifact(model, args.quantized, device)
+    with placed_for_evaluation(model, device, args.placement) as placement:
+        yield model, tokenizer, manifest, device, dtype, placement
 
 
 def cmd_eval_ppl(args) -> None:
@@ -252,19 +257,20 @@ def cmd_eval_ppl(args) -> None:
     _set_threads(args.threads)
     provenance = Provenance()
     spec = _corpus(args.corpus)
-    model, tokenizer, manifest, device, dtype = _model_to_evaluate(args)
-    windows, total = evaluation_windows(
-        _documents(args.corpus, "test"), tokenizer, spec, args.seqlen, args.max_windows,
-        nsamples=args.nsamples, seed=args.seed,
-    )
-    metrics = perplexity(model, windows, batch_size=args.batch_size, device=device)
+    with _model_to_evaluate(args) as (model, tokenizer, manifest, device, dtype, placement):
+        windows, total = evaluation_windows(
+            _documents(args.corpus, "test"), tokenizer, spec, args.seqlen, args.max_windows,
+            nsamples=args.nsamples, seed=args.seed,
+        )
+        metrics = perplexity(model, windows, batch_size=args.batch_size, device=device)
     protocol = {"seqlen": args.seqlen, "windows": int(windows.shape[0]), "total_windows": total,
                 "max_windows": args.max_windows, "dtype": dtype, "sampling": spec.sampling, "split": "test",
                 "seed": args.seed}
     description = {key: manifest[key] for key in RESULT_DESCRIPTION_KEYS}
     write_json(args.out, {
         "kind": "perplexity", **description, "dataset": spec.name, "metrics": metrics, "protocol": protocol,
-        "provenance": provenance.record({"protocol": protocol, "quantized": manifest["config_hash"]}, device),
+        "provenance": {**provenance.record({"protocol": protocol, "quantized": manifest["config_hash"]}, device),
+                       "placement": placement},
     })
     print(f"{description['recipe']} on {spec.name}: ppl {metrics['ppl']:.3f} over {windows.shape[0]} windows")
 
@@ -283,17 +289,17 @@ def cmd_eval_zeroshot(args) -> None:
 
     _set_threads(args.threads)
     provenance = Provenance()
-    model, tokenizer, manifest, device, dtype = _model_to_evaluate(args)
-    model.eval()
-    results = evaluate_zeroshot(model, tokenizer, args.tasks, args.include, args.batch_size, args.max_length,
-                                device, args.limit)
+    with _model_to_evaluate(args) as (model, tokenizer, manifest, device, dtype, placement):
+        results = evaluate_zeroshot(model, tokenizer, args.tasks, args.include, args.batch_size, args.max_length,
+                                    device, args.limit)
     description = {key: manifest[key] for key in RESULT_DESCRIPTION_KEYS}
     protocol = {"batch_size": args.batch_size, "max_length": args.max_length, "limit": args.limit, "dtype": dtype,
                 "num_fewshot": 0, **HARNESS_SETTINGS}
     for task, metrics in results.items():
         write_json(Path(args.out_dir) / f"zeroshot-{task}.json", {
             "kind": "zeroshot", **description, "dataset": task, "metrics": metrics, "protocol": protocol,
-            "provenance": provenance.record({"protocol": protocol, "task": task, "quantized": manifest["config_hash"]}, device),
+            "provenance": {**provenance.record({"protocol": protocol, "task": task, "quantized": manifest["config_hash"]},
+                                               device), "placement": placement},
         })
         shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items() if not name.endswith("stderr"))
         print(f"{description['recipe']} on {task}: {shown}")
@@ -412,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (see compute_dtype)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
+    p.add_argument("--placement", default="auto", choices=PLACEMENTS,
+                   help="whole: the model on the device; layers: one decoder layer at a time there; auto: whole where it fits")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_eval_ppl)
 
@@ -433,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (see compute_dtype)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
+    p.add_argument("--placement", default="auto", choices=PLACEMENTS,
+                   help="whole: the model on the device; layers: one decoder layer at a time there; auto: whole where it fits")
     p.add_argument("--out-dir", required=True, help="writes zeroshot-<task>.json there")
     p.set_defaults(func=cmd_eval_zeroshot)
 

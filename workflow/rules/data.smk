@@ -12,6 +12,8 @@ rule prepare_model:
         **OTHER_RESOURCES,
     log:
         "results/logs/prepare_model/{model}.log",
+    conda:
+        CONDA_ENV
     shell:
         "ptqrepro prepare-model --name {wildcards.model} --spec {params.spec:q} --out {output} > {log} 2>&1"
 
@@ -25,6 +27,8 @@ rule prepare_corpus:
         **OTHER_RESOURCES,
     log:
         "results/logs/prepare_corpus/{corpus}.log",
+    conda:
+        CONDA_ENV
     shell:
         "ptqrepro prepare-corpus --name {wildcards.corpus} --spec {params.spec:q} --out {output} > {log} 2>&1"
 
@@ -39,6 +43,8 @@ rule calibrate:
         **OTHER_RESOURCES,
     log:
         "results/logs/calibrate/{model}/{corpus}-n{nsamples}-l{seqlen}-s{seed}.log",
+    conda:
+        CONDA_ENV
     shell:
         "ptqrepro calibrate --model {input.model} --corpus {input.corpus} --nsamples {wildcards.nsamples}"
         " --seqlen {wildcards.seqlen} --seed {wildcards.seed} --out {output} > {log} 2>&1"

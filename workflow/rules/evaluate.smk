@@ -23,10 +23,13 @@ rule eval_ppl:
         EVALUATION_GROUP
     log:
         "results/logs/eval_ppl/{model}/{recipe}/{dataset}.log",
+    conda:
+        CONDA_ENV
     shell:
         "{GPU_SLOT} {resources.gpu} {params.device} ptqrepro eval-ppl --model {input.model} --quantized {input.quantized} --corpus {input.corpus}"
         " --seqlen {PPL[seqlen]} {params.max_windows} --nsamples {PPL[nsamples]} --seed {PPL[seed]}"
-        " --batch-size {PPL[batch_size]} --dtype {PPL[dtype]} --device {params.device} --threads {threads}"
+        " --batch-size {PPL[batch_size]} --dtype {PPL[dtype]} --device {params.device} --placement {config[eval][placement]}"
+        " --threads {threads}"
         " --out {output} > {log} 2>&1"
 
 
@@ -47,6 +50,8 @@ rule zeroshot_tasks:
         **OTHER_RESOURCES,
     log:
         "results/logs/zeroshot_tasks/{corpus}-n{nitems}-s{seed}.log",
+    conda:
+        CONDA_ENV
     shell:
         "ptqrepro zeroshot-tasks --corpus {input.corpus} --items {wildcards.nitems} --seed {wildcards.seed}"
         " --out {output} > {log} 2>&1"
@@ -75,8 +80,10 @@ if ZEROSHOT:
             EVALUATION_GROUP
         log:
             "results/logs/eval_zeroshot/{model}/{recipe}.log",
+        conda:
+            CONDA_ENV
         shell:
             "{GPU_SLOT} {resources.gpu} {params.device} ptqrepro eval-zeroshot --model {input.model} --quantized {input.quantized} --tasks {params.tasks}"
             " {params.include} {params.limit} --batch-size {ZEROSHOT[batch_size]} --max-length {ZEROSHOT[max_length]}"
-            " --dtype {ZEROSHOT[dtype]} --device {params.device} --threads {threads}"
+            " --dtype {ZEROSHOT[dtype]} --device {params.device} --placement {config[eval][placement]} --threads {threads}"
             " --out-dir results/metrics/{wildcards.model}/{wildcards.recipe} > {log} 2>&1"

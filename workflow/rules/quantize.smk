@@ -30,6 +30,8 @@ rule quantize:
         **rule_resources(config, "quantize"),
     log:
         "results/logs/quantize/{model}/{recipe}.log",
+    conda:
+        CONDA_ENV
     shell:
         "{GPU_SLOT} {resources.gpu} {params.device} ptqrepro quantize --model {input.model} --calibration {input.calibration}"
         " --recipe {wildcards.recipe:q} --spec {params.spec:q} --device {params.device}"
@@ -60,6 +62,8 @@ rule dwr:
         **rule_resources(config, "dwr"),
     log:
         "results/logs/dwr/{model}/{recipe}.log",
+    conda:
+        CONDA_ENV
     shell:
         "{GPU_SLOT} {resources.gpu} {params.device} ptqrepro dwr --model {input.model} --base {input.base} --calibration {input.calibration}"
         " --recipe {wildcards.recipe:q} --spec {params.spec:q} --device {params.device}"

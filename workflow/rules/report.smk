@@ -22,6 +22,8 @@ rule tables:
         **OTHER_RESOURCES,
     log:
         "results/logs/tables.log",
+    conda:
+        CONDA_ENV
     shell:
         "ptqrepro tables --out results/tables {input} > {log} 2>&1"
 
@@ -38,6 +40,8 @@ rule plot_table_figure:
         **OTHER_RESOURCES,
     log:
         "results/logs/plot_{figure}.log",
+    conda:
+        CONDA_ENV
     shell:
         "ptqrepro plots --table {input} --figure {wildcards.figure} --out results/plots/{wildcards.figure} > {log} 2>&1"
 
@@ -54,6 +58,8 @@ rule claims:
         **OTHER_RESOURCES,
     log:
         "results/logs/claims.log",
+    conda:
+        CONDA_ENV
     shell:
         "ptqrepro claims --table {input} --claims {params.claims:q} --out results/tables > {log} 2>&1"
 
@@ -69,6 +75,8 @@ rule paper_tables:
         **OTHER_RESOURCES,
     log:
         "results/logs/paper_tables.log",
+    conda:
+        CONDA_ENV
     shell:
         "ptqrepro paper-tables --table {input.table} --reference {input.reference} --out {output} > {log} 2>&1"
 
@@ -85,6 +93,8 @@ rule plot_dwr:
         **OTHER_RESOURCES,
     log:
         "results/logs/plot_dwr/{model}/{recipe}.log",
+    conda:
+        CONDA_ENV
     shell:
         "ptqrepro plots --dwr {input} --out results/plots/dwr/{wildcards.model}/{wildcards.recipe} > {log} 2>&1"
 
@@ -101,5 +111,7 @@ rule plot_magr:
         **OTHER_RESOURCES,
     log:
         "results/logs/plot_magr/{model}/{recipe}.log",
+    conda:
+        CONDA_ENV
     shell:
         "ptqrepro plots --magr {input} --out results/plots/magr/{wildcards.model}/{wildcards.recipe} > {log} 2>&1"
