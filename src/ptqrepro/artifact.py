@@ -2,8 +2,10 @@
 
 A directory with ``quantized.safetensors`` and ``manifest.json``:
 
-* ``<linear>.codes`` (the format's code dtype) and ``<linear>.<parameter>`` for each of the
-  format's group parameters (scale and zero point, or an MX block's shared exponent);
+* ``<linear>.codes`` and ``<linear>.<parameter>`` for each of the format's group parameters
+  (scale and zero point, or an MX block's shared exponent); integer codes of fewer than 8 bits
+  packed to the format's bits each (``formats.packing``; the manifest's ``packed_codes`` gives each
+  one's bits, shape and dtype), others (8-bit codes, MX floating-point elements) as their dtype;
 * ``<linear>.lowrank_down.*`` and ``<linear>.lowrank_up.*``, the same for each factor of a
   linear's LQER term (``lowrank.QuantizedLowRank``);
 * the float parameters a transform changed outside the linears (SmoothQuant's and AWQ's
@@ -30,6 +32,7 @@ from torch import nn
 from ptqrepro.errors import PtqError
 from ptqrepro.formats import QuantizedWeight, parse_format
 from ptqrepro.formats.activation import quantize_activation
+from ptqrepro.formats.packing import PACKABLE, pack_codes, unpack_codes
 from ptqrepro.io import atomic_path
 from ptqrepro.lowrank import QuantizedLowRank
 
@@ -40,17 +43,25 @@ MANIFEST = "manifest.json"
 FACTORS = ("down", "up")
 
 
-def _put(tensors: dict, name: str, weight: QuantizedWeight) -> None:
-    tensors[f"{name}.codes"] = weight.codes.contiguous().cpu()
+def _put(tensors: dict, packed: dict, name: str, weight: QuantizedWeight) -> None:
+    """Store ``weight`` under ``name``: its codes packed to ``fmt.bits`` bits each where they are
+    integers of fewer than 8 bits (``packed`` records how, for ``_take``), and its parameters."""
+    codes = weight.codes.contiguous().cpu()
+    if codes.dtype in PACKABLE and weight.fmt.bits < 8:
+        packed[f"{name}.codes"] = {"bits": weight.fmt.bits, "shape": list(codes.shape), "dtype": str(codes.dtype).removeprefix("torch.")}
+        codes = pack_codes(codes, weight.fmt.bits)
+    tensors[f"{name}.codes"] = codes
     for key, value in weight.params.items():
         tensors[f"{name}.{key}"] = value.contiguous().cpu()
 
 
-def _take(tensors: dict, name: str, fmt_name: str) -> QuantizedWeight:
+def _take(tensors: dict, packed: dict, name: str, fmt_name: str) -> QuantizedWeight:
     fmt = parse_format(fmt_name)
-    return QuantizedWeight(
-        codes=tensors[f"{name}.codes"], params={key: tensors[f"{name}.{key}"] for key in fmt.param_names}, fmt=fmt
-    )
+    codes = tensors[f"{name}.codes"]
+    if f"{name}.codes" in packed:
+        layout = packed[f"{name}.codes"]
+        codes = unpack_codes(codes, layout["bits"], tuple(layout["shape"]), getattr(torch, layout["dtype"]))
+    return QuantizedWeight(codes=codes, params={key: tensors[f"{name}.{key}"] for key in fmt.param_names}, fmt=fmt)
 
 
 def save_artifact(
@@ -62,11 +73,12 @@ def save_artifact(
 ) -> None:
     corrections = corrections or {}
     tensors = {name: value.contiguous().cpu() for name, value in float_parameters.items()}
+    packed = {}
     for name, weight in quantized.items():
-        _put(tensors, name, weight)
+        _put(tensors, packed, name, weight)
     for name, term in corrections.items():
         for factor in FACTORS:
-            _put(tensors, f"{name}.lowrank_{factor}", getattr(term, factor))
+            _put(tensors, packed, f"{name}.lowrank_{factor}", getattr(term, factor))
     manifest = {
         **manifest,
         "linears": {name: weight.fmt.name for name, weight in quantized.items()},
@@ -75,6 +87,7 @@ def save_artifact(
             for name, term in corrections.items()
         },
         "float_parameters": sorted(float_parameters),
+        "packed_codes": packed,
     }
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
@@ -96,10 +109,11 @@ def load_artifact(artifact_dir: str | Path) -> Artifact:
         raise PtqError(f"{artifact_dir} is not a quantized-model artifact (no {MANIFEST})")
     manifest = json.loads((artifact_dir / MANIFEST).read_text())
     tensors = load_file(str(artifact_dir / TENSORS))
+    packed = manifest.get("packed_codes", {})
     return Artifact(
-        quantized={name: _take(tensors, name, fmt_name) for name, fmt_name in manifest["linears"].items()},
+        quantized={name: _take(tensors, packed, name, fmt_name) for name, fmt_name in manifest["linears"].items()},
         corrections={
-            name: QuantizedLowRank(**{f: _take(tensors, f"{name}.lowrank_{f}", formats[f]) for f in FACTORS})
+            name: QuantizedLowRank(**{f: _take(tensors, packed, f"{name}.lowrank_{f}", formats[f]) for f in FACTORS})
             for name, formats in manifest.get("lowrank", {}).items()
         },
         float_parameters={name: tensors[name] for name in manifest.get("float_parameters", [])},
