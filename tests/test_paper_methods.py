@@ -10,7 +10,7 @@ import torch
 from ptqrepro.artifact import apply_artifact, load_artifact, save_artifact
 from ptqrepro.errors import PtqError
 from ptqrepro.pipeline import quantize_model
-from ptqrepro.reconstruction import linear_weights, search_model
+from ptqrepro.reconstruction import search_model
 from ptqrepro.recipes import DwrSettings, recipe_from_config, reconstruction_from_config
 
 
@@ -117,11 +117,8 @@ def dwr_case(model, tmp_path, ranks=(2, 8, 32), windows=None, dtype=torch.float3
     result = quantize(model, {"steps": ["gptq"], "weight": "int2"})
     save_artifact(tmp_path / "base", result.quantized, result.float_parameters, {"recipe": "base", "act_format": None})
     artifact = load_artifact(tmp_path / "base")
-    originals = linear_weights(copy.deepcopy(fresh), artifact.quantized)  # apply_artifact writes into fresh
-    apply_artifact(fresh, tmp_path / "base")
     settings = DwrSettings(ranks=ranks, windows=windows)
-    return fresh, artifact, search_model(fresh, artifact, originals, calibration(n=4, seed=3), settings, batch_size=2,
-                                         dtype=dtype)
+    return fresh, artifact, search_model(fresh, artifact, calibration(n=4, seed=3), settings, batch_size=2, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -136,7 +133,9 @@ def test_dwr_never_increases_calibration_perplexity(model, tmp_path, dtype):
         assert torch.equal(weight.params["scale"], artifact.quantized[name].params["scale"])  # the same grid
         if block.chosen == 0:
             assert torch.equal(weight.codes, artifact.quantized[name].codes)
-    # the model carries the chosen weights: its perplexity, in the search's dtype, is the final one
+    # with the chosen weights, the model's perplexity in the search's dtype is the final one
+    for name, weight in result.quantized.items():
+        fresh.get_submodule(name).weight.data = weight.dequantize()
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         losses = [fresh(input_ids=b, labels=b).loss.float() for b in calibration(n=4, seed=3).split(2)]
     assert math.exp(float(torch.stack(losses).mean())) == pytest.approx(result.final_ppl, rel=1e-4 if dtype == torch.float32 else 2e-3)
@@ -147,7 +146,7 @@ def test_dwr_rejects_a_base_with_folded_scales(model, tmp_path):
     save_artifact(tmp_path / "b", result.quantized, result.float_parameters, {"recipe": "sq", "act_format": None})
     artifact = load_artifact(tmp_path / "b")
     with pytest.raises(PtqError, match="folded scales"):
-        search_model(model, artifact, {}, calibration(), DwrSettings())
+        search_model(model, artifact, calibration(), DwrSettings())
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from ptqrepro.models.adapters import LLAMA
 from ptqrepro.models.sources import ModelSource, load_model, prepare_model
 from ptqrepro.pipeline import capture_layer_inputs, quantize_model
 from ptqrepro.placement import borrowed, fetch
-from ptqrepro.reconstruction import linear_weights, search_model
+from ptqrepro.reconstruction import search_model
 from ptqrepro.recipes import DwrSettings, recipe_from_config
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -100,7 +100,8 @@ def test_quantizing_never_writes_the_memory_mapped_model(tmp_path, tiny_corpus):
 @pytest.mark.parametrize("device", DEVICES)
 def test_where_the_activations_are_kept_changes_no_result(device):
     """Quantization and DWR's search give the same result with the activations on the device or on
-    the CPU; with ``cpu`` the captured hidden states are on the CPU."""
+    the CPU; with ``cpu`` the captured hidden states are on the CPU. DWR's search only reads the model
+    and leaves no hook on it."""
     base = tiny_llama(vocab_size=96, layers=3)
     data = calibration()
     results = {offload: quantize_model(copy.deepcopy(base), recipe_from_config("g", GPTQ), data, device=device,
@@ -111,14 +112,11 @@ def test_where_the_activations_are_kept_changes_no_result(device):
 
     base_result = quantize_model(copy.deepcopy(base), recipe_from_config("r", {"steps": ["rtn"], "weight": "int3"}), data)
     artifact = Artifact(base_result.quantized, {}, {}, {"recipe": "r"})
-    originals = linear_weights(base, artifact.quantized)
-    searches = {}
-    for offload in ("device", "cpu"):
-        model = copy.deepcopy(base)
-        for name, weight in artifact.quantized.items():
-            model.get_submodule(name).weight.data.copy_(weight.dequantize())
-        searches[offload] = search_model(model, artifact, originals, data, DwrSettings(ranks=(4, 16)), device=device,
-                                         batch_size=2, offload=offload)
+    before = copy.deepcopy(base.state_dict())
+    searches = {offload: search_model(base, artifact, data, DwrSettings(ranks=(4, 16)), device=device, batch_size=2,
+                                      offload=offload) for offload in ("device", "cpu")}
+    assert all(torch.equal(value, before[name]) for name, value in base.state_dict().items())  # only read
+    assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in base.modules())
     assert [b.curve for b in searches["device"].blocks] == [b.curve for b in searches["cpu"].blocks]
     assert searches["device"].final_ppl == searches["cpu"].final_ppl
 

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from ptqrepro.cli import main
 from ptqrepro.formats import parse_format
 from ptqrepro.methods.rtn import rtn
 from ptqrepro.pipeline import quantize_model
-from ptqrepro.reconstruction import linear_weights, search_model
+from ptqrepro.reconstruction import search_model
 from ptqrepro.recipes import DwrSettings, recipe_from_config
 
 
@@ -102,14 +101,10 @@ def test_dwr_resumes_after_the_last_searched_block(tmp_path):
     result = quantize_model(copy.deepcopy(fresh), recipe_from_config("g", {"steps": ["gptq"], "weight": "int2"}), calibration())
     save_artifact(tmp_path / "base", result.quantized, {}, {"recipe": "base", "act_format": None})
     base = load_artifact(tmp_path / "base")
-    originals = linear_weights(fresh, base.quantized)
     settings = DwrSettings(ranks=(2, 8, 32))
 
     def search(**kwargs):
-        model = copy.deepcopy(fresh)
-        for name, weight in base.quantized.items():
-            model.get_submodule(name).weight.data.copy_(weight.dequantize())
-        return search_model(model, base, originals, calibration(n=4, seed=3), settings, batch_size=2, **kwargs)
+        return search_model(fresh, base, calibration(n=4, seed=3), settings, batch_size=2, **kwargs)
 
     uninterrupted = search()
     checkpoints = LayerCheckpoints(tmp_path / "ckpt", "dwr")

@@ -14,9 +14,9 @@ A directory with ``quantized.safetensors`` and ``manifest.json``:
   and the activation format.
 
 It holds only what the recipe changed; the base model is read from its prepared directory.
-``apply_artifact`` writes the dequantized weights and changed parameters into a loaded base
-model, installs the activation fake-quantization on every quantized linear's input and adds each
-low-rank term's output to its linear's output.
+``apply_artifact`` gives a loaded base model the dequantized weights and changed parameters and
+installs (``install_quantized_inference``) the activation fake-quantization on every quantized
+linear's input and each low-rank term's output added to its linear's output.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ptqrepro.errors import PtqError
 from ptqrepro.formats import QuantizedWeight, parse_format
@@ -134,29 +135,43 @@ class ActivationQuantizer:
             self._last = (x, quantize_activation(x, self.fmt))
         return self._last[1]
 
-    def install(self, linear: nn.Linear) -> None:
-        linear.register_forward_pre_hook(lambda _module, args: (self(args[0]), *args[1:]))
+    def install(self, linear: nn.Linear) -> RemovableHandle:
+        return linear.register_forward_pre_hook(lambda _module, args: (self(args[0]), *args[1:]))
 
 
-def install_low_rank(linear: nn.Linear, term: QuantizedLowRank, act) -> None:
+def install_low_rank(linear: nn.Linear, term: QuantizedLowRank, act) -> RemovableHandle:
     """Add ``Q_a(Q_a(x) A) B`` to the output of ``linear`` (whose input is already ``Q_a(x)``)."""
-    linear.register_forward_hook(lambda _module, args, output: output + term.output(args[0], act))
+    return linear.register_forward_hook(lambda _module, args, output: output + term.output(args[0], act))
+
+
+def install_quantized_inference(model: nn.Module, artifact: Artifact, device: str = "cpu") -> list[RemovableHandle]:
+    """Hook what the artifact adds to its linears' computation into ``model``: the activation
+    fake-quantization on every quantized linear's input, and each low-rank term's output (its
+    factors kept on ``device``, where the model will compute, so no forward pass copies them).
+    The weights are left as they are; returns the hooks' handles."""
+    act = parse_format(artifact.manifest.get("act_format"))
+    activations = ActivationQuantizer(act) if act is not None else None
+    handles = []
+    for name in artifact.quantized:
+        linear = model.get_submodule(name)
+        if activations is not None:
+            handles.append(activations.install(linear))
+        if name in artifact.corrections:
+            handles.append(install_low_rank(linear, artifact.corrections[name].to(device), act))
+    return handles
 
 
 @torch.no_grad()
 def apply_artifact(model: nn.Module, artifact_dir: str | Path, device: str = "cpu") -> dict:
-    """Turn a loaded base model into the quantized model the artifact describes; its low-rank
-    terms are kept on ``device``, where the model will compute (so no forward pass copies them)."""
+    """Turn a loaded base model into the quantized model the artifact describes: each quantized
+    linear gets its dequantized weight (a new tensor in the weight's dtype: the loaded one is not
+    written), each changed parameter its value, and ``install_quantized_inference`` its hooks."""
     artifact = load_artifact(artifact_dir)
-    act = parse_format(artifact.manifest.get("act_format"))
-    activations = ActivationQuantizer(act) if act is not None else None
     for name, weight in artifact.quantized.items():
         linear = model.get_submodule(name)
-        linear.weight.data.copy_(weight.dequantize().to(linear.weight.dtype))
-        if activations is not None:
-            activations.install(linear)
-        if name in artifact.corrections:
-            install_low_rank(linear, artifact.corrections[name].to(device), act)
+        linear.weight.data = weight.dequantize().to(linear.weight.dtype)
     for name, value in artifact.float_parameters.items():
-        model.get_parameter(name).data.copy_(value)
+        parameter = model.get_parameter(name)
+        parameter.data = value.to(parameter.dtype)
+    install_quantized_inference(model, artifact, device)
     return artifact.manifest

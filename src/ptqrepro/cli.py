@@ -177,10 +177,10 @@ def cmd_quantize(args) -> None:
 
 
 def cmd_dwr(args) -> None:
-    from ptqrepro.artifact import apply_artifact, load_artifact, save_artifact
+    from ptqrepro.artifact import load_artifact, save_artifact
     from ptqrepro.models.sources import compute_dtype, load_model, resolve_device, torch_dtype
     from ptqrepro.provenance import Provenance
-    from ptqrepro.reconstruction import linear_weights, search_model
+    from ptqrepro.reconstruction import search_model
     from ptqrepro.recipes import reconstruction_from_config
 
     _set_threads(args.threads)
@@ -200,11 +200,8 @@ def cmd_dwr(args) -> None:
                 "windows": int(calibration["input_ids"][: recipe.settings.windows].shape[0]),
                 "seqlen": int(calibration["input_ids"].shape[1]), "dtype": dtype}
     checkpoints = _checkpoints(args.checkpoint_dir, settings)
-    model, _ = load_model(args.model)
-    unquantized, _ = load_model(args.model, dtype="auto")
-    originals = linear_weights(unquantized, base.quantized)
-    apply_artifact(model, args.base)
-    result = search_model(model, base, originals, calibration["input_ids"], recipe.settings, device=device,
+    model, _ = load_model(args.model, dtype="auto")
+    result = search_model(model, base, calibration["input_ids"], recipe.settings, device=device,
                           batch_size=args.batch_size, log=print, dtype=torch_dtype(dtype), checkpoints=checkpoints,
                           offload=args.offload)
     record = {**provenance.record(settings, device), "offload": args.offload}
