@@ -1,5 +1,6 @@
-"""The tiny DAG through `--profile profiles/slurm` on a real single-node SLURM cluster (Debian's
-slurm-wlm and munge, brought up in a temp folder by tests/slurm/start_cluster.sh)."""
+"""The tiny DAG through `--profile profiles/slurm` on a real single-node SLURM cluster with accounting
+(Debian's slurm-wlm, slurmdbd, mariadb-server and munge, brought up in a temp folder by
+tests/slurm/start_cluster.sh)."""
 
 import os
 import re
@@ -16,7 +17,8 @@ from test_dag import REPO, tiny_config, write_config
 SLURM_REQUIRED = os.environ.get("PTQ_REQUIRE_SLURM") == "1"
 """Set by .ci/run, which installs SLURM: there a missing piece fails the test instead of skipping it."""
 SCRIPTS = Path(__file__).resolve().parent / "slurm"
-COMMANDS = ("slurmctld", "slurmd", "munged", "mungekey", "sbatch", "srun", "squeue", "scontrol", "sinfo")
+COMMANDS = ("slurmctld", "slurmd", "slurmdbd", "munged", "mungekey", "mariadbd", "mariadb-install-db", "mariadb",
+            "sbatch", "srun", "squeue", "scontrol", "sinfo", "sacct", "sacctmgr")
 SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 
 
@@ -40,7 +42,7 @@ def slurm_cluster(tmp_path_factory):
     missing = missing_pieces()
     if missing:
         message = ("the SLURM test needs " + ", ".join(missing)
-                   + " (apt install slurm-wlm slurm-client munge; see .ci/run)")
+                   + " (apt install slurm-wlm slurm-client slurmdbd mariadb-server munge; see .ci/run)")
         if SLURM_REQUIRED:
             pytest.fail(message)
         pytest.skip(message)
@@ -61,11 +63,22 @@ def slurm_jobs(cluster: Path) -> list[dict]:
     return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in shown.splitlines() if line.strip()]
 
 
+def accounted_jobs(cluster: Path) -> dict[str, dict]:
+    """Every job the accounting database holds: {job id: {State, Account, Partition}} from `sacct`."""
+    fields = ("JobID", "State", "Account", "Partition")
+    shown = subprocess.run([cluster / "bin" / "sacct", "--allusers", "--allocations", "--noheader", "--parsable2",
+                            "--starttime", "now-1days", "--format", ",".join(fields)],
+                           capture_output=True, text=True, check=True).stdout
+    rows = [dict(zip(fields, line.split("|"))) for line in shown.splitlines() if line.strip()]
+    return {row.pop("JobID"): row for row in rows}
+
+
 @pytest.mark.slow
 def test_tiny_dag_runs_as_slurm_jobs(slurm_cluster, tmp_path, tiny_model_dir, tiny_corpus):
     """One recipe scored on two corpora, submitted through the plugin with the repository's profile:
-    every job a SLURM job in the config's partition, the GPU jobs asking for the config's GPU
-    model, both evaluations in one submission, the quantized model deleted after them
+    every job a SLURM job in the config's partition and account (the plugin follows them through
+    `sacct`, its default status command), the GPU jobs asking for the config's GPU model, both
+    evaluations in one submission, the quantized model deleted after them
     (storage.temporary_artifacts), the table complete."""
     config = tiny_config(tiny_model_dir, tiny_corpus, {"rtn@int4-g16": {"steps": ["rtn"], "weight": "int4-g16"}})
     config["device"] = "auto"  # asks for a GPU (the cluster's stand-in A100); computes on the CPU
@@ -73,7 +86,7 @@ def test_tiny_dag_runs_as_slurm_jobs(slurm_cluster, tmp_path, tiny_model_dir, ti
     config["eval"]["ppl"]["datasets"] = ["tiny", "tiny2"]
     gpu_job = {"gpus": 1, "gpu_model": "a100", "mem_mb": 1500, "runtime": 30}  # minutes: ample on a busy machine
     config["resources"] = {"quantize": gpu_job, "eval_ppl": gpu_job, "other": {"mem_mb": 1000, "runtime": 30}}
-    config["slurm"] = {"partition": "ptqtest"}  # not the cluster's default: without it sbatch refuses
+    config["slurm"] = {"partition": "ptqtest", "account": "ptqlab"}  # without them sbatch refuses or bills root
     config["storage"] = {"temporary_artifacts": True}
     write_config(tmp_path, config)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "SBATCH_"))}
@@ -81,8 +94,8 @@ def test_tiny_dag_runs_as_slurm_jobs(slurm_cluster, tmp_path, tiny_model_dir, ti
     run = subprocess.run(
         [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
          "--profile", str(REPO / "profiles" / "slurm"), "--jobs", "4", "--retries", "0", "--latency-wait", "5",
-         # no slurmdbd here: job states from squeue (MinJobAge 600); the first check after 1 s, not 40
-         "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
+         # the first status check after 1 s, not 40
+         "--slurm-init-seconds-before-status-checks", "1",
          "--slurm-keep-successful-logs", "results/tables/all.csv"],
         capture_output=True, text=True, env=env, timeout=900,  # 2-4 min; a hung status check fails, not hangs
     )
@@ -97,6 +110,9 @@ def test_tiny_dag_runs_as_slurm_jobs(slurm_cluster, tmp_path, tiny_model_dir, ti
     jobs = {job["JobId"]: job for job in slurm_jobs(slurm_cluster)}
     assert set(jobs) == set(submitted)
     assert all(job["JobState"] == "COMPLETED" and job["Partition"] == "ptqtest" for job in jobs.values()), jobs
+    accounted = accounted_jobs(slurm_cluster)
+    assert set(accounted) == set(submitted)
+    assert all(job == {"State": "COMPLETED", "Account": "ptqlab", "Partition": "ptqtest"} for job in accounted.values()), accounted
     gpus = {submitted[number]: job.get("TresPerJob") for number, job in jobs.items()}
     assert gpus["rule_quantize"] == gpus["group_eval_tiny_rtn@int4-g16_eval_ppl"] == "gres:gpu:a100:1", gpus
     assert gpus["rule_prepare_model"] is None and gpus["rule_calibrate"] is None and gpus["rule_tables"] is None, gpus
