@@ -4,7 +4,7 @@
     ptqrepro prepare-corpus --name C [--spec '{path: ...}'] --out results/corpora/C
     ptqrepro calibrate      --model DIR --corpus DIR --nsamples N --seqlen L --seed S --out FILE.pt
     ptqrepro quantize       --model DIR --calibration FILE.pt --recipe NAME --spec '{steps: [rtn], weight: int4}' [--offload cpu] --out DIR --metrics FILE.json
-    ptqrepro eval-ppl       --model DIR --quantized DIR --corpus DIR --seqlen L [--max-windows K] --out FILE.json
+    ptqrepro eval-ppl       --model DIR --quantized DIR --corpus DIR --seqlen L [--max-windows K] [--placement layers] --out FILE.json
     ptqrepro zeroshot-tasks --corpus DIR --items N --seed S --out DIR
     ptqrepro eval-zeroshot  --model DIR --quantized DIR --tasks T... [--include DIR] --out-dir DIR
     ptqrepro tables         --out DIR RESULT.json...
