@@ -72,20 +72,17 @@ def test_lm_eval_scores_a_quantized_model_on_the_local_tasks(tmp_path, tiny_mode
                  "--spec", '{steps: [rtn], weight: int4, act: int8}', "--out", str(tmp_path / "q"),
                  "--metrics", str(tmp_path / "q.json"), "--device", "cpu"]) == 0
     assert main(["zeroshot-tasks", "--corpus", str(corpus), "--items", "12", "--out", str(tmp_path / "tasks")]) == 0
-    run = subprocess.run(
-        [sys.executable, "-m", "ptqrepro.cli", "eval-zeroshot", "--model", str(model), "--quantized", str(tmp_path / "q"),
-         "--tasks", *LOCAL_TASKS, "--include", str(tmp_path / "tasks"), "--batch-size", "4", "--max-length", "256",
-         "--dtype", "float32", "--device", "cpu", "--out-dir", str(tmp_path / "metrics")],
-        capture_output=True, text=True, env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", **__import__("os").environ},
-    )
+    command = [sys.executable, "-m", "ptqrepro.cli", "eval-zeroshot", "--model", str(model), "--quantized", str(tmp_path / "q"),
+               "--tasks", *LOCAL_TASKS, "--include", str(tmp_path / "tasks"), "--batch-size", "4", "--max-length", "256",
+               "--dtype", "float32", "--device", "cpu"]
+    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", **__import__("os").environ}
+    run = subprocess.run([*command, "--out-dir", str(tmp_path / "metrics")], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     lastword = json.loads((tmp_path / "metrics" / "zeroshot-ptq_lastword.json").read_text())
     choice = json.loads((tmp_path / "metrics" / "zeroshot-ptq_nextsentence.json").read_text())
     assert choice["provenance"]["placement"] == "whole"
-    streamed = subprocess.run(
-        [*run.args[:run.args.index("--out-dir")], "--placement", "layers", "--out-dir", str(tmp_path / "streamed")],
-        capture_output=True, text=True, env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", **__import__("os").environ},
-    )
+    streamed = subprocess.run([*command, "--placement", "layers", "--out-dir", str(tmp_path / "streamed")],
+                              capture_output=True, text=True, env=env)
     assert streamed.returncode == 0, streamed.stderr[-3000:]
     for task, result in (("ptq_lastword", lastword), ("ptq_nextsentence", choice)):
         layered = json.loads((tmp_path / "streamed" / f"zeroshot-{task}.json").read_text())

@@ -77,11 +77,11 @@ def quantized_layer(layer: nn.Module, prefix: str, weights: dict[str, QuantizedW
     in at least float32) with each of its linears named in ``weights`` carrying that quantized
     weight, dequantized on the device from its codes (the loaded weight is not copied there);
     afterwards the layer has its own tensors again."""
-    loaded = {module: module.weight.data for name, module in layer.named_modules(prefix=prefix) if name in weights}
+    quantized = {module: weights[name] for name, module in layer.named_modules(prefix=prefix) if name in weights}
+    loaded = {module: module.weight.data for module in quantized}
     try:
-        for name, module in layer.named_modules(prefix=prefix):
-            if name in weights:
-                module.weight.data = weights[name].to(device).dequantize()
+        for module, weight in quantized.items():
+            module.weight.data = weight.to(device).dequantize()
         with borrowed([layer], device):  # the rest of the layer; the weights set above are not copied again
             yield
     finally:
