@@ -14,7 +14,7 @@ import sys
 from snakemake.utils import min_version, validate
 
 from ptqrepro.cluster import rule_resources, rule_threads
-from ptqrepro.config import check_config
+from ptqrepro.config import check_config, recipe_entry as dag_free_entry, recipe_seeds
 from ptqrepro.errors import PtqError
 from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
 
@@ -73,11 +73,15 @@ RECONSTRUCTIONS = [name for name, entry in config["recipes"].items() if is_recon
 QUANTIZATIONS = [name for name in RECIPES if name not in RECONSTRUCTIONS]
 # (model, recipe) pairs to run: every model, unless a recipe lists its `models`.
 RUNS = [(model, recipe) for recipe in RECIPES for model in config["recipes"][recipe].get("models", MODELS)]
+# The calibration seeds of each recipe (ptqrepro.config.recipe_seeds): one quantize or DWR job per
+# (model, recipe, seed), and its evaluations; a recipe that reads no calibration data runs at the first.
+SEEDS = {recipe: recipe_seeds(config, recipe) for recipe in RECIPES}
+SEEDED_RUNS = [(model, recipe, seed) for model, recipe in RUNS for seed in SEEDS[recipe]]
 
 
 def recipe_entry(name):
-    """A recipe's entry without the DAG-only `models`."""
-    return {key: value for key, value in config["recipes"][name].items() if key != "models"}
+    """A recipe's entry without the DAG-only `models` and `seeds`."""
+    return dag_free_entry(config["recipes"][name])
 
 
 def recipe_spec(name):
@@ -106,17 +110,23 @@ def longest_first(wildcards):
 
 
 PPL = config["eval"]["ppl"]
-# Recipes scored zero-shot: eval.zeroshot.recipes, or every recipe.
+# Recipes scored zero-shot: eval.zeroshot.recipes, or every recipe; at each recipe's first seed.
 ZEROSHOT_RUNS = (
-    [(m, r) for m, r in RUNS if r in (config["eval"]["zeroshot"].get("recipes") or RECIPES)]
+    [(m, r, SEEDS[r][0]) for m, r in RUNS if r in (config["eval"]["zeroshot"].get("recipes") or RECIPES)]
     if config["eval"].get("zeroshot") else []
 )
-ZEROSHOT_RECIPES = sorted({recipe for _, recipe in ZEROSHOT_RUNS})
+ZEROSHOT_RECIPES = sorted({recipe for _, recipe, _ in ZEROSHOT_RUNS})
 STEP_NAMES = {name: {step.name for step in recipe_from_config(name, recipe_entry(name)).steps} for name in QUANTIZATIONS}
 MAGR_RUNS = [(model, recipe) for model, recipe in RUNS if "magr" in STEP_NAMES.get(recipe, ())]
 HAS_LOW_RANK = any(names & {"lqer", "l2qer"} for names in STEP_NAMES.values())
 CALIB = config["calibration"]
-CALIBRATION_FILE = "results/calibration/{model}/" + "{corpus}-n{nsamples}-l{seqlen}-s{seed}.pt".format(**CALIB)
+CALIBRATION_FILE = "results/calibration/{model}/" + "{corpus}-n{nsamples}-l{seqlen}-s".format(**CALIB) + "{seed}.pt"
+# Where a (model, recipe, seed) job's artifact and results go; {seed} is the calibration seed.
+RUN_DIR = "{model}/{recipe}/s{seed}"
+# How the tables' and claims' intervals are computed (ptqrepro.report.uncertainty).
+BOOTSTRAP = "--bootstrap-samples {bootstrap_samples} --bootstrap-seed {seed} --level {level}".format(
+    **{"bootstrap_samples": 2000, "seed": 0, "level": 0.95, **config.get("uncertainty", {})}
+)
 
 
 wildcard_constraints:
@@ -124,6 +134,7 @@ wildcard_constraints:
     recipe="[A-Za-z0-9_.+@=-]+",
     corpus="[^/]+",
     dataset="[^/]+",
+    seed="[0-9]+",
 
 
 # Figures drawn from results/tables/all.csv (`ptqrepro plots --figure`).

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pandas as pd
 import pytest
 
 from ptqrepro.errors import PtqError
-from ptqrepro.report.claims import FAILS, HOLDS, NOT_RUN, check_claims, claims_from_config, write_claims
+from ptqrepro.report.claims import (
+    FAILS,
+    HOLDS,
+    INCONCLUSIVE,
+    NOT_RUN,
+    check_claims,
+    claims_from_config,
+    paired_losses,
+    write_claims,
+)
+from ptqrepro.report.tables import WINDOW_COLUMNS
+from ptqrepro.report.uncertainty import BootstrapSettings
+
+SETTINGS = BootstrapSettings(samples=500)
+WINDOWS = 32
 
 # (model, recipe, dataset) -> ppl; model "b" lacks gptq@int3, and only model "a" has acc.
 PPL = {
@@ -20,13 +37,35 @@ RECIPES = {"fp16": {}, "rtn@int3": {}, "gptq@int3": {}, "sq@w8a8": {}}
 
 
 def frame() -> pd.DataFrame:
-    rows = [{"model": m, "recipe": r, "dataset": d, "kind": "perplexity", "metric": "ppl", "value": v} for (m, r, d), v in PPL.items()]
-    rows += [{"model": m, "recipe": r, "dataset": d, "kind": "zeroshot", "metric": "acc", "value": v} for (m, r, d), v in ACC.items()]
+    """The summary (all.csv) of ``PPL`` and ``ACC``; accuracies without intervals."""
+    rows = [{"model": m, "recipe": r, "dataset": d, "kind": "perplexity", "metric": "ppl", "value": v,
+             "ci_low": v * 0.9, "ci_high": v * 1.1} for (m, r, d), v in PPL.items()]
+    rows += [{"model": m, "recipe": r, "dataset": d, "kind": "zeroshot", "metric": "acc", "value": v,
+              "ci_low": math.nan, "ci_high": math.nan} for (m, r, d), v in ACC.items()]
     return pd.DataFrame(rows)
 
 
-def verdicts(entry) -> dict:
-    table = check_claims(claims_from_config([entry], RECIPES), frame())
+def window_rows(model, recipe, dataset, nll, seed=0, fingerprint="abc") -> list[dict]:
+    return [{"model": model, "recipe": recipe, "seed": seed, "dataset": dataset, "window": index, "nll": float(value),
+             "windows_sha256": fingerprint, "source": f"{recipe}-s{seed}.json"} for index, value in enumerate(nll)]
+
+
+def windows() -> pd.DataFrame:
+    """Per-window losses whose mean is log(ppl) of ``PPL``: a window difficulty shared by every
+    recipe of a (model, dataset) (spread 0.5 nats, as real test windows) and a little recipe noise."""
+    rng = np.random.default_rng(1)
+    difficulty = {place: rng.normal(0, 0.5, WINDOWS) for place in {(m, d) for m, _, d in PPL}}
+    rows = []
+    for (model, recipe, dataset), ppl in PPL.items():
+        own = rng.normal(0, 0.001, WINDOWS)
+        shared = difficulty[model, dataset]
+        rows += window_rows(model, recipe, dataset, math.log(ppl) + shared - shared.mean() + own - own.mean())
+    return pd.DataFrame(rows, columns=list(WINDOW_COLUMNS))
+
+
+def verdicts(entry, summary=None, losses=None) -> dict:
+    table = check_claims(claims_from_config([entry], RECIPES), frame() if summary is None else summary,
+                         windows() if losses is None else losses, SETTINGS)
     return {(row.model, row.dataset): row.verdict for row in table.itertuples()}
 
 
@@ -59,14 +98,16 @@ def test_higher_is_better_metrics_reverse_the_order():
 
 def test_a_claim_on_a_metric_nobody_measured_is_not_run():
     entry = {"paper": "X", "claim": "c4 only", "below": ["fp16", "rtn@int3"], "metric": {"kind": "zeroshot", "name": "acc_norm"}}
-    table = check_claims(claims_from_config([entry], RECIPES), frame())
+    table = check_claims(claims_from_config([entry], RECIPES), frame(), windows(), SETTINGS)
     assert table["verdict"].tolist() == [NOT_RUN] and table["missing"].iloc[0] == "fp16, rtn@int3"
 
 
 def test_numbers_and_missing_recipes_are_reported():
     entry = {"paper": "GPTQ", "claim": "GPTQ below RTN", "below": ["gptq@int3", "rtn@int3"]}
-    table = check_claims(claims_from_config([entry], RECIPES), frame()).set_index(["model", "dataset"])
-    assert table.loc[("a", "wiki"), "numbers"] == "gptq@int3 150.00, rtn@int3 500.00"
+    table = check_claims(claims_from_config([entry], RECIPES), frame(), windows(), SETTINGS).set_index(["model", "dataset"])
+    assert table.loc[("a", "wiki"), "numbers"] == "gptq@int3 150.00 [135.00, 165.00], rtn@int3 500.00 [450.00, 550.00]"
+    assert table.loc[("a", "wiki"), "comparisons"].startswith("gptq@int3 vs rtn@int3: -70.00 % [")
+    assert table.loc[("a", "wiki"), "comparisons"].endswith("] holds")
     assert table.loc[("b", "wiki"), "missing"] == "gptq@int3"
 
 
@@ -87,9 +128,84 @@ def test_bad_claims_name_the_problem(entry, message):
         claims_from_config([entry], RECIPES)
 
 
-def test_written_tables_mark_failures(tmp_path):
+def test_written_tables_mark_failures_and_say_how_verdicts_are_decided(tmp_path):
     entries = [{"paper": "GPTQ", "claim": "fp16 < GPTQ < RTN", "below": ["fp16", "gptq@int3", "rtn@int3"]}]
-    paths = write_claims(check_claims(claims_from_config(entries, RECIPES), frame()), tmp_path)
+    paths = write_claims(check_claims(claims_from_config(entries, RECIPES), frame(), windows(), SETTINGS), tmp_path, SETTINGS)
     assert pd.read_csv(paths["csv"])["verdict"].tolist() == [FAILS, HOLDS, NOT_RUN]
     markdown = paths["md"].read_text()
     assert "**fails**" in markdown and "| holds" in markdown
+    assert "wholly on the other side" in markdown and "500 replicates" in markdown
+
+
+def two_recipes(nll_a, nll_b, seeds=(0,)) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A summary and windows frame of recipes fp16 (a) and rtn@int3 (b) on model m, dataset d, from
+    per-seed loss arrays [seeds, windows]."""
+    nll_a, nll_b = np.atleast_2d(nll_a), np.atleast_2d(nll_b)
+    rows = []
+    for recipe, nll in (("fp16", nll_a), ("rtn@int3", nll_b)):
+        for seed, losses in zip(seeds, nll):
+            rows += window_rows("m", recipe, "d", losses, seed=seed)
+    summary = pd.DataFrame([{"model": "m", "recipe": r, "dataset": "d", "kind": "perplexity", "metric": "ppl",
+                             "value": math.exp(nll.mean()), "ci_low": math.nan, "ci_high": math.nan}
+                            for r, nll in (("fp16", nll_a), ("rtn@int3", nll_b))])
+    return summary, pd.DataFrame(rows, columns=list(WINDOW_COLUMNS))
+
+
+BELOW = {"paper": "X", "claim": "fp16 below RTN", "below": ["fp16", "rtn@int3"]}
+
+
+def test_a_constant_difference_between_noisy_windows_is_conclusive():
+    difficulty = np.random.default_rng(2).normal(3.0, 0.8, 24)
+    assert verdicts(BELOW, *two_recipes(difficulty, difficulty + 0.01)) == {("m", "d"): HOLDS}
+    assert verdicts(BELOW, *two_recipes(difficulty + 0.01, difficulty)) == {("m", "d"): FAILS}
+
+
+def test_pure_noise_is_inconclusive_and_identical_models_are_not_below_each_other():
+    rng = np.random.default_rng(3)
+    difficulty = rng.normal(3.0, 0.8, 24)
+    noisy = [verdicts(BELOW, *two_recipes(difficulty + rng.normal(0, 0.05, 24), difficulty + rng.normal(0, 0.05, 24)))
+             for _ in range(40)]
+    assert sum(v == {("m", "d"): INCONCLUSIVE} for v in noisy) >= 34  # 95 % intervals: about 38 of 40
+    assert verdicts(BELOW, *two_recipes(difficulty, difficulty)) == {("m", "d"): FAILS}
+    at_or_below = {"paper": "DWR", "claim": "never worse", "at_or_below": {"recipe": "fp16", "than": ["rtn@int3"]}}
+    assert verdicts(at_or_below, *two_recipes(difficulty, difficulty)) == {("m", "d"): HOLDS}
+
+
+def test_within_is_inconclusive_where_the_interval_straddles_the_bound():
+    rng = np.random.default_rng(4)
+    difficulty = rng.normal(3.0, 0.8, 24)
+    within = {"paper": "X", "claim": "within 2 %", "within": {"recipe": "fp16", "of": "rtn@int3", "relative": 0.02}}
+    # ratio exp(0.0198) = 1.02, right at the bound, with window noise: undecidable
+    assert verdicts(within, *two_recipes(difficulty + 0.0198 + rng.normal(0, 0.02, 24), difficulty)) == {("m", "d"): INCONCLUSIVE}
+    assert verdicts(within, *two_recipes(difficulty + 0.005, difficulty)) == {("m", "d"): HOLDS}
+    assert verdicts(within, *two_recipes(difficulty + 0.05, difficulty)) == {("m", "d"): FAILS}
+
+
+def test_seeds_that_disagree_make_a_claim_seed_dependent():
+    difficulty = np.random.default_rng(5).normal(3.0, 0.8, 24)
+    a = np.stack([difficulty - 0.2, difficulty - 0.2, difficulty + 0.01])  # two seeds below, one above
+    summary, losses = two_recipes(a, np.stack([difficulty] * 3), seeds=(0, 1, 2))
+    table = check_claims(claims_from_config([BELOW], RECIPES), summary, losses, SETTINGS)
+    assert table["verdict"].tolist() == [INCONCLUSIVE] and table["note"].tolist() == ["seed-dependent: fp16 vs rtn@int3"]
+    summary, losses = two_recipes(a[:2], np.stack([difficulty] * 2), seeds=(0, 1))
+    assert check_claims(claims_from_config([BELOW], RECIPES), summary, losses, SETTINGS)["verdict"].tolist() == [HOLDS]
+
+
+def test_pairs_follow_seeds_and_a_recipe_without_calibration_is_set_against_every_seed():
+    rows = window_rows("m", "a", "d", [1.0, 2.0], seed=0) + window_rows("m", "a", "d", [3.0, 4.0], seed=1)
+    rows += window_rows("m", "a", "d", [5.0, 6.0], seed=2)
+    rows += window_rows("m", "b", "d", [0.0, 0.0], seed=2) + window_rows("m", "b", "d", [0.5, 0.5], seed=1)
+    rows += window_rows("m", "c", "d", [9.0, 9.0], seed=None)  # reads no calibration data (RTN)
+    rows += window_rows("m", "e", "d", [7.0, 7.0], seed=0)  # calibrated, at one seed only
+    losses = pd.DataFrame(rows, columns=list(WINDOW_COLUMNS))
+    a, b = paired_losses(losses, "m", "d", "a", "b")
+    assert a.tolist() == [[3.0, 4.0], [5.0, 6.0]] and b.tolist() == [[0.5, 0.5], [0.0, 0.0]]
+    a, c = paired_losses(losses, "m", "d", "a", "c")
+    assert a.shape == c.shape == (3, 2) and c.tolist() == [[9.0, 9.0]] * 3
+    a, e = paired_losses(losses, "m", "d", "a", "e")
+    assert a.tolist() == [[1.0, 2.0]] and e.tolist() == [[7.0, 7.0]]
+    with pytest.raises(PtqError, match="share no calibration seed"):
+        paired_losses(losses, "m", "d", "b", "e")
+    other = losses.assign(windows_sha256=np.where(losses["recipe"] == "c", "zzz", losses["windows_sha256"]))
+    with pytest.raises(PtqError, match="different test windows"):
+        paired_losses(other, "m", "d", "a", "c")

@@ -13,6 +13,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from ptqrepro.cluster import check_resources, job_request, rule_resources, rule_threads, slurm_target
+from ptqrepro.config import recipe_seeds
 from ptqrepro.errors import PtqError
 
 from test_dag import REPO
@@ -144,12 +145,13 @@ def test_a_paper_config_on_slurm_groups_evaluations_and_deletes_artifacts():
     paper = REPO / "config" / "papers" / "dwr.yaml"
     shown = slurm_dry_run("--configfile", str(paper))
     config = yaml.safe_load(paper.read_text())
-    runs = [(model, name) for name, entry in config["recipes"].items() for model in entry.get("models", config["models"])]
+    runs = [(model, name, seed) for name, entry in config["recipes"].items() for model in entry.get("models", config["models"])
+            for seed in recipe_seeds(config, name)]
     groups = re.findall(r"Group job eval_(\S+) \(jobs in lexicogr\. order\):(.*?)(?=\n\[|\nJob stats|\Z)", shown, re.DOTALL)
-    assert sorted(name for name, _ in groups) == sorted(f"{model}_{recipe}" for model, recipe in runs)
+    assert sorted(name for name, _ in groups) == sorted(f"{model}_{recipe}_s{seed}" for model, recipe, seed in runs)
     assert all(body.count("rule eval_ppl:") == 2 for _, body in groups)
     removed = set(re.findall(r"Would remove temporary output results/quantized/(\S+)", shown))
-    assert removed == {f"{model}/{recipe}" for model, recipe in runs}
+    assert removed == {f"{model}/{recipe}/s{seed}" for model, recipe, seed in runs}
     resources = re.findall(r"rule (quantize|dwr|eval_ppl):\n(?:.*\n)*?\s+wildcards: model=([^,]+),.*\n(?:.*\n)*?\s+resources: (.*)", shown)
     assert resources and all("gpu=1, gpu_model=a100" in line for _, _, line in resources)
     assert all(("mem_mb=360000" in line) == (model == "llama-2-70b") for rule, model, line in resources

@@ -81,8 +81,8 @@ def test_tiny_dag_end_to_end(tmp_path, tiny_model_dir, tiny_corpus):
 
 
 PAPER_RECIPES = {
-    "gptq@int2": {"steps": ["gptq"], "weight": "int2"},
-    "gptq+dwr@int2": {"base": "gptq@int2", "dwr": {"ranks": [4, 16], "windows": 2}},
+    "gptq@int2": {"steps": ["gptq"], "weight": "int2", "seeds": [0, 1]},
+    "gptq+dwr@int2": {"base": "gptq@int2", "dwr": {"ranks": [4, 16], "windows": 2}, "seeds": [0, 1]},
     "magr+gptq@int3-beta0.9": {"steps": [{"magr": {"iterations": 20}}, "gptq"], "weight": "int3-beta0.9"},
     "rtn@mxint4_a=mxint8": {"steps": ["rtn"], "weight": "mxint4", "act": "mxint8"},
     "l2qer-k4@mxint4_a=mxint8": {"steps": ["rtn", {"l2qer": {"rank": 4}}], "weight": "mxint4", "act": "mxint8",
@@ -94,7 +94,9 @@ PAPER_RECIPES = {
 def papers_run(tmp_path_factory, tiny_model_dir, tiny_corpus):
     """The tiny DAG with MagR, LQER and DWR, run once: (its folder, the Snakemake run)."""
     workdir = tmp_path_factory.mktemp("papers-run")
-    config = tiny_config(tiny_model_dir, tiny_corpus, PAPER_RECIPES)
+    config = tiny_config(tiny_model_dir, tiny_corpus, PAPER_RECIPES, claims=[
+        {"paper": "DWR", "claim": "DWR never worse than its base", "at_or_below": {"recipe": "gptq+dwr@int2", "than": ["gptq@int2"]}},
+    ])
     config["storage"] = {"temporary_artifacts": True}  # as the paper configs
     write_config(workdir, config)
     return workdir, snakemake(workdir)
@@ -102,15 +104,27 @@ def papers_run(tmp_path_factory, tiny_model_dir, tiny_corpus):
 
 @pytest.mark.slow
 def test_tiny_dag_with_the_papers_methods(papers_run):
-    """MagR, LQER and DWR through the real DAG: the DWR job starts from its base's artifact."""
+    """MagR, LQER and DWR through the real DAG: the DWR job starts from its base's artifact of the
+    same calibration seed; both run at two seeds, which reach the tables and the claims."""
     workdir, run = papers_run
     assert run.returncode == 0, run.stderr[-3000:]
-    assert re.search(r"^quantize\s+4$", run.stdout + run.stderr, flags=re.MULTILINE)
-    assert re.search(r"^dwr\s+1$", run.stdout + run.stderr, flags=re.MULTILINE)
+    assert re.search(r"^quantize\s+5$", run.stdout + run.stderr, flags=re.MULTILINE)
+    assert re.search(r"^dwr\s+2$", run.stdout + run.stderr, flags=re.MULTILINE)
     table = pandas.read_csv(workdir / "results/tables/all.csv")
-    ppl = table[(table.kind == "perplexity") & (table.metric == "ppl")].set_index("recipe")["value"]
+    ppl = table[(table.kind == "perplexity") & (table.metric == "ppl")].set_index("recipe")
     assert set(ppl.index) == set(PAPER_RECIPES)
-    dwr = yaml.safe_load((workdir / "results/metrics/tiny/gptq+dwr@int2/quantize.json").read_text())
+    assert ppl.loc["gptq@int2", "seeds"] == ppl.loc["gptq+dwr@int2", "seeds"] == "0 1"
+    assert ppl.loc["rtn@mxint4_a=mxint8", "seeds"] == "—"  # reads no calibration data: no seed
+    assert (ppl["ci_low"] < ppl["value"]).all() and (ppl["value"] < ppl["ci_high"]).all()
+    replicates = pandas.read_csv(workdir / "results/tables/replicates.csv")
+    assert sorted(replicates[(replicates.recipe == "gptq@int2") & (replicates.metric == "ppl")].seed) == [0, 1]
+    for seed in (0, 1):
+        dwr_seed = yaml.safe_load((workdir / f"results/metrics/tiny/gptq+dwr@int2/s{seed}/quantize.json").read_text())
+        assert dwr_seed["calibration_seed"] == seed and dwr_seed["settings"]["seed"] == seed
+    claims = pandas.read_csv(workdir / "results/tables/claims.csv")
+    assert claims["verdict"].iloc[0] in ("holds", "fails", "inconclusive")
+    assert claims["comparisons"].iloc[0].startswith("gptq+dwr@int2 vs gptq@int2: ")
+    dwr = yaml.safe_load((workdir / "results/metrics/tiny/gptq+dwr@int2/s0/quantize.json").read_text())
     assert len(dwr["dwr"]) == 2 and all(set(block["curve"]) == {"0", "4", "16"} for block in dwr["dwr"])
     assert dwr["metrics"]["calibration_ppl_after"] <= dwr["metrics"]["calibration_ppl_before"]
     for figure in ("ppl_vs_bits", "lqer_ranks", "job_costs", "magr/tiny/magr+gptq@int3-beta0.9", "dwr/tiny/gptq+dwr@int2"):
@@ -118,11 +132,12 @@ def test_tiny_dag_with_the_papers_methods(papers_run):
     assert not (workdir / "results/plots/accuracy_vs_bits.png").exists()  # no zero-shot in this config
 
 
-def job_ids(log: str, rule: str, recipe: str) -> list[str]:
-    """The ids Snakemake's log gives the jobs of a rule on a recipe."""
+def job_ids(log: str, rule: str, recipe: str, seed: int) -> list[str]:
+    """The ids Snakemake's log gives the jobs of a rule on a recipe and calibration seed."""
     blocks = re.findall(r"^(?:local)?rule (\w+):\n((?:    .*\n)+)", log, flags=re.MULTILINE)
+    pattern = rf"wildcards: .*recipe={re.escape(recipe)}, seed={seed}(,|$)"
     return [re.search(r"jobid: (\d+)", body).group(1) for name, body in blocks
-            if name == rule and re.search(rf"wildcards: .*recipe={re.escape(recipe)}(,|$)", body, flags=re.MULTILINE)]
+            if name == rule and re.search(pattern, body, flags=re.MULTILINE)]
 
 
 @pytest.mark.slow
@@ -133,13 +148,15 @@ def test_temporary_artifacts_are_deleted_after_their_last_reader(papers_run):
     workdir, run = papers_run
     assert run.returncode == 0, run.stderr[-3000:]
     log = run.stdout + run.stderr
-    for recipe in PAPER_RECIPES:
-        assert not (workdir / "results/quantized/tiny" / recipe).exists(), recipe
-        removed = log.index(f"Removing temporary output results/quantized/tiny/{recipe}.")
-        readers = job_ids(log, "eval_ppl", recipe) + job_ids(log, "dwr", "gptq+dwr@int2") * (recipe == "gptq@int2")
-        assert len(readers) == 1 + (recipe == "gptq@int2"), (recipe, readers)
-        for job in readers:
-            assert log.index(f"Finished jobid: {job} ") < removed, (recipe, job)
+    for recipe, entry in PAPER_RECIPES.items():
+        for seed in entry.get("seeds", [0]):
+            assert not (workdir / f"results/quantized/tiny/{recipe}/s{seed}").exists(), recipe
+            removed = log.index(f"Removing temporary output results/quantized/tiny/{recipe}/s{seed}.")
+            readers = job_ids(log, "eval_ppl", recipe, seed)
+            readers += job_ids(log, "dwr", "gptq+dwr@int2", seed) * (recipe == "gptq@int2")
+            assert len(readers) == 1 + (recipe == "gptq@int2"), (recipe, seed, readers)
+            for job in readers:
+                assert log.index(f"Finished jobid: {job} ") < removed, (recipe, seed, job)
     table = pandas.read_csv(workdir / "results/tables/all.csv")
     assert set(table[table.kind == "perplexity"].recipe) == set(PAPER_RECIPES)
     again = snakemake(workdir, "-n")
@@ -197,8 +214,11 @@ def test_schema_rejects_an_unknown_key(tmp_path, tiny_model_dir, tiny_corpus):
 
 @pytest.mark.parametrize("paper", sorted((REPO / "config" / "papers").glob("*.yaml")), ids=lambda p: p.stem)
 def test_paper_configs_list_their_whole_dag_without_a_hub(paper, tmp_path):
-    """A dry run needs no network and no model: one quantize (or dwr) job per (model, recipe) the
-    config asks for (a recipe's `models`, else every model), nothing inherited."""
+    """A dry run needs no network and no model: one quantize (or dwr) job per (model, recipe,
+    calibration seed) the config asks for (a recipe's `models`, else every model; its seeds), nothing
+    inherited."""
+    from ptqrepro.config import recipe_seeds
+
     config = yaml.safe_load(paper.read_text())
     run = subprocess.run([*SNAKEMAKE, "-n", "--configfile", str(paper)], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -207,8 +227,10 @@ def test_paper_configs_list_their_whole_dag_without_a_hub(paper, tmp_path):
         match.group(1): int(match.group(2))
         for match in re.finditer(r"^(quantize|dwr|eval_ppl)\s+(\d+)", run.stdout, flags=re.MULTILINE)
     }
-    runs = [(model, name) for name, entry in config["recipes"].items() for model in entry.get("models", config["models"])]
+    runs = [(model, name, seed) for name, entry in config["recipes"].items() for model in entry.get("models", config["models"])
+            for seed in recipe_seeds(config, name)]
     reconstructions = [run for run in runs if "base" in config["recipes"][run[1]]]
+    assert any(len(recipe_seeds(config, name)) == 3 for name in config["recipes"])  # the paper configs replicate
     assert jobs["dwr"] == len(reconstructions)
     assert jobs["quantize"] == len(runs) - len(reconstructions)
     assert jobs["eval_ppl"] == len(runs) * len(config["eval"]["ppl"]["datasets"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 import torch
 
 from ptqrepro.cli import main
@@ -66,4 +67,7 @@ def test_the_same_config_twice_gives_the_same_artifacts_and_metrics(tiny_model_d
     gptq, dwr, ppl = runs[0]["gptq"], runs[0]["dwr"], runs[0]["gptq-ppl"]
     assert gptq["settings"]["seed"] == 7 and dwr["settings"]["seed"] == 7 and dwr["settings"]["dwr_seed"] == 3
     assert ppl["protocol"]["seed"] == 5 and runs[0]["dwr-ppl"]["protocol"]["seed"] == 5
+    assert gptq["calibration_seed"] == dwr["calibration_seed"] == ppl["calibration_seed"] == 7
+    assert len(ppl["window_nll"]) == ppl["protocol"]["windows"] == 4
+    assert sum(ppl["window_nll"]) / 4 == pytest.approx(ppl["metrics"]["nll"])
     assert ppl["metrics"]["ppl"] > 1 and dwr["metrics"]["calibration_ppl_after"] <= dwr["metrics"]["calibration_ppl_before"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib.image
@@ -21,7 +22,16 @@ from ptqrepro.report.plots import (
     plot_ppl_vs_bits,
     use_log_scale,
 )
-from ptqrepro.report.tables import COLUMNS, gather_results, render_markdown, write_tables
+from ptqrepro.report.tables import (
+    COLUMNS,
+    SUMMARY_COLUMNS,
+    WINDOW_COLUMNS,
+    gather_results,
+    render_markdown,
+    summarize,
+    write_tables,
+)
+from ptqrepro.report.uncertainty import BootstrapSettings
 
 MODEL = "smollm2-135m"
 # recipe -> (method, weight_format, weight_scheme, weight_bits, bits_per_weight, ppl on wiki-mini)
@@ -35,11 +45,20 @@ RECIPES = {
 }
 SECOND_DATASET_PPL = {"fp16": 15.5, "rtn@int4": 30.126}
 QUANTIZE_TIME_S = 30.14
+SETTINGS = BootstrapSettings(samples=500)
+SPREAD = (-0.3, 0.3, -0.1, 0.1, -0.2, 0.2)
+"""Per-window NLLs around log(ppl): mean exactly log(ppl), spread as real test windows."""
+
+
+def window_nll(ppl: float) -> list[float]:
+    return [math.log(ppl) + offset for offset in SPREAD]
 
 
 def result(recipe, kind="perplexity", dataset="wiki-mini", metrics=None):
     """One result JSON as the pipeline writes it."""
     method, weight_format, scheme, bits, bpw, ppl = RECIPES[recipe]
+    metrics = metrics if metrics is not None else {"ppl": ppl, "nll": math.log(ppl)}
+    per_window = {"window_nll": window_nll(metrics.get("ppl", ppl))} if kind == "perplexity" else {}
     return {
         "kind": kind,
         "model": MODEL,
@@ -51,8 +70,11 @@ def result(recipe, kind="perplexity", dataset="wiki-mini", metrics=None):
         "bits_per_weight": bpw,
         "act_format": None,
         "dataset": dataset,
-        "metrics": metrics if metrics is not None else {"ppl": ppl, "nll": 3.0 + bits / 100},
-        "protocol": {"seqlen": 512, "windows": 40, "total_windows": 117, "dtype": "bfloat16"},
+        "metrics": metrics,
+        "protocol": {"seqlen": 512, "windows": len(SPREAD), "total_windows": 117, "dtype": "bfloat16",
+                     "windows_sha256": f"windows-of-{dataset}"},
+        **per_window,
+        "calibration_seed": 0,
         "provenance": {
             "config_hash": f"hash-{recipe}",
             "git_commit": "0123abc",
@@ -89,6 +111,15 @@ def result_files(tmp_path) -> list[Path]:
     return files
 
 
+def summary(files) -> pd.DataFrame:
+    return summarize(gather_results(files), SETTINGS)
+
+
+def tables_of(files, out_dir) -> dict:
+    results = gather_results(files)
+    return write_tables(results, summarize(results, SETTINGS), out_dir, SETTINGS)
+
+
 def markdown_rows(markdown: str) -> dict[str, dict[str, str]]:
     """Body rows of the Markdown table(s), keyed by recipe then column header."""
     lines = [line for line in markdown.splitlines() if line.startswith("|")]
@@ -99,20 +130,27 @@ def markdown_rows(markdown: str) -> dict[str, dict[str, str]]:
 
 
 def test_csv_has_one_row_per_file_and_metric_in_column_order(result_files, tmp_path):
-    written = write_tables(gather_results(result_files), tmp_path / "tables")
+    written = tables_of(result_files, tmp_path / "tables")
     table = pd.read_csv(written["csv"])
-    assert list(table.columns) == list(COLUMNS)
+    assert list(table.columns) == list(SUMMARY_COLUMNS)
     expected_rows = 2 * len(RECIPES) + len(SECOND_DATASET_PPL) + 2
     assert len(table) == expected_rows
+    replicates = pd.read_csv(written["replicates"])
+    assert list(replicates.columns) == list(COLUMNS) and len(replicates) == expected_rows
+    windows = pd.read_csv(written["windows"])
+    assert list(windows.columns) == list(WINDOW_COLUMNS)
+    assert len(windows) == len(SPREAD) * (len(RECIPES) + len(SECOND_DATASET_PPL))
     assert not list((tmp_path / "tables").glob(".*")), "atomic write left a temporary behind"
 
 
 def test_csv_values_round_trip(result_files, tmp_path):
-    written = write_tables(gather_results(result_files), tmp_path)
+    written = tables_of(result_files, tmp_path)
     table = pd.read_csv(written["csv"]).set_index(["recipe", "kind", "dataset", "metric"])
     for recipe, (_, weight_format, _, bits, bpw, ppl) in RECIPES.items():
         row = table.loc[(recipe, "perplexity", "wiki-mini", "ppl")]
-        assert row["value"] == ppl
+        assert row["value"] == pytest.approx(ppl, rel=1e-12)
+        assert row["ci_low"] < ppl < row["ci_high"] and row["windows"] == len(SPREAD)
+        assert str(row["seeds"]) == "0" and row["seed_low"] == row["seed_high"] == pytest.approx(ppl)
         assert row["weight_bits"] == bits
         assert row["bits_per_weight"] == bpw
         assert row["config_hash"] == f"hash-{recipe}"
@@ -124,7 +162,7 @@ def test_csv_values_round_trip(result_files, tmp_path):
 
 
 def test_rows_are_sorted_by_model_bits_desc_recipe_kind_dataset_metric(result_files):
-    frame = gather_results(reversed(result_files))
+    frame = gather_results(reversed(result_files)).replicates
     keys = list(zip(frame["weight_bits"], frame["recipe"], frame["kind"], frame["dataset"], frame["metric"]))
     assert keys == sorted(keys, key=lambda key: (-key[0], *key[1:]))
     assert list(frame["recipe"].unique()) == [
@@ -134,14 +172,16 @@ def test_rows_are_sorted_by_model_bits_desc_recipe_kind_dataset_metric(result_fi
 
 
 def test_markdown_has_one_row_per_recipe_with_ppl_in_dataset_columns(result_files, tmp_path):
-    written = write_tables(gather_results(result_files), tmp_path)
+    written = tables_of(result_files, tmp_path)
     markdown = written["md"].read_text()
     rows = markdown_rows(markdown)
     assert list(rows) == [
         "fp16", "rtn@int8", "rtn@int4-g64", "rtn@int4", "rtn@int3-g64", "rtn@int3",
     ]
-    assert rows["rtn@int3"]["wiki-mini"] == "9876.50"
-    assert rows["rtn@int4"]["c4-mini"] == "30.13"
+    assert rows["rtn@int3"]["wiki-mini"].startswith("9876.50 ±")
+    assert rows["rtn@int4"]["c4-mini"].startswith("30.13 ±")
+    assert "wiki-mini over seeds" not in rows["fp16"]  # one seed each
+    assert "percentile bootstrap over the 6 test windows" in markdown and "500 replicates" in markdown
     assert rows["rtn@int8"]["c4-mini"] == "—"
     assert rows["fp16"]["weight format"] == "fp16"
     assert rows["rtn@int4-g64"]["bits/weight"] == "4.50"
@@ -152,7 +192,7 @@ def test_markdown_has_one_row_per_recipe_with_ppl_in_dataset_columns(result_file
 
 def test_markdown_without_quantize_results_has_no_time_column(result_files):
     perplexity_only = [path for path in result_files if not path.name.startswith("quantize")]
-    rows = markdown_rows(render_markdown(gather_results(perplexity_only)))
+    rows = markdown_rows(render_markdown(summary(perplexity_only), SETTINGS))
     assert "quantize time (s)" not in rows["fp16"]
 
 
@@ -181,7 +221,7 @@ def test_empty_input_and_duplicate_measurements_are_errors(tmp_path):
 
 
 def test_plot_writes_readable_png_and_pdf(result_files, tmp_path):
-    paths = plot_ppl_vs_bits(gather_results(result_files), tmp_path / "figs" / "ppl_vs_bits")
+    paths = plot_ppl_vs_bits(summary(result_files), tmp_path / "figs" / "ppl_vs_bits")
     png, pdf = paths
     assert (png.name, pdf.name) == ("ppl_vs_bits.png", "ppl_vs_bits.pdf")
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
@@ -191,7 +231,7 @@ def test_plot_writes_readable_png_and_pdf(result_files, tmp_path):
 
 
 def test_plot_is_deterministic_and_filters_dataset(result_files, tmp_path):
-    frame = gather_results(result_files)
+    frame = summary(result_files)
     first = plot_ppl_vs_bits(frame, tmp_path / "a", dataset="c4-mini")
     second = plot_ppl_vs_bits(frame, tmp_path / "b", dataset="c4-mini")
     for one, other in zip(first, second):
@@ -232,19 +272,19 @@ def low_rank_frame(tmp_path) -> pd.DataFrame:
     for (method, rank), value in ppl.items():
         recipe = f"{method}-k{rank}" if rank else method
         entry = {**result("rtn@int4"), "recipe": recipe, "method": method, "weight_format": "mxint4",
-                 "weight_scheme": "mx a=mxint8", "metrics": {"ppl": value}}
+                 "weight_scheme": "mx a=mxint8", "metrics": {"ppl": value}, "window_nll": window_nll(value)}
         files.append(write(tmp_path / f"ppl-{recipe}.json", entry))
         if rank:
             quantize = {**entry, "kind": "quantize", "dataset": "calib", "metrics": {"lqer_rank": rank, "quantize_time_s": 9.0}}
             files.append(write(tmp_path / f"quantize-{recipe}.json", quantize))
-    return gather_results(files)
+    return summary(files)
 
 
 def test_lqer_curves_start_at_the_base_quantizer(tmp_path):
     curves = lqer_rank_curves(low_rank_frame(tmp_path))
     assert curves == {(MODEL, "wiki-mini"): {
-        "rtn+l2qer mx a=mxint8": {0: 33.1, 8: 27.1, 32: 24.9},
-        "rtn+lqer mx a=mxint8": {0: 33.1, 8: 31.3, 32: 29.0},
+        "rtn+l2qer mx a=mxint8": {0: pytest.approx(33.1), 8: pytest.approx(27.1), 32: pytest.approx(24.9)},
+        "rtn+lqer mx a=mxint8": {0: pytest.approx(33.1), 8: pytest.approx(31.3), 32: pytest.approx(29.0)},
     }}
     paths = plot_lqer_ranks(low_rank_frame(tmp_path), tmp_path / "lqer")
     assert matplotlib.image.imread(paths[0])[..., :3].std() > 0.05
@@ -252,7 +292,7 @@ def test_lqer_curves_start_at_the_base_quantizer(tmp_path):
 
 def test_lqer_curves_need_a_rank(result_files, tmp_path):
     with pytest.raises(PtqError, match="no 'lqer_rank' quantize results"):
-        plot_lqer_ranks(gather_results(result_files), tmp_path / "none")
+        plot_lqer_ranks(summary(result_files), tmp_path / "none")
 
 
 def test_accuracy_is_plotted_against_bits_per_task(tmp_path):
@@ -262,20 +302,20 @@ def test_accuracy_is_plotted_against_bits_per_task(tmp_path):
         for recipe, acc in {"fp16": 0.32, "rtn@int4": 0.2, "rtn@int3": 0.05}.items()
         for task in ("ptq_lastword", "ptq_nextsentence")
     ]
-    paths = plot_accuracy_vs_bits(gather_results(files), tmp_path / "acc")
+    paths = plot_accuracy_vs_bits(summary(files), tmp_path / "acc")
     height, width, _ = matplotlib.image.imread(paths[0]).shape
     assert width >= 1000  # one panel per task, side by side
     with pytest.raises(PtqError, match="no 'acc' zeroshot results"):
-        plot_accuracy_vs_bits(gather_results([write(tmp_path / "p.json", result("fp16"))]), tmp_path / "x")
+        plot_accuracy_vs_bits(summary([write(tmp_path / "p.json", result("fp16"))]), tmp_path / "x")
 
 
 def test_job_costs_have_one_bar_per_result_file(result_files, tmp_path):
-    frame = gather_results(result_files)
+    frame = gather_results(result_files).replicates
     jobs = job_costs(frame)
     assert len(jobs) == len(result_files)
     assert list(jobs["wall_time_s"]) == sorted(jobs["wall_time_s"], reverse=True)
-    assert f"{MODEL} rtn@int4-g64 · quantize" in set(jobs["job"])  # a quantize job names no dataset
-    assert f"{MODEL} rtn@int4 · perplexity · c4-mini" in set(jobs["job"])
+    assert f"{MODEL} rtn@int4-g64 s0 · quantize" in set(jobs["job"])  # a quantize job names no dataset
+    assert f"{MODEL} rtn@int4 s0 · perplexity · c4-mini" in set(jobs["job"])
     paths = plot_job_costs(frame, tmp_path / "jobs")
     assert paths[1].read_bytes().startswith(b"%PDF")
 
@@ -292,3 +332,54 @@ def test_magr_plot_needs_magr_records(tmp_path):
     assert matplotlib.image.imread(paths[0])[..., :3].std() > 0.05
     with pytest.raises(PtqError, match="has no MagR records"):
         plot_magr_row_maxima({"recipe": "gptq@int3", "layers": [{"layer": 0}]}, tmp_path / "none")
+
+
+def test_a_perplexity_result_without_per_window_losses_is_refused_with_what_to_do(tmp_path):
+    old = result("rtn@int4")
+    del old["window_nll"]
+    with pytest.raises(PtqError, match=r"old\.json: perplexity result without per-window losses.*forcerun eval_ppl"):
+        gather_results([write(tmp_path / "old.json", old)])
+
+
+def test_replicates_over_calibration_seeds_reach_the_tables(result_files, tmp_path):
+    seeds = {seed: {**result("rtn@int3"), "calibration_seed": seed, "metrics": {"ppl": ppl}, "window_nll": window_nll(ppl)}
+             for seed, ppl in ((0, 9876.5), (1, 5000.0), (2, 7000.0))}
+    files = [path for path in result_files if "rtn@int3.json" not in path.name]
+    files += [write(tmp_path / f"ppl-rtn@int3-s{seed}.json", entry) for seed, entry in seeds.items()]
+    written = tables_of(files, tmp_path / "tables")
+    row = pd.read_csv(written["csv"]).set_index(["recipe", "dataset", "metric"]).loc[("rtn@int3", "wiki-mini", "ppl")]
+    assert row["seeds"] == "0 1 2" and len(row["source"].split()) == 3
+    assert row["value"] == pytest.approx((9876.5 * 5000.0 * 7000.0) ** (1 / 3))  # exp of the mean NLL over seeds
+    assert (row["seed_low"], row["seed_high"]) == pytest.approx((5000.0, 9876.5))
+    assert row["ci_low"] < 5000.0 and row["ci_high"] > 9876.5  # the seeds' spread is in the interval
+    replicates = pd.read_csv(written["replicates"])
+    assert sorted(replicates.loc[(replicates["recipe"] == "rtn@int3") & (replicates["metric"] == "ppl"), "seed"]) == [0, 1, 2]
+    rows = markdown_rows(written["md"].read_text())
+    assert rows["rtn@int3"]["wiki-mini over seeds"] == "3 seeds: 5000.00–9876.50"
+    assert rows["fp16"]["wiki-mini over seeds"] == "—"
+
+
+def test_seeds_that_scored_different_windows_are_not_pooled(tmp_path):
+    first = {**result("rtn@int3"), "calibration_seed": 0}
+    second = {**result("rtn@int3"), "calibration_seed": 1}
+    second["protocol"] = {**second["protocol"], "windows_sha256": "other-windows"}
+    files = [write(tmp_path / "s0.json", first), write(tmp_path / "s1.json", second)]
+    with pytest.raises(PtqError, match="scored different test windows"):
+        summary(files)
+
+
+def test_zero_shot_intervals_come_from_lm_evals_stderr(tmp_path):
+    metrics = {"acc": 0.4, "acc_stderr": 0.05, "acc_norm": 0.5, "acc_norm_stderr": 0.02}
+    frame = summary([write(tmp_path / "zs.json", result("fp16", kind="zeroshot", dataset="ptq_lastword", metrics=metrics))])
+    acc = frame.set_index("metric").loc["acc"]
+    assert (acc["ci_low"], acc["ci_high"]) == pytest.approx((0.4 - 1.959964 * 0.05, 0.4 + 1.959964 * 0.05))
+    assert "±0.098" in render_markdown(frame, SETTINGS)
+
+
+def test_hardware_is_a_column_and_named_in_the_notes(result_files, tmp_path):
+    labelled = result("fp16")
+    labelled["provenance"]["hardware"] = {"label": "Test CPU (AVX512, bf16 AMX)"}
+    files = [path for path in result_files if path.name != "ppl-fp16.json"] + [write(tmp_path / "fp16.json", labelled)]
+    written = tables_of(files, tmp_path / "tables")
+    assert "Test CPU (AVX512, bf16 AMX)" in set(pd.read_csv(written["csv"])["hardware"].dropna())
+    assert "Computed on: Test CPU (AVX512, bf16 AMX)." in written["md"].read_text()

@@ -106,7 +106,7 @@ def test_tiny_dag_runs_as_slurm_jobs(slurm_cluster, tmp_path, tiny_model_dir, ti
     submitted = {path.stem: path.relative_to(tmp_path / ".snakemake" / "slurm_logs").parts[0] for path in logs}
     assert sorted(submitted.values()) == sorted([
         "rule_prepare_model", "rule_prepare_corpus", "rule_prepare_corpus", "rule_calibrate", "rule_quantize",
-        "group_eval_tiny_rtn@int4-g16_eval_ppl", "rule_tables"]), submitted
+        "group_eval_tiny_rtn@int4-g16_s0_eval_ppl", "rule_tables"]), submitted
     jobs = {job["JobId"]: job for job in slurm_jobs(slurm_cluster)}
     assert set(jobs) == set(submitted)
     assert all(job["JobState"] == "COMPLETED" and job["Partition"] == "ptqtest" for job in jobs.values()), jobs
@@ -114,11 +114,11 @@ def test_tiny_dag_runs_as_slurm_jobs(slurm_cluster, tmp_path, tiny_model_dir, ti
     assert set(accounted) == set(submitted)
     assert all(job == {"State": "COMPLETED", "Account": "ptqlab", "Partition": "ptqtest"} for job in accounted.values()), accounted
     gpus = {submitted[number]: job.get("TresPerJob") for number, job in jobs.items()}
-    assert gpus["rule_quantize"] == gpus["group_eval_tiny_rtn@int4-g16_eval_ppl"] == "gres:gpu:a100:1", gpus
+    assert gpus["rule_quantize"] == gpus["group_eval_tiny_rtn@int4-g16_s0_eval_ppl"] == "gres:gpu:a100:1", gpus
     assert gpus["rule_prepare_model"] is None and gpus["rule_calibrate"] is None and gpus["rule_tables"] is None, gpus
 
     table = pandas.read_csv(tmp_path / "results/tables/all.csv")
     ppl = table[(table.kind == "perplexity") & (table.metric == "ppl")]
     assert sorted(zip(ppl.recipe, ppl.dataset)) == [("rtn@int4-g16", "tiny"), ("rtn@int4-g16", "tiny2")]
-    assert not (tmp_path / "results/quantized/tiny/rtn@int4-g16").exists()  # deleted after its evaluations
-    assert (tmp_path / "results/metrics/tiny/rtn@int4-g16/quantize.json").is_file()
+    assert not (tmp_path / "results/quantized/tiny/rtn@int4-g16/s0").exists()  # deleted after its evaluations
+    assert (tmp_path / "results/metrics/tiny/rtn@int4-g16/s0/quantize.json").is_file()

@@ -7,10 +7,10 @@
     ptqrepro eval-ppl       --model DIR --quantized DIR --corpus DIR --seqlen L [--max-windows K] [--placement layers] --out FILE.json
     ptqrepro zeroshot-tasks --corpus DIR --items N --seed S --out DIR
     ptqrepro eval-zeroshot  --model DIR --quantized DIR --tasks T... [--include DIR] --out-dir DIR
-    ptqrepro tables         --out DIR RESULT.json...
+    ptqrepro tables         --out DIR [--bootstrap-samples B --bootstrap-seed S --level 0.95] RESULT.json...
     ptqrepro plots          --table all.csv --out STEM
     ptqrepro paper-tables   --table all.csv --reference config/reference/magr.csv... --out DIR
-    ptqrepro claims         --table all.csv --claims '[{paper: ..., claim: ..., below: [A, B]}]' --out DIR
+    ptqrepro claims         --table all.csv --windows windows.csv --claims '[{paper: ..., claim: ..., below: [A, B]}]' --out DIR
 
 Bad input ends with one line ``ptqrepro: error: ...`` and exit code 2; nothing already written
 is touched, since every output is written atomically.
@@ -151,6 +151,8 @@ def cmd_quantize(args) -> None:
         "weight_bits": fmt.bits if fmt else 16,
         "bits_per_weight": result.bits_per_weight() or 16,
         "act_format": recipe.act.name if recipe.act else None,
+        # None where the recipe reads no calibration data: the same model at every seed
+        "calibration_seed": settings["seed"] if recipe.needs_stats else None,
     }
     record = {**provenance.record(settings, device), "offload": args.offload}
     errors = [r["weight_rel_error"] for r in result.records]
@@ -194,7 +196,7 @@ def cmd_dwr(args) -> None:
     calibration = torch.load(args.calibration)
     description = {**{key: base.manifest[key] for key in (
         "model", "weight_format", "weight_scheme", "weight_bits", "bits_per_weight", "act_format")},
-        "recipe": recipe.name, "method": f"{base.manifest['method']}+dwr"}
+        "recipe": recipe.name, "method": f"{base.manifest['method']}+dwr", "calibration_seed": calibration["seed"]}
     settings = {"model": description["model"], "recipe": spec, "base": base.manifest["config_hash"],
                 "calibration": calibration["corpus"], "seed": calibration["seed"], "dwr_seed": recipe.settings.seed,
                 "windows": int(calibration["input_ids"][: recipe.settings.windows].shape[0]),
@@ -228,6 +230,13 @@ RESULT_DESCRIPTION_KEYS = (
 """Keys of an artifact's manifest that every evaluation result repeats."""
 
 
+def _result_description(manifest: dict) -> dict:
+    """What an evaluation result repeats of its artifact's manifest: ``RESULT_DESCRIPTION_KEYS``
+    and the calibration seed (None for a recipe that reads no calibration data, and for artifacts
+    written before it was recorded)."""
+    return {**{key: manifest[key] for key in RESULT_DESCRIPTION_KEYS}, "calibration_seed": manifest.get("calibration_seed")}
+
+
 @contextlib.contextmanager
 def _model_to_evaluate(args):
     """The quantized model of ``--model`` + ``--quantized`` in the evaluation dtype, computing on
@@ -248,7 +257,7 @@ def _model_to_evaluate(args):
 
 def cmd_eval_ppl(args) -> None:
     from ptqrepro.data.windows import evaluation_windows
-    from ptqrepro.eval.perplexity import perplexity
+    from ptqrepro.eval.perplexity import perplexity, windows_fingerprint
     from ptqrepro.provenance import Provenance
 
     _set_threads(args.threads)
@@ -259,13 +268,14 @@ def cmd_eval_ppl(args) -> None:
             _documents(args.corpus, "test"), tokenizer, spec, args.seqlen, args.max_windows,
             nsamples=args.nsamples, seed=args.seed,
         )
-        metrics = perplexity(model, windows, batch_size=args.batch_size, device=device)
+        metrics, window_nll = perplexity(model, windows, batch_size=args.batch_size, device=device)
     protocol = {"seqlen": args.seqlen, "windows": int(windows.shape[0]), "total_windows": total,
                 "max_windows": args.max_windows, "dtype": dtype, "sampling": spec.sampling, "split": "test",
-                "seed": args.seed}
-    description = {key: manifest[key] for key in RESULT_DESCRIPTION_KEYS}
+                "seed": args.seed, "windows_sha256": windows_fingerprint(windows)}
+    description = _result_description(manifest)
     write_json(args.out, {
         "kind": "perplexity", **description, "dataset": spec.name, "metrics": metrics, "protocol": protocol,
+        "window_nll": window_nll,
         "provenance": {**provenance.record({"protocol": protocol, "quantized": manifest["config_hash"]}, device),
                        "placement": placement},
     })
@@ -289,7 +299,7 @@ def cmd_eval_zeroshot(args) -> None:
     with _model_to_evaluate(args) as (model, tokenizer, manifest, device, dtype, placement):
         results = evaluate_zeroshot(model, tokenizer, args.tasks, args.include, args.batch_size, args.max_length,
                                     device, args.limit)
-    description = {key: manifest[key] for key in RESULT_DESCRIPTION_KEYS}
+    description = _result_description(manifest)
     protocol = {"batch_size": args.batch_size, "max_length": args.max_length, "limit": args.limit, "dtype": dtype,
                 "num_fewshot": 0, **HARNESS_SETTINGS}
     for task, metrics in results.items():
@@ -302,10 +312,18 @@ def cmd_eval_zeroshot(args) -> None:
         print(f"{description['recipe']} on {task}: {shown}")
 
 
-def cmd_tables(args) -> None:
-    from ptqrepro.report.tables import gather_results, write_tables
+def _bootstrap(args):
+    from ptqrepro.report.uncertainty import BootstrapSettings
 
-    paths = write_tables(gather_results(args.results), args.out)
+    return BootstrapSettings(samples=args.bootstrap_samples, seed=args.bootstrap_seed, level=args.level)
+
+
+def cmd_tables(args) -> None:
+    from ptqrepro.report.tables import gather_results, summarize, write_tables
+
+    settings = _bootstrap(args)
+    results = gather_results(args.results)
+    paths = write_tables(results, summarize(results, settings), args.out, settings)
     print(" ".join(str(path) for path in paths.values()))
 
 
@@ -346,8 +364,10 @@ def cmd_claims(args) -> None:
         entries = yaml.safe_load(args.claims) if args.claims else []
     except yaml.YAMLError as error:
         raise PtqError(f"cannot parse --claims: {error.problem}") from None
-    table = check_claims(claims_from_config(entries or []), pandas.read_csv(args.table))
-    paths = write_claims(table, args.out)
+    settings = _bootstrap(args)
+    table = check_claims(claims_from_config(entries or []), pandas.read_csv(args.table),
+                         pandas.read_csv(args.windows), settings)
+    paths = write_claims(table, args.out, settings)
     counts = table["verdict"].value_counts()
     print(", ".join(f"{count} {verdict}" for verdict, count in counts.items()) or "no claims", "->", paths["md"])
 
@@ -367,6 +387,13 @@ def _add_recipe_job_arguments(p: argparse.ArgumentParser, spec_help: str) -> Non
     p.add_argument("--out", required=True, help="artifact directory")
     p.add_argument("--metrics", required=True, help="result JSON")
     p.add_argument("--checkpoint-dir", help="save every finished layer there and resume from it (deleted on success)")
+
+
+def _add_bootstrap_arguments(p: argparse.ArgumentParser) -> None:
+    """How intervals are computed (``report.uncertainty.BootstrapSettings``)."""
+    p.add_argument("--bootstrap-samples", type=int, default=2000, help="bootstrap replicates (default 2000)")
+    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap's draws (default 0)")
+    p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -443,8 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, help="writes zeroshot-<task>.json there")
     p.set_defaults(func=cmd_eval_zeroshot)
 
-    p = sub.add_parser("tables", help="gather result JSONs into all.csv and all.md")
+    p = sub.add_parser("tables", help="gather result JSONs into all.csv, all.md, replicates.csv and windows.csv")
     p.add_argument("--out", required=True, help="output directory")
+    _add_bootstrap_arguments(p)
     p.add_argument("results", nargs="+")
     p.set_defaults(func=cmd_tables)
 
@@ -467,7 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("claims", help="check the papers' claims (config 'claims') against all.csv")
     p.add_argument("--table", required=True, help="all.csv from tables")
     p.add_argument("--claims", required=True, help="the config's claims list, inline YAML/JSON")
+    p.add_argument("--windows", required=True, help="windows.csv from tables (per-window losses)")
     p.add_argument("--out", required=True, help="output directory for claims.csv and claims.md")
+    _add_bootstrap_arguments(p)
     p.set_defaults(func=cmd_claims)
     return parser
 

@@ -15,6 +15,54 @@ from ptqrepro.models.sources import ModelSource
 from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
 from ptqrepro.report.claims import claims_from_config
 
+DAG_KEYS = ("models", "seeds")
+"""Keys of a recipe's entry that say where it runs (on which models, at which calibration seeds),
+not what it does: the DAG reads them, the quantize and DWR jobs never see them."""
+
+
+def recipe_entry(entry: dict) -> dict:
+    """A recipe's entry without ``DAG_KEYS``, as the quantize and DWR commands read it."""
+    return {key: value for key, value in entry.items() if key not in DAG_KEYS}
+
+
+def calibration_seeds(config: dict) -> list[int]:
+    """The config's calibration seeds: ``calibration.seeds`` (a list), or the single
+    ``calibration.seed`` (default 0); not both."""
+    calibration = config["calibration"]
+    if "seeds" in calibration and "seed" in calibration:
+        raise PtqError("calibration: give 'seeds' (a list) or 'seed' (one), not both")
+    seeds = calibration.get("seeds", [calibration.get("seed", 0)])
+    return _checked_seeds(seeds, "calibration.seeds")
+
+
+def recipe_seeds(config: dict, name: str) -> list[int]:
+    """The calibration seeds recipe ``name`` runs at, each a job of its own: its entry's ``seeds``,
+    else the config's (``calibration_seeds``). A recipe that reads no calibration data (fp16,
+    RTN) gives the same model at every seed, so it runs at the first one only; a reconstruction
+    (DWR) runs at seeds its base runs at."""
+    entry = config["recipes"][name]
+    seeds = _checked_seeds(entry["seeds"], f"recipe {name!r}: seeds") if "seeds" in entry else calibration_seeds(config)
+    if is_reconstruction(entry):
+        base_seeds = recipe_seeds(config, entry["base"])
+        outside = [seed for seed in seeds if seed not in base_seeds]
+        if outside:
+            raise PtqError(f"recipe {name!r}: seeds {outside} are not seeds of its base {entry['base']!r} ({base_seeds})")
+        return seeds
+    if not recipe_from_config(name, recipe_entry(entry)).needs_stats:
+        return seeds[:1]
+    return seeds
+
+
+def _checked_seeds(seeds, key: str) -> list[int]:
+    if isinstance(seeds, bool) or isinstance(seeds, int):
+        seeds = [seeds]
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 for seed in seeds)):
+        raise PtqError(f"{key} must be a non-empty list of integers >= 0, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise PtqError(f"{key} lists a seed twice: {seeds}")
+    return list(seeds)
+
 
 def check_config(config: dict) -> None:
     for name, entry in config["models"].items():
@@ -24,9 +72,10 @@ def check_config(config: dict) -> None:
     corpora |= {zeroshot["corpus"]} if zeroshot.get("corpus") else set()
     for name in corpora:
         corpus_spec(name, config.get("corpora", {}).get(name))
+    calibration_seeds(config)
     for name, entry in config["recipes"].items():
-        entry = dict(entry)
-        models = entry.pop("models", None) or []
+        models = entry.get("models") or []
+        entry = recipe_entry(entry)
         unknown = [model for model in models if model not in config["models"]]
         if unknown:
             raise PtqError(f"recipe {name!r}: models {', '.join(unknown)} are not in the config's models")
@@ -37,6 +86,8 @@ def check_config(config: dict) -> None:
                 raise PtqError(f"recipe {name!r}: runs on models its base {entry['base']!r} does not")
         else:
             recipe_from_config(name, entry)
+    for name in config["recipes"]:
+        recipe_seeds(config, name)
     if not config["recipes"]:
         raise PtqError("config key 'recipes' is empty: name at least one recipe")
     claims_from_config(config.get("claims", []), config["recipes"])

@@ -3,16 +3,16 @@
 # The evaluations of one quantized model (perplexity on every dataset, zero-shot) form one group: on
 # a cluster they run as one submission, one after another on one GPU (profiles/slurm merges the
 # group's jobs with `group-components` and gives each submission the pool `gpu=1`).
-EVALUATION_GROUP = "eval_{model}_{recipe}"
+EVALUATION_GROUP = "eval_{model}_{recipe}_s{seed}"
 
 
 rule eval_ppl:
     input:
         model="results/models/{model}",
-        quantized="results/quantized/{model}/{recipe}",
+        quantized=f"results/quantized/{RUN_DIR}",
         corpus="results/corpora/{dataset}",
     output:
-        "results/metrics/{model}/{recipe}/ppl-{dataset}.json",
+        f"results/metrics/{RUN_DIR}/ppl-{{dataset}}.json",
     params:
         max_windows=f"--max-windows {PPL['max_windows']}" if PPL.get("max_windows") else "",
         device=config["device"],
@@ -22,7 +22,7 @@ rule eval_ppl:
     group:
         EVALUATION_GROUP
     log:
-        "results/logs/eval_ppl/{model}/{recipe}/{dataset}.log",
+        f"results/logs/eval_ppl/{RUN_DIR}/{{dataset}}.log",
     conda:
         CONDA_ENV
     shell:
@@ -64,26 +64,27 @@ if ZEROSHOT:
             recipe=one_of(ZEROSHOT_RECIPES),
         input:
             model="results/models/{model}",
-            quantized="results/quantized/{model}/{recipe}",
+            quantized=f"results/quantized/{RUN_DIR}",
             tasks=[LOCAL_TASKS_DIR] if LOCAL_TASKS_DIR else [],
         output:
-            [f"results/metrics/{{model}}/{{recipe}}/zeroshot-{task}.json" for task in ZEROSHOT["tasks"]],
+            [f"results/metrics/{RUN_DIR}/zeroshot-{task}.json" for task in ZEROSHOT["tasks"]],
         params:
             include=f"--include {LOCAL_TASKS_DIR}" if LOCAL_TASKS_DIR else "",
             tasks=" ".join(ZEROSHOT["tasks"]),
             limit=f"--limit {ZEROSHOT['limit']}" if ZEROSHOT.get("limit") else "",
             device=config["device"],
+            out_dir=lambda w, output: os.path.dirname(output[0]),
         threads: rule_threads(config, "eval_zeroshot")
         resources:
             **rule_resources(config, "eval_zeroshot"),
         group:
             EVALUATION_GROUP
         log:
-            "results/logs/eval_zeroshot/{model}/{recipe}.log",
+            f"results/logs/eval_zeroshot/{RUN_DIR}.log",
         conda:
             CONDA_ENV
         shell:
             "{GPU_SLOT} {resources.gpu} {params.device} ptqrepro eval-zeroshot --model {input.model} --quantized {input.quantized} --tasks {params.tasks}"
             " {params.include} {params.limit} --batch-size {ZEROSHOT[batch_size]} --max-length {ZEROSHOT[max_length]}"
             " --dtype {ZEROSHOT[dtype]} --device {params.device} --placement {config[eval][placement]} --threads {threads}"
-            " --out-dir results/metrics/{wildcards.model}/{wildcards.recipe} > {log} 2>&1"
+            " --out-dir {params.out_dir} > {log} 2>&1"

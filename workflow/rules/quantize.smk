@@ -1,12 +1,13 @@
-# Stage 2: one job per (model, recipe); the recipe's steps run layer by layer. A reconstruction
-# recipe (DWR) starts from its base recipe's artifact, so the base is quantized once. Each job
+# Stage 2: one job per (model, recipe, calibration seed); the recipe's steps run layer by layer. A
+# reconstruction recipe (DWR) starts from its base recipe's artifact of the same seed, so the base
+# is quantized once per seed. Each job
 # saves every finished layer under results/checkpoints/ (deleted when it succeeds): killed and
 # rerun (snakemake --rerun-incomplete), it resumes after its last finished layer.
 
 
 def checkpoint_dir(wildcards):
     """Where a quantize or DWR job saves its finished layers."""
-    return f"results/checkpoints/{wildcards.model}/{wildcards.recipe}"
+    return f"results/checkpoints/{wildcards.model}/{wildcards.recipe}/s{wildcards.seed}"
 
 
 rule quantize:
@@ -16,8 +17,8 @@ rule quantize:
         model="results/models/{model}",
         calibration=CALIBRATION_FILE,
     output:
-        artifact=quantized_artifact("results/quantized/{model}/{recipe}"),
-        metrics="results/metrics/{model}/{recipe}/quantize.json",
+        artifact=quantized_artifact(f"results/quantized/{RUN_DIR}"),
+        metrics=f"results/metrics/{RUN_DIR}/quantize.json",
     params:
         spec=lambda w: recipe_spec(w.recipe),
         device=config["device"],
@@ -29,7 +30,7 @@ rule quantize:
     resources:
         **rule_resources(config, "quantize"),
     log:
-        "results/logs/quantize/{model}/{recipe}.log",
+        f"results/logs/quantize/{RUN_DIR}.log",
     conda:
         CONDA_ENV
     shell:
@@ -45,11 +46,11 @@ rule dwr:
         recipe=one_of(RECONSTRUCTIONS),
     input:
         model="results/models/{model}",
-        base=lambda w: f"results/quantized/{w.model}/{config['recipes'][w.recipe]['base']}",
+        base=lambda w: f"results/quantized/{w.model}/{config['recipes'][w.recipe]['base']}/s{w.seed}",
         calibration=CALIBRATION_FILE,
     output:
-        artifact=quantized_artifact("results/quantized/{model}/{recipe}"),
-        metrics="results/metrics/{model}/{recipe}/quantize.json",
+        artifact=quantized_artifact(f"results/quantized/{RUN_DIR}"),
+        metrics=f"results/metrics/{RUN_DIR}/quantize.json",
     params:
         spec=lambda w: recipe_spec(w.recipe),
         device=config["device"],
@@ -61,7 +62,7 @@ rule dwr:
     resources:
         **rule_resources(config, "dwr"),
     log:
-        "results/logs/dwr/{model}/{recipe}.log",
+        f"results/logs/dwr/{RUN_DIR}.log",
     conda:
         CONDA_ENV
     shell:

@@ -4,20 +4,24 @@
 
 rule tables:
     input:
-        [f"results/metrics/{model}/{recipe}/quantize.json" for model, recipe in RUNS],
+        [f"results/metrics/{model}/{recipe}/s{seed}/quantize.json" for model, recipe, seed in SEEDED_RUNS],
         [
-            f"results/metrics/{model}/{recipe}/ppl-{dataset}.json"
-            for model, recipe in RUNS
+            f"results/metrics/{model}/{recipe}/s{seed}/ppl-{dataset}.json"
+            for model, recipe, seed in SEEDED_RUNS
             for dataset in PPL["datasets"]
         ],
         [
-            f"results/metrics/{model}/{recipe}/zeroshot-{task}.json"
-            for model, recipe in ZEROSHOT_RUNS
+            f"results/metrics/{model}/{recipe}/s{seed}/zeroshot-{task}.json"
+            for model, recipe, seed in ZEROSHOT_RUNS
             for task in config["eval"]["zeroshot"]["tasks"]
         ],
     output:
         csv=report("results/tables/all.csv", caption="../report/all_csv.rst", category="Tables"),
         md="results/tables/all.md",
+        replicates="results/tables/replicates.csv",
+        windows="results/tables/windows.csv",
+    params:
+        bootstrap=BOOTSTRAP,
     resources:
         **OTHER_RESOURCES,
     log:
@@ -25,12 +29,13 @@ rule tables:
     conda:
         CONDA_ENV
     shell:
-        "ptqrepro tables --out results/tables {input} > {log} 2>&1"
+        "ptqrepro tables --out results/tables {params.bootstrap} {input} > {log} 2>&1"
 
 
 rule plot_table_figure:
     input:
-        "results/tables/all.csv",
+        # the cost of every job, one bar per result file: the per-seed table
+        lambda w: "results/tables/replicates.csv" if w.figure == "job_costs" else "results/tables/all.csv",
     output:
         png=report("results/plots/{figure}.png", caption="../report/table_figure.rst", category="Figures"),
         pdf="results/plots/{figure}.pdf",
@@ -48,12 +53,14 @@ rule plot_table_figure:
 
 rule claims:
     input:
-        "results/tables/all.csv",
+        table="results/tables/all.csv",
+        windows="results/tables/windows.csv",
     output:
         csv=report("results/tables/claims.csv", caption="../report/claims.rst", category="Tables"),
         md="results/tables/claims.md",
     params:
         claims=json.dumps(config["claims"]),
+        bootstrap=BOOTSTRAP,
     resources:
         **OTHER_RESOURCES,
     log:
@@ -61,7 +68,8 @@ rule claims:
     conda:
         CONDA_ENV
     shell:
-        "ptqrepro claims --table {input} --claims {params.claims:q} --out results/tables > {log} 2>&1"
+        "ptqrepro claims --table {input.table} --windows {input.windows} --claims {params.claims:q} {params.bootstrap}"
+        " --out results/tables > {log} 2>&1"
 
 
 rule paper_tables:
@@ -83,7 +91,8 @@ rule paper_tables:
 
 rule plot_dwr:
     input:
-        "results/metrics/{model}/{recipe}/quantize.json",
+        # the search of the recipe's first calibration seed
+        lambda w: f"results/metrics/{w.model}/{w.recipe}/s{SEEDS[w.recipe][0]}/quantize.json",
     output:
         png=report("results/plots/dwr/{model}/{recipe}.png", caption="../report/dwr.rst", category="Figures"),
         pdf="results/plots/dwr/{model}/{recipe}.pdf",
@@ -101,7 +110,8 @@ rule plot_dwr:
 
 rule plot_magr:
     input:
-        "results/metrics/{model}/{recipe}/quantize.json",
+        # MagR's records of the recipe's first calibration seed
+        lambda w: f"results/metrics/{w.model}/{w.recipe}/s{SEEDS[w.recipe][0]}/quantize.json",
     output:
         png=report("results/plots/magr/{model}/{recipe}.png", caption="../report/magr.rst", category="Figures"),
         pdf="results/plots/magr/{model}/{recipe}.pdf",

@@ -8,6 +8,7 @@ window's negative log-likelihood is its mean next-token cross-entropy times ``se
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -45,8 +46,16 @@ def window_losses(model: nn.Module, windows: torch.Tensor, batch_size: int, devi
     return torch.cat(losses)
 
 
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, device: str = "cpu") -> dict:
-    """``{"ppl", "nll"}`` of ``model`` over ``windows`` [n, seqlen]; nll is the mean per-token CE."""
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, device: str = "cpu") -> tuple[dict, list[float]]:
+    """``({"ppl", "nll"}, window_nll)`` of ``model`` over ``windows`` [n, seqlen]: nll is the mean
+    per-token CE, ``window_nll`` each window's mean CE (nll is their mean), kept so that any
+    statistic over windows (``ptqrepro.report.uncertainty``) can be computed without the model."""
     losses = window_losses(model, windows, batch_size, device)
     nll = float(losses.double().mean())
-    return {"ppl": math.exp(nll), "nll": nll}
+    return {"ppl": math.exp(nll), "nll": nll}, [float(loss) for loss in losses]
+
+
+def windows_fingerprint(windows: torch.Tensor) -> str:
+    """First 16 hex digits of the SHA-256 of the windows' token ids (int64, row-major): two results
+    are paired window by window only when they scored the same token windows."""
+    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]

@@ -14,7 +14,6 @@ Every later job calls ``load_model`` on the prepared directory.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch
 
 from ptqrepro.errors import PtqError
 from ptqrepro.io import atomic_path
+from ptqrepro.provenance import bf16_kernels
 
 MANIFEST = "model.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -76,15 +76,10 @@ def compute_dtype(name: str, device: str) -> str:
     return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
-@functools.cache
 def cpu_has_native_bf16() -> bool:
-    """Whether /proc/cpuinfo lists ``avx512_bf16`` or ``amx_bf16`` (False where it cannot be read);
-    read once per process."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+    """Whether the CPU computes bfloat16 dot products natively (AVX512-BF16 or AMX; False where
+    /proc/cpuinfo cannot be read)."""
+    return bf16_kernels() != "none"
 
 
 def resolve_device(device: str) -> str:

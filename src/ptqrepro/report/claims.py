@@ -1,10 +1,9 @@
-"""The papers' qualitative claims as data, checked against the tidy results frame.
+"""The papers' qualitative claims as data, checked against the results with their uncertainty.
 
 A claim names recipes of the config and a relation between their values of one metric
 (perplexity by default, lower is better), for example MagR's "MagR+GPTQ below GPTQ at W2 per
-channel" or the MX-PTQ paper's "SQ+AWQ+GPTQ at or below each single method". It is checked on
-every (model, dataset) of the results: ``holds`` or ``fails`` with the numbers, or ``not run``
-naming the recipes without a result there. Three relations, written in a config's ``claims:``:
+channel" or the MX-PTQ paper's "SQ+AWQ+GPTQ at or below each single method". Three relations,
+written in a config's ``claims:``:
 
     below: [a, b, c]                           v(a) < v(b) < v(c)
     at_or_below: {recipe: a, than: [b, c]}     v(a) <= v(b) and v(a) <= v(c)
@@ -12,23 +11,40 @@ naming the recipes without a result there. Three relations, written in a config'
 
 each with ``paper`` and ``claim`` (its words), and optionally ``metric: {kind, name, higher_is_better}``
 for a metric other than perplexity (``below`` then reads "worse than").
+
+A claim is a set of pairwise comparisons (a chain a < b < c is a < b and b < c). Each compares the
+quantity delta = log(ppl_a / ppl_b), the paired mean difference of the two recipes' per-window
+NLLs (``report.uncertainty.paired_difference``, bootstrap over the shared test windows and the
+calibration seeds), with the side the claim puts it on (below: delta < 0; at or below: delta <= 0;
+within r: log(1 - r) <= delta <= log(1 + r)). A comparison **holds** when its whole interval is on
+the claimed side, **fails** when it is wholly on the other side, and is **inconclusive** otherwise,
+or when the calibration seeds' own deltas fall on different sides (noted "seed-dependent"). A
+claim holds when every comparison holds, fails when any fails, and is inconclusive otherwise.
+Metrics without per-window data (zero-shot accuracy) compare a - b with the normal interval
+±z·sqrt(se_a² + se_b²) from the summary's intervals, unpaired. A claim is checked on every
+(model, dataset) of the results; ``not run`` names the recipes without a result there.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ptqrepro.errors import PtqError
 from ptqrepro.io import atomic_path
-from ptqrepro.report.tables import PERPLEXITY_KIND, PERPLEXITY_METRIC
+from ptqrepro.report.tables import PERPLEXITY_KIND, PERPLEXITY_METRIC, window_losses
+from ptqrepro.report.uncertainty import BootstrapSettings, Interval, paired_difference, seed_agreement
 
 RELATIONS = ("below", "at_or_below", "within")
-HOLDS, FAILS, NOT_RUN = "holds", "fails", "not run"
-CLAIM_COLUMNS = ("paper", "claim", "model", "dataset", "verdict", "numbers", "missing")
+HOLDS, FAILS, INCONCLUSIVE, NOT_RUN = "holds", "fails", "inconclusive", "not run"
+SEED_DEPENDENT = "seed-dependent"
+CLAIM_COLUMNS = ("paper", "claim", "model", "dataset", "verdict", "numbers", "comparisons", "note", "missing")
 
 
 @dataclass(frozen=True)
@@ -45,16 +61,42 @@ class Claim:
     metric: str = PERPLEXITY_METRIC
     higher_is_better: bool = False
 
-    def verdict(self, values: dict[str, float]) -> bool:
-        """Whether the relation holds for ``values`` (recipe -> metric value, all recipes present).
-        With ``higher_is_better`` the values are negated, so "below" means "worse"."""
-        sign = -1.0 if self.higher_is_better else 1.0
-        v = [sign * values[recipe] for recipe in self.recipes]
+    def pairs(self) -> list[tuple[str, str]]:
+        """The comparisons (a, b) the claim is made of, each "a <relation> b"."""
         if self.relation == "below":
-            return all(a < b for a, b in zip(v, v[1:]))
+            return list(zip(self.recipes, self.recipes[1:]))
+        return [(self.recipes[0], other) for other in self.recipes[1:]]
+
+    def claimed_side(self, reference: float) -> tuple[float, float, bool]:
+        """The claimed range ``(low, high, strict)`` of the compared quantity delta: the log ratio of
+        perplexities, or for another metric the signed difference (``reference`` is b's value then,
+        for ``within``). ``strict``: the range excludes ``high`` (``below``'s delta < 0)."""
+        if self.relation == "below":
+            return -math.inf, 0.0, True
         if self.relation == "at_or_below":
-            return all(v[0] <= other for other in v[1:])
-        return abs(v[0] - v[1]) <= self.relative * abs(v[1])
+            return -math.inf, 0.0, False
+        if self.is_perplexity:
+            low = math.log(1 - self.relative) if self.relative < 1 else -math.inf
+            return low, math.log(1 + self.relative), False
+        return -self.relative * abs(reference), self.relative * abs(reference), False
+
+    @property
+    def is_perplexity(self) -> bool:
+        return self.kind == PERPLEXITY_KIND and self.metric == PERPLEXITY_METRIC
+
+    def judge(self, delta: Interval, reference: float) -> str:
+        """holds / fails / inconclusive for one comparison's interval of delta."""
+        low, high, strict = self.claimed_side(reference)
+        if delta.low >= low and (delta.high < high if strict else delta.high <= high):
+            return HOLDS
+        if delta.high < low or (delta.low >= high if strict else delta.low > high):
+            return FAILS
+        return INCONCLUSIVE
+
+    def on_claimed_side(self, delta: float, reference: float) -> bool:
+        """Whether a point estimate of delta is on the claimed side."""
+        low, high, strict = self.claimed_side(reference)
+        return low <= delta and (delta < high if strict else delta <= high)
 
 
 def claims_from_config(entries: list, recipes: dict | None = None) -> list[Claim]:
@@ -113,32 +155,115 @@ def _claim(index: int, entry, recipes: dict | None) -> Claim:
     )
 
 
-def check_claims(claims: list[Claim], frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per claim and (model, dataset) of the claim's metric in ``frame`` (the tidy table):
-    ``verdict`` holds / fails / not run, ``numbers`` the values in the claim's order, ``missing``
-    the recipes without a result. A claim whose metric no result has gets one ``not run`` row."""
+def check_claims(claims: list[Claim], frame: pd.DataFrame, windows: pd.DataFrame,
+                 settings: BootstrapSettings) -> pd.DataFrame:
+    """One row per claim and (model, dataset) of the claim's metric in ``frame`` (the summary,
+    all.csv), judged with ``windows`` (windows.csv) for perplexity: ``verdict`` holds / fails /
+    inconclusive / not run, ``numbers`` the values and intervals in the claim's order,
+    ``comparisons`` each pairwise difference with its interval and verdict, ``note`` the
+    seed-dependent comparisons, ``missing`` the recipes without a result. A claim whose metric no
+    result has gets one ``not run`` row."""
     rows = []
     for claim in claims:
         selected = frame[(frame["kind"] == claim.kind) & (frame["metric"] == claim.metric)]
         places = selected[["model", "dataset"]].drop_duplicates().sort_values(["model", "dataset"])
         if places.empty:
-            rows.append(_row(claim, "—", "—", NOT_RUN, {}, list(claim.recipes)))
+            rows.append(_row(claim, "—", "—", NOT_RUN, {}, [], [], list(claim.recipes)))
             continue
         for model, dataset in places.itertuples(index=False):
-            here = selected[(selected["model"] == model) & (selected["dataset"] == dataset)]
-            values = dict(zip(here["recipe"], here["value"]))
-            missing = [recipe for recipe in claim.recipes if recipe not in values or pd.isna(values[recipe])]
-            verdict = NOT_RUN if missing else (HOLDS if claim.verdict(values) else FAILS)
-            rows.append(_row(claim, model, dataset, verdict, values, missing))
+            here = selected[(selected["model"] == model) & (selected["dataset"] == dataset)].set_index("recipe")
+            missing = [recipe for recipe in claim.recipes if recipe not in here.index or pd.isna(here.loc[recipe, "value"])]
+            if missing:
+                rows.append(_row(claim, model, dataset, NOT_RUN, here, [], [], missing))
+                continue
+            compared = [_compare(claim, a, b, here, windows, model, dataset, settings) for a, b in claim.pairs()]
+            verdicts = {verdict for _, _, _, verdict, _ in compared}
+            verdict = FAILS if FAILS in verdicts else HOLDS if verdicts == {HOLDS} else INCONCLUSIVE
+            rows.append(_row(claim, model, dataset, verdict, here, compared,
+                             [f"{a} vs {b}" for a, b, _, _, dependent in compared if dependent], []))
     return pd.DataFrame(rows, columns=list(CLAIM_COLUMNS))
 
 
-def _row(claim: Claim, model: str, dataset: str, verdict: str, values: dict, missing: list[str]) -> dict:
-    numbers = ", ".join(f"{recipe} {_number(values[recipe])}" for recipe in claim.recipes if recipe in values)
+def _compare(claim: Claim, a: str, b: str, here: pd.DataFrame, windows: pd.DataFrame, model: str, dataset: str,
+             settings: BootstrapSettings) -> tuple[str, str, Interval, str, bool]:
+    """``(a, b, delta, verdict, seed_dependent)`` of one comparison."""
+    reference = float(here.loc[b, "value"])
+    if claim.is_perplexity:
+        nll_a, nll_b = paired_losses(windows, model, dataset, a, b)
+        delta = paired_difference(nll_a, nll_b, settings)
+        dependent = nll_a.shape[0] > 1 and not seed_agreement(nll_a, nll_b, lambda d: claim.on_claimed_side(d, reference))
+    else:
+        delta = _unpaired_difference(claim, here.loc[a], here.loc[b], settings)
+        dependent = False
+    verdict = INCONCLUSIVE if dependent else claim.judge(delta, reference)
+    return a, b, delta, verdict, dependent
+
+
+def paired_losses(windows: pd.DataFrame, model: str, dataset: str, a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-window losses of recipes ``a`` and ``b`` as two matrices [pairs, windows] paired row by
+    row: by calibration seed (the seeds both ran at), except that a recipe that reads no
+    calibration data (fp16, RTN: its results carry no seed) is set against every seed of the other.
+    Both must have scored the same test windows."""
+    seeds_a, nll_a = window_losses(windows, model, a, dataset)
+    seeds_b, nll_b = window_losses(windows, model, b, dataset)
+    fingerprints = {
+        windows.loc[(windows["model"] == model) & (windows["recipe"] == recipe) & (windows["dataset"] == dataset),
+                    "windows_sha256"].iloc[0]
+        for recipe in (a, b)
+    }
+    if len(fingerprints) > 1 or nll_a.shape[1] != nll_b.shape[1]:
+        raise PtqError(f"{a} and {b} on {dataset} ({model}) scored different test windows: they cannot be "
+                       "compared window by window; evaluate both with the same protocol")
+    if _seedless(seeds_a) or _seedless(seeds_b):
+        count = max(len(seeds_a), len(seeds_b))
+        return np.broadcast_to(nll_a, (count, nll_a.shape[1])), np.broadcast_to(nll_b, (count, nll_b.shape[1]))
+    common = [seed for seed in seeds_a if seed in seeds_b]
+    if not common:
+        raise PtqError(f"{a} (seeds {seeds_a}) and {b} (seeds {seeds_b}) on {dataset} ({model}) share no calibration seed")
+    return nll_a[[seeds_a.index(seed) for seed in common]], nll_b[[seeds_b.index(seed) for seed in common]]
+
+
+def _seedless(seeds: list) -> bool:
+    """Whether a recipe's results carry no calibration seed (it reads no calibration data)."""
+    return len(seeds) == 1 and (seeds[0] is None or pd.isna(seeds[0]))
+
+
+def _unpaired_difference(claim: Claim, a: pd.Series, b: pd.Series, settings: BootstrapSettings) -> Interval:
+    """a - b (negated for higher-is-better metrics) with a normal interval from both summary
+    intervals; a point interval where neither has one."""
+    sign = -1.0 if claim.higher_is_better else 1.0
+    z = statistics.NormalDist().inv_cdf(0.5 + settings.level / 2)
+    stderrs = [(row["ci_high"] - row["ci_low"]) / (2 * z) for row in (a, b)]
+    half = z * math.sqrt(sum(0.0 if pd.isna(se) else se**2 for se in stderrs))
+    delta = sign * (float(a["value"]) - float(b["value"]))
+    return Interval(delta, delta - half, delta + half)
+
+
+def _row(claim: Claim, model: str, dataset: str, verdict: str, here, compared: list, dependent: list[str],
+         missing: list[str]) -> dict:
+    numbers = ", ".join(f"{recipe} {_value_with_interval(here.loc[recipe])}" for recipe in claim.recipes
+                        if len(here) and recipe in here.index)
+    comparisons = "; ".join(f"{a} vs {b}: {_difference(claim, delta)} {verdict}" for a, b, delta, verdict, _ in compared)
+    note = f"{SEED_DEPENDENT}: {', '.join(dependent)}" if dependent else ""
     return {
         "paper": claim.paper, "claim": claim.text, "model": model, "dataset": dataset, "verdict": verdict,
-        "numbers": numbers, "missing": ", ".join(missing),
+        "numbers": numbers, "comparisons": comparisons, "note": note, "missing": ", ".join(missing),
     }
+
+
+def _value_with_interval(row: pd.Series) -> str:
+    if pd.isna(row["value"]):
+        return "—"
+    interval = "" if pd.isna(row["ci_low"]) else f" [{_number(row['ci_low'])}, {_number(row['ci_high'])}]"
+    return f"{_number(row['value'])}{interval}"
+
+
+def _difference(claim: Claim, delta: Interval) -> str:
+    """A comparison's quantity: for perplexity the ratio a/b as a percent change, else a - b."""
+    if claim.is_perplexity:
+        low, value, high = (100 * math.expm1(x) for x in (delta.low, delta.value, delta.high))
+        return f"{value:+.2f} % [{low:+.2f}, {high:+.2f}]"
+    return f"{delta.value:+.4g} [{delta.low:+.4g}, {delta.high:+.4g}]"
 
 
 def _number(value: float) -> str:
@@ -146,16 +271,29 @@ def _number(value: float) -> str:
     return f"{value:.2f}" if abs(value) >= 100 else f"{value:.4g}" if abs(value) >= 1 else f"{value:.4f}"
 
 
-def write_claims(table: pd.DataFrame, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """``out_dir/claims.csv`` and ``out_dir/claims.md`` (failures in bold), written atomically."""
+VERDICT_RULE = (
+    "A comparison **holds** when its whole {level:.0%} interval is on the claimed side, **fails** when it is "
+    "wholly on the other side, and is *inconclusive* otherwise, or where the calibration seeds disagree "
+    "(seed-dependent). For perplexity the compared quantity is ppl_a / ppl_b − 1 (shown in %), from the "
+    "paired bootstrap over the shared test windows and the calibration seeds ({samples} replicates, seed "
+    "{seed}); 'within r' claims ask the ratio to lie within ±r. A claim holds when every comparison holds "
+    "and fails when any fails."
+)
+
+
+def write_claims(table: pd.DataFrame, out_dir: str | os.PathLike, settings: BootstrapSettings) -> dict[str, Path]:
+    """``out_dir/claims.csv`` and ``out_dir/claims.md`` (failures in bold, inconclusive in italics,
+    and how a verdict is decided), written atomically."""
     out_dir = Path(out_dir)
     written = {"csv": out_dir / "claims.csv", "md": out_dir / "claims.md"}
     with atomic_path(written["csv"]) as tmp:
         table.to_csv(tmp, index=False, lineterminator="\n")
-    shown = table.assign(verdict=table["verdict"].map(lambda v: f"**{v}**" if v == FAILS else v))
+    marks = {FAILS: "**{}**", INCONCLUSIVE: "*{}*"}
+    shown = table.assign(verdict=table["verdict"].map(lambda v: marks.get(v, "{}").format(v)))
+    rule = VERDICT_RULE.format(level=settings.level, samples=settings.samples, seed=settings.seed)
     markdown = "# Claims\n\n" + (
         shown.to_markdown(index=False) if not table.empty else "No claims in the config."
-    ) + "\n"
+    ) + f"\n\n{rule}\n"
     with atomic_path(written["md"]) as tmp:
         tmp.write_text(markdown)
     return written

@@ -119,7 +119,8 @@ def _figure_for(rows: pd.DataFrame, series_labels: list[str], ylabel: str) -> Fi
 
 
 def _draw_panel(ax: Axes, rows: pd.DataFrame, series_labels: list[str], ylabel: str) -> None:
-    """Quantized series as lines with markers, the fp16 baseline as a dashed horizontal line."""
+    """Quantized series as lines with markers and their intervals as error bars (where the table
+    has ``ci_low``/``ci_high``), the fp16 baseline as a dashed horizontal line."""
     is_baseline = _is_baseline(rows)
     quantized = rows[~is_baseline]
     labels = _series_label(quantized)
@@ -127,6 +128,11 @@ def _draw_panel(ax: Axes, rows: pd.DataFrame, series_labels: list[str], ylabel: 
         points = quantized[labels == label].sort_values(["weight_bits", "recipe"])
         style = _series_style(series_labels.index(label))
         ax.plot(points["weight_bits"], points["value"], label=label, **style)
+        if {"ci_low", "ci_high"} <= set(points.columns) and points["ci_low"].notna().any():
+            below = (points["value"] - points["ci_low"]).clip(lower=0).fillna(0)
+            above = (points["ci_high"] - points["value"]).clip(lower=0).fillna(0)
+            ax.errorbar(points["weight_bits"], points["value"], yerr=[below, above], fmt="none",
+                        ecolor=style.get("color", "black"), elinewidth=0.8, capsize=2)
     for position, value in enumerate(rows.loc[is_baseline, "value"]):
         label = "fp16 baseline" if position == 0 else None
         ax.axhline(value, color="black", linestyle="--", linewidth=1.2, label=label)
@@ -196,13 +202,15 @@ def _base_method(method: str) -> str:
 
 
 def job_costs(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per result file (the job that wrote it): ``job`` (model, recipe, kind and, for an
-    evaluation, its dataset or task), ``kind``, ``wall_time_s``, ``peak_rss_mb``; longest first."""
+    """One row per result file (the job that wrote it) of the per-seed table (replicates.csv):
+    ``job`` (model, recipe, calibration seed, kind and, for an evaluation, its dataset or task), ``kind``, ``wall_time_s``, ``peak_rss_mb``; longest first."""
     jobs = frame.drop_duplicates("source").copy()
     if jobs.empty:
         raise PtqError("plots: no results to show the jobs of")
     evaluated = jobs["dataset"].where(jobs["kind"] != QUANTIZE_KIND)
-    jobs["job"] = (jobs["model"] + " " + jobs["recipe"] + " · " + jobs["kind"]
+    seeds = jobs["seed"] if "seed" in jobs else pd.Series(None, index=jobs.index)
+    jobs["job"] = (jobs["model"] + " " + jobs["recipe"]
+                   + seeds.map(lambda seed: f" s{int(seed)}" if pd.notna(seed) else "") + " · " + jobs["kind"]
                    + evaluated.map(lambda name: f" · {name}" if isinstance(name, str) else ""))
     columns = ["job", "kind", "wall_time_s", "peak_rss_mb"]
     return jobs.sort_values(["wall_time_s", "job"], ascending=[False, True])[columns].reset_index(drop=True)

@@ -1,4 +1,20 @@
-"""Tidy results table (one row per result file and metric) and its CSV / Markdown renderings."""
+"""Results tables: every result file's metrics as tidy rows (one per calibration seed), their
+per-window losses, and one summary row per measurement with its interval.
+
+Written by ``write_tables`` into one folder:
+
+- ``replicates.csv``: one row per result file and metric (``COLUMNS``), the calibration seed and
+  the machine (``hardware``) included: what each job measured, with its provenance.
+- ``windows.csv``: each perplexity result's per-window mean NLL (``WINDOW_COLUMNS``), from which
+  every interval here and in the claims is recomputed without a model.
+- ``all.csv``: one row per (model, recipe, kind, dataset, metric) over the seeds
+  (``SUMMARY_COLUMNS``): perplexity ``exp(mean NLL over seeds and windows)`` with its bootstrap
+  interval (``report.uncertainty``); zero-shot accuracies the mean over seeds, ± z·lm-eval's
+  stderr; other metrics the mean over seeds. ``seed_low``/``seed_high`` are the smallest and
+  largest per-seed values.
+- ``all.md``: a recipe-by-dataset table per model, ``value ±half-width``, the spread over seeds
+  where a recipe has several, and how the intervals were made.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +22,17 @@ import json
 import math
 import numbers
 import os
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import pandas as pd
 
 from ptqrepro.errors import PtqError
 from ptqrepro.io import atomic_path, read_json
+from ptqrepro.report.uncertainty import BootstrapSettings, mean_interval
 
 RECIPE_KEYS = (
     "model",
@@ -34,69 +54,196 @@ PROVENANCE_KEYS = ("config_hash", "git_commit", "device", "wall_time_s", "peak_r
 
 COLUMNS = (
     *RECIPE_KEYS,
+    "seed",
     *MEASUREMENT_KEYS,
     "metric",
     "value",
     *PROVENANCE_KEYS,
+    "hardware",
     "source",
 )
-"""Columns of the tidy frame, in order."""
+"""Columns of the per-seed frame (``replicates.csv``), in order. ``seed`` is the calibration seed
+(empty for results written before it was recorded), ``hardware`` the machine's one-line label."""
+
+SUMMARY_COLUMNS = (
+    *RECIPE_KEYS,
+    *MEASUREMENT_KEYS,
+    "metric",
+    "value",
+    "ci_low",
+    "ci_high",
+    "seeds",
+    "seed_low",
+    "seed_high",
+    "windows",
+    *PROVENANCE_KEYS,
+    "hardware",
+    "source",
+)
+"""Columns of the summary (``all.csv``): one row per measurement over its seeds. ``seeds`` lists
+them ("0 1 2"), ``windows`` counts a perplexity's test windows; provenance is the first seed's,
+``source`` every file, space-separated."""
+
+WINDOW_COLUMNS = ("model", "recipe", "seed", "dataset", "window", "nll", "windows_sha256", "source")
+"""Columns of ``windows.csv``: one row per perplexity result and test window."""
 
 SORT_COLUMNS = ("model", "weight_bits", "recipe", "kind", "dataset", "metric")
 SORT_ASCENDING = (True, False, True, True, True, True)
 
-IDENTITY_COLUMNS = ("model", "recipe", "kind", "dataset", "metric")
-"""A measurement is identified by these; two files giving the same one are ambiguous."""
+IDENTITY_COLUMNS = ("model", "recipe", "seed", "kind", "dataset", "metric")
+"""A measurement of one seed is identified by these; two files giving the same one are ambiguous."""
 
 MISSING_CELL = "—"
 PERPLEXITY_KIND, PERPLEXITY_METRIC = "perplexity", "ppl"
+NLL_METRIC = "nll"
 QUANTIZE_KIND, QUANTIZE_TIME_METRIC = "quantize", "quantize_time_s"
 ZEROSHOT_KIND, ZEROSHOT_METRICS = "zeroshot", ("acc", "acc_norm")
+STDERR_SUFFIX = "_stderr"
 
 
-def gather_results(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
-    """Read result JSONs into a tidy frame with ``COLUMNS``, sorted by ``SORT_COLUMNS``.
+@dataclass(frozen=True)
+class Results:
+    """What the result files hold: ``replicates`` (``COLUMNS``) and ``windows`` (``WINDOW_COLUMNS``)."""
+
+    replicates: pd.DataFrame
+    windows: pd.DataFrame
+
+
+def gather_results(paths: Iterable[str | os.PathLike]) -> Results:
+    """Read result JSONs into the per-seed frame, sorted by ``SORT_COLUMNS``, and the per-window
+    losses of the perplexity results.
 
     ``source`` holds each path as given. Raises ``PtqError`` for an empty list, an unreadable file,
-    a missing key, a non-numeric metric, or two files reporting the same measurement.
+    a missing key, a non-numeric metric, two files reporting the same measurement, or a perplexity
+    result without its per-window losses (written before ptqrepro kept them).
     """
     paths = list(paths)
     if not paths:
         raise PtqError("gather_results: no result files given")
-    rows = [row for path in paths for row in _rows_of_result(path)]
+    rows, windows = [], []
+    for path in paths:
+        result = _read_result(path)
+        rows += _rows_of_result(result, path)
+        windows += _windows_of_result(result, path)
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     _reject_duplicate_measurements(frame)
-    return _sorted_tidy(frame)
+    return Results(_sorted_tidy(frame), pd.DataFrame(windows, columns=list(WINDOW_COLUMNS)))
 
 
-def write_tables(frame: pd.DataFrame, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``out_dir/all.csv`` (the tidy frame) and ``out_dir/all.md`` atomically.
+def window_losses(windows: pd.DataFrame, model: str, recipe: str, dataset: str) -> tuple[list, np.ndarray]:
+    """One recipe's per-window losses on one dataset as ``(seeds, nll [seeds, windows])``, the
+    seeds in increasing order; every seed must have scored the same windows."""
+    rows = windows[(windows["model"] == model) & (windows["recipe"] == recipe) & (windows["dataset"] == dataset)]
+    if rows.empty:
+        raise PtqError(f"no per-window losses of {recipe} on {dataset} ({model})")
+    if rows["windows_sha256"].nunique() > 1:
+        raise PtqError(f"{recipe} on {dataset} ({model}): its seeds scored different test windows "
+                       f"({', '.join(sorted(rows['source'].unique()))})")
+    by_seed = {seed: group.sort_values("window")["nll"].to_numpy(float)
+               for seed, group in rows.groupby("seed", sort=True, dropna=False)}
+    return list(by_seed), np.stack(list(by_seed.values()))
 
-    Returns ``{"csv": path, "md": path}``.
-    """
+
+def summarize(results: Results, settings: BootstrapSettings) -> pd.DataFrame:
+    """One row per measurement over its seeds (``SUMMARY_COLUMNS``), in the per-seed frame's order."""
+    frame = results.replicates
+    rows = []
+    keys = ["model", "recipe", "kind", "dataset", "metric"]
+    for key, group in frame.groupby(keys, sort=False):
+        row = group.iloc[0][[*RECIPE_KEYS, *MEASUREMENT_KEYS, "metric", *PROVENANCE_KEYS, "hardware"]].to_dict()
+        values = group["value"].to_numpy(float)
+        row |= {"seeds": " ".join(_seed_text(seed) for seed in group["seed"]),
+                "seed_low": values.min(), "seed_high": values.max(),
+                "source": " ".join(group["source"]), "windows": math.nan}
+        row |= _summary_value(dict(zip(keys, key)), group, values, results, settings)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+
+
+def write_tables(results: Results, summary: pd.DataFrame, out_dir: str | os.PathLike,
+                 settings: BootstrapSettings) -> dict[str, Path]:
+    """Write ``all.csv``, ``all.md``, ``replicates.csv`` and ``windows.csv`` into ``out_dir``,
+    each atomically. Returns their paths by name."""
     out_dir = Path(out_dir)
-    written = {"csv": out_dir / "all.csv", "md": out_dir / "all.md"}
-    with atomic_path(written["csv"]) as tmp:
-        frame.to_csv(tmp, index=False, lineterminator="\n")
-    markdown = render_markdown(frame)
+    written = {"csv": out_dir / "all.csv", "md": out_dir / "all.md", "replicates": out_dir / "replicates.csv",
+               "windows": out_dir / "windows.csv"}
+    for name, frame in (("csv", summary), ("replicates", results.replicates), ("windows", results.windows)):
+        with atomic_path(written[name]) as tmp:
+            frame.to_csv(tmp, index=False, lineterminator="\n")
     with atomic_path(written["md"]) as tmp:
-        tmp.write_text(markdown)
+        tmp.write_text(render_markdown(summary, settings))
     return written
 
 
-def render_markdown(frame: pd.DataFrame) -> str:
-    """One Markdown section per model: a recipe-by-dataset perplexity table and a note."""
+def render_markdown(frame: pd.DataFrame, settings: BootstrapSettings) -> str:
+    """One Markdown section per model: a recipe-by-dataset table of the summary and its notes."""
     sections = ["# Results\n"]
     for model, model_rows in frame.groupby("model", sort=True):
         sections.append(f"## {model}\n\n{_model_table(model_rows)}\n")
-        files = model_rows["source"].nunique()
+        files = len({source for sources in model_rows["source"] for source in sources.split()})
         sections.append(f"Perplexity (lower is better), zero-shot accuracy (higher is better); generated from {files} result files.\n")
+        sections.append(_uncertainty_note(model_rows, settings))
     return "\n".join(sections)
 
 
-def _rows_of_result(path: str | os.PathLike) -> list[dict[str, Any]]:
+def _summary_value(key: dict, group: pd.DataFrame, values: np.ndarray, results: Results,
+                   settings: BootstrapSettings) -> dict:
+    """``value``, ``ci_low``, ``ci_high`` (and ``windows``) of one measurement over its seeds."""
+    if key["kind"] == PERPLEXITY_KIND and key["metric"] in (PERPLEXITY_METRIC, NLL_METRIC):
+        _, nll = window_losses(results.windows, key["model"], key["recipe"], key["dataset"])
+        interval = mean_interval(nll, settings)
+        if key["metric"] == PERPLEXITY_METRIC:
+            interval = interval.map(_exp)
+        return {"value": interval.value, "ci_low": interval.low, "ci_high": interval.high, "windows": nll.shape[1]}
+    value = float(values.mean())
+    stderr = results.replicates[
+        (results.replicates["source"].isin(group["source"])) & (results.replicates["metric"] == key["metric"] + STDERR_SUFFIX)
+    ]["value"]
+    if key["kind"] == ZEROSHOT_KIND and not stderr.empty and len(stderr) == len(group):
+        # one seed: lm-eval's stderr; several: each seed's item noise averaged, sqrt(sum se^2) / S
+        half = _normal_quantile(settings.level) * math.sqrt(float((stderr.to_numpy(float) ** 2).sum())) / len(group)
+        return {"value": value, "ci_low": value - half, "ci_high": value + half}
+    return {"value": value, "ci_low": math.nan, "ci_high": math.nan}
+
+
+def _exp(value: float) -> float:
+    """``exp`` that gives inf instead of raising past float range (a diverged model's ppl)."""
+    try:
+        return math.exp(value)
+    except OverflowError:
+        return math.inf
+
+
+def _normal_quantile(level: float) -> float:
+    """z such that a normal's central ``level`` lies within ±z (1.96 at 0.95)."""
+    return statistics.NormalDist().inv_cdf(0.5 + level / 2)
+
+
+def _seed_text(seed) -> str:
+    return MISSING_CELL if seed is None or pd.isna(seed) else str(int(seed))
+
+
+def _uncertainty_note(model_rows: pd.DataFrame, settings: BootstrapSettings) -> str:
+    """How the ± were made, and on what machines."""
+    windows = model_rows["windows"].dropna()
+    counts = ", ".join(str(int(count)) for count in sorted(windows.unique()))
+    machines = "; ".join(sorted(str(label) for label in model_rows["hardware"].dropna().unique())) or MISSING_CELL
+    return (
+        f"± is the larger distance from the value to its {settings.level:.0%} interval (the exact bounds are "
+        f"ci_low/ci_high in all.csv): for perplexity a percentile bootstrap over the {counts or MISSING_CELL} test "
+        f"windows, and over the calibration seeds where a recipe has several ({settings.samples} replicates, "
+        f"seed {settings.seed}); for zero-shot accuracy ±{_normal_quantile(settings.level):.2f} × lm-eval's stderr. "
+        "Where a recipe ran at several calibration seeds, its value is over all of them and the seeds column "
+        "gives the smallest and largest per-seed value. Comparisons between recipes are paired "
+        "(claims.md): far tighter than these intervals.\n\n"
+        f"Computed on: {machines}. Results in bfloat16 (`dtype: auto` on CPUs with native bf16 and on GPUs) "
+        "differ between machines whose kernels round differently, and GPTQ's error feedback amplifies that "
+        "at 3 bits and below; compare such numbers only within a machine.\n"
+    )
+
+
+def _rows_of_result(result: dict[str, Any], path: str | os.PathLike) -> list[dict[str, Any]]:
     """The tidy rows (one per metric) of one result file."""
-    result = _read_result(path)
     provenance = _required(result, "provenance", path)
     metrics = _required(result, "metrics", path)
     if not isinstance(provenance, dict):
@@ -105,11 +252,30 @@ def _rows_of_result(path: str | os.PathLike) -> list[dict[str, Any]]:
         raise PtqError(f"{path}: key 'metrics' is not a non-empty object")
     common = {key: _required(result, key, path) for key in (*RECIPE_KEYS, *MEASUREMENT_KEYS)}
     common |= {key: _required(provenance, key, path, "provenance.") for key in PROVENANCE_KEYS}
+    common["seed"] = result.get("calibration_seed")
+    common["hardware"] = (provenance.get("hardware") or {}).get("label")
     common["source"] = str(path)
     return [
         {**common, "metric": name, "value": _metric_value(value, name, path)}
         for name, value in metrics.items()
     ]
+
+
+def _windows_of_result(result: dict[str, Any], path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The per-window rows of a perplexity result (none for other kinds)."""
+    if result.get("kind") != PERPLEXITY_KIND:
+        return []
+    losses = result.get("window_nll")
+    fingerprint = (result.get("protocol") or {}).get("windows_sha256")
+    if not isinstance(losses, list) or not losses or fingerprint is None:
+        raise PtqError(f"{path}: perplexity result without per-window losses ('window_nll' and "
+                       "'protocol.windows_sha256'; written by an older ptqrepro): no interval can be computed "
+                       "from it. Evaluate it again: delete the file, or `snakemake --forcerun eval_ppl`")
+    if any(isinstance(loss, bool) or not isinstance(loss, numbers.Real) for loss in losses):
+        raise PtqError(f"{path}: 'window_nll' holds a value that is not a number")
+    common = {"model": result["model"], "recipe": result["recipe"], "seed": result.get("calibration_seed"),
+              "dataset": result["dataset"], "windows_sha256": fingerprint, "source": str(path)}
+    return [{**common, "window": index, "nll": float(loss)} for index, loss in enumerate(losses)]
 
 
 def _read_result(path: str | os.PathLike) -> dict[str, Any]:
@@ -174,11 +340,14 @@ def _model_table(model_rows: pd.DataFrame) -> str:
     )
     perplexity = _metric_by_recipe(model_rows, PERPLEXITY_KIND, PERPLEXITY_METRIC)
     for dataset in perplexity.columns:
-        table[dataset] = _column_for_recipes(perplexity[dataset], recipes["recipe"], 2)
+        table[dataset] = _cells_with_intervals(model_rows, PERPLEXITY_KIND, PERPLEXITY_METRIC, dataset, recipes["recipe"], 2)
+        selected = _selected(model_rows, PERPLEXITY_KIND, PERPLEXITY_METRIC, dataset)
+        if (selected["seeds"].str.split().str.len() > 1).any():
+            table[f"{dataset} over seeds"] = [_seed_spread(selected, recipe) for recipe in recipes["recipe"]]
     for metric in ZEROSHOT_METRICS:
         accuracy = _metric_by_recipe(model_rows, ZEROSHOT_KIND, metric)
         for task in accuracy.columns:
-            table[f"{task} {metric}"] = _column_for_recipes(accuracy[task], recipes["recipe"], 3)
+            table[f"{task} {metric}"] = _cells_with_intervals(model_rows, ZEROSHOT_KIND, metric, task, recipes["recipe"], 3)
     quantize_time = _metric_by_recipe(model_rows, QUANTIZE_KIND, QUANTIZE_TIME_METRIC)
     if not quantize_time.empty:
         seconds = _single_calibration_column(quantize_time, model_rows["model"].iloc[0])
@@ -206,6 +375,46 @@ def _recipe_descriptors(model_rows: pd.DataFrame) -> pd.DataFrame:
         kind="mergesort",
     )
     return ordered.reset_index(drop=True)
+
+
+def _selected(rows: pd.DataFrame, kind: str, metric: str, dataset: str) -> pd.DataFrame:
+    """The summary rows of one (kind, metric, dataset), indexed by recipe."""
+    chosen = (rows["kind"] == kind) & (rows["metric"] == metric) & (rows["dataset"] == dataset)
+    return rows[chosen].set_index("recipe")
+
+
+def _cells_with_intervals(rows: pd.DataFrame, kind: str, metric: str, dataset: str, recipes: pd.Series,
+                          decimals: int) -> list[str]:
+    """``value ±h`` per recipe, h the larger distance from the value to its interval's bounds."""
+    selected = _selected(rows, kind, metric, dataset)
+    cells = []
+    for recipe in recipes:
+        if recipe not in selected.index:
+            cells.append(MISSING_CELL)
+            continue
+        row = selected.loc[recipe]
+        cell = _format_number(row["value"], decimals)
+        half = max(row["ci_high"] - row["value"], row["value"] - row["ci_low"])
+        cells.append(cell if pd.isna(half) or cell == MISSING_CELL else f"{cell} ±{_significant(half)}")
+    return cells
+
+
+def _significant(half_width: float) -> str:
+    """A half-width with two significant digits (at most 3 decimals)."""
+    if half_width == 0:
+        return "0"
+    if not math.isfinite(half_width):
+        return "inf"
+    decimals = min(3, max(0, 1 - math.floor(math.log10(half_width))))
+    return f"{half_width:.{decimals}f}"
+
+
+def _seed_spread(selected: pd.DataFrame, recipe: str) -> str:
+    """``n: low–high`` over a recipe's calibration seeds, or the missing-cell mark for one seed."""
+    if recipe not in selected.index or len(selected.loc[recipe, "seeds"].split()) < 2:
+        return MISSING_CELL
+    row = selected.loc[recipe]
+    return f"{len(row['seeds'].split())} seeds: {_format_number(row['seed_low'], 2)}–{_format_number(row['seed_high'], 2)}"
 
 
 def _metric_by_recipe(rows: pd.DataFrame, kind: str, metric: str) -> pd.DataFrame:
