@@ -10,6 +10,7 @@
     ptqrepro tables         --out DIR [--bootstrap-samples B --bootstrap-seed S --level 0.95] RESULT.json...
     ptqrepro plots          --table all.csv --out STEM
     ptqrepro paper-tables   --table all.csv --reference config/reference/magr.csv... --out DIR
+    ptqrepro compare        --windows A/windows.csv B/windows.csv [--labels A B] --out DIR
     ptqrepro claims         --table all.csv --windows windows.csv --claims '[{paper: ..., claim: ..., below: [A, B]}]' --out DIR
 
 Bad input ends with one line ``ptqrepro: error: ...`` and exit code 2; nothing already written
@@ -372,6 +373,18 @@ def cmd_claims(args) -> None:
     print(", ".join(f"{count} {verdict}" for verdict, count in counts.items()) or "no claims", "->", paths["md"])
 
 
+def cmd_compare(args) -> None:
+    import pandas
+
+    from ptqrepro.report.compare import compare_runs, write_comparison
+
+    settings = _bootstrap(args)
+    first, second = (pandas.read_csv(path) for path in args.windows)
+    table = compare_runs(first, second, settings)
+    paths = write_comparison(table, args.out, tuple(args.labels), settings)
+    print(f"{len(table)} measurements, {int(table['resolved'].sum())} moved beyond the windows' noise ->", paths["md"])
+
+
 def _add_recipe_job_arguments(p: argparse.ArgumentParser, spec_help: str) -> None:
     """The arguments of a job that turns a model and calibration windows into an artifact."""
     p.add_argument("--model", required=True)
@@ -491,6 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True, nargs="+", help="config/reference/*.csv files")
     p.add_argument("--out", required=True, help="output directory (one .md and .tex per paper)")
     p.set_defaults(func=cmd_paper_tables)
+
+    p = sub.add_parser("compare", help="how far each perplexity moved between two runs (another machine, dtype or commit)")
+    p.add_argument("--windows", required=True, nargs=2, metavar=("A", "B"), help="the two runs' windows.csv from tables")
+    p.add_argument("--labels", nargs=2, default=("a", "b"), metavar=("A", "B"), help="names of the two runs in compare.md")
+    p.add_argument("--out", required=True, help="output directory for compare.csv and compare.md")
+    _add_bootstrap_arguments(p)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("claims", help="check the papers' claims (config 'claims') against all.csv")
     p.add_argument("--table", required=True, help="all.csv from tables")

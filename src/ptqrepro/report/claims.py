@@ -39,7 +39,7 @@ import pandas as pd
 from ptqrepro.errors import PtqError
 from ptqrepro.io import atomic_path
 from ptqrepro.report.tables import PERPLEXITY_KIND, PERPLEXITY_METRIC, window_losses
-from ptqrepro.report.uncertainty import BootstrapSettings, Interval, paired_difference, seed_agreement
+from ptqrepro.report.uncertainty import BootstrapSettings, Interval, pair_by_seed, paired_difference, seed_agreement
 
 RELATIONS = ("below", "at_or_below", "within")
 HOLDS, FAILS, INCONCLUSIVE, NOT_RUN = "holds", "fails", "inconclusive", "not run"
@@ -200,10 +200,8 @@ def _compare(claim: Claim, a: str, b: str, here: pd.DataFrame, windows: pd.DataF
 
 
 def paired_losses(windows: pd.DataFrame, model: str, dataset: str, a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-window losses of recipes ``a`` and ``b`` as two matrices [pairs, windows] paired row by
-    row: by calibration seed (the seeds both ran at), except that a recipe that reads no
-    calibration data (fp16, RTN: its results carry no seed) is set against every seed of the other.
-    Both must have scored the same test windows."""
+    """Per-window losses of recipes ``a`` and ``b`` on one model and dataset, paired row by row
+    (``report.uncertainty.pair_by_seed``). Both must have scored the same test windows."""
     seeds_a, nll_a = window_losses(windows, model, a, dataset)
     seeds_b, nll_b = window_losses(windows, model, b, dataset)
     fingerprints = {
@@ -214,18 +212,7 @@ def paired_losses(windows: pd.DataFrame, model: str, dataset: str, a: str, b: st
     if len(fingerprints) > 1 or nll_a.shape[1] != nll_b.shape[1]:
         raise PtqError(f"{a} and {b} on {dataset} ({model}) scored different test windows: they cannot be "
                        "compared window by window; evaluate both with the same protocol")
-    if _seedless(seeds_a) or _seedless(seeds_b):
-        count = max(len(seeds_a), len(seeds_b))
-        return np.broadcast_to(nll_a, (count, nll_a.shape[1])), np.broadcast_to(nll_b, (count, nll_b.shape[1]))
-    common = [seed for seed in seeds_a if seed in seeds_b]
-    if not common:
-        raise PtqError(f"{a} (seeds {seeds_a}) and {b} (seeds {seeds_b}) on {dataset} ({model}) share no calibration seed")
-    return nll_a[[seeds_a.index(seed) for seed in common]], nll_b[[seeds_b.index(seed) for seed in common]]
-
-
-def _seedless(seeds: list) -> bool:
-    """Whether a recipe's results carry no calibration seed (it reads no calibration data)."""
-    return len(seeds) == 1 and (seeds[0] is None or pd.isna(seeds[0]))
+    return pair_by_seed(seeds_a, nll_a, seeds_b, nll_b, f"{a} and {b} on {dataset} ({model})")
 
 
 def _unpaired_difference(claim: Claim, a: pd.Series, b: pd.Series, settings: BootstrapSettings) -> Interval:

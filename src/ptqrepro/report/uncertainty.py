@@ -114,6 +114,26 @@ def paired_difference(a: np.ndarray, b: np.ndarray, settings: BootstrapSettings)
     return mean_interval(a - b, settings)
 
 
+def pair_by_seed(seeds_a: list, nll_a: np.ndarray, seeds_b: list, nll_b: np.ndarray,
+                 what: str = "the two results") -> tuple[np.ndarray, np.ndarray]:
+    """Two results' per-window losses [seeds, windows] as matrices paired row by row: by
+    calibration seed (the seeds both ran at), except that a result without a seed (a recipe that
+    reads no calibration data, such as RTN: ``seeds == [None]``) is set against every seed of the
+    other."""
+    if _seedless(seeds_a) or _seedless(seeds_b):
+        count = max(len(seeds_a), len(seeds_b))
+        return np.broadcast_to(nll_a, (count, nll_a.shape[1])), np.broadcast_to(nll_b, (count, nll_b.shape[1]))
+    common = [seed for seed in seeds_a if seed in seeds_b]
+    if not common:
+        raise PtqError(f"{what} share no calibration seed (seeds {seeds_a} and {seeds_b})")
+    return nll_a[[seeds_a.index(seed) for seed in common]], nll_b[[seeds_b.index(seed) for seed in common]]
+
+
+def _seedless(seeds: list) -> bool:
+    """Whether results carry no calibration seed (None, or NaN as pandas reads an empty cell)."""
+    return len(seeds) == 1 and (seeds[0] is None or (isinstance(seeds[0], float) and math.isnan(seeds[0])))
+
+
 def seed_agreement(a: np.ndarray, b: np.ndarray, on_claimed_side) -> bool:
     """Whether every seed's own difference ``mean_w(a[s] - b[s])`` is on the same side of the claim
     (``on_claimed_side(delta) -> bool``): False marks a verdict that depends on the calibration draw."""
