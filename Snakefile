@@ -14,7 +14,7 @@ import sys
 from snakemake.utils import min_version, validate
 
 from ptqrepro.cluster import rule_resources, rule_threads
-from ptqrepro.config import check_config, recipe_entry as dag_free_entry, recipe_seeds
+from ptqrepro.config import calibration_dtype, check_config, recipe_entry as job_free_entry, recipe_seeds
 from ptqrepro.errors import PtqError
 from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
 
@@ -80,8 +80,8 @@ SEEDED_RUNS = [(model, recipe, seed) for model, recipe in RUNS for seed in SEEDS
 
 
 def recipe_entry(name):
-    """A recipe's entry without the DAG-only `models` and `seeds`."""
-    return dag_free_entry(config["recipes"][name])
+    """A recipe's entry without the keys that choose its jobs (`models`, `seeds`, `calibration_dtype`)."""
+    return job_free_entry(config["recipes"][name])
 
 
 def recipe_spec(name):

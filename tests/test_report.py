@@ -383,3 +383,15 @@ def test_hardware_is_a_column_and_named_in_the_notes(result_files, tmp_path):
     written = tables_of(files, tmp_path / "tables")
     assert "Test CPU (AVX512, bf16 AMX)" in set(pd.read_csv(written["csv"])["hardware"].dropna())
     assert "Computed on: Test CPU (AVX512, bf16 AMX)." in written["md"].read_text()
+
+
+def test_recipes_calibrated_in_different_dtypes_say_which(result_files, tmp_path):
+    markdown = tables_of(result_files, tmp_path / "one")["md"].read_text()
+    assert "calibrated in" not in markdown  # no result says how it was calibrated
+    mixed = {**result("rtn@int3"), "calibration_dtype": "float32"}
+    other = {**result("rtn@int4"), "calibration_dtype": "bfloat16"}
+    files = [path for path in result_files if path.name not in ("ppl-rtn@int3.json", "ppl-rtn@int4.json")]
+    files += [write(tmp_path / "a.json", mixed), write(tmp_path / "b.json", other)]
+    rows = markdown_rows(tables_of(files, tmp_path / "two")["md"].read_text())
+    assert (rows["rtn@int3"]["calibrated in"], rows["rtn@int4"]["calibrated in"], rows["fp16"]["calibrated in"]) == (
+        "float32", "bfloat16", "—")

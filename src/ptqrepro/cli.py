@@ -152,8 +152,9 @@ def cmd_quantize(args) -> None:
         "weight_bits": fmt.bits if fmt else 16,
         "bits_per_weight": result.bits_per_weight() or 16,
         "act_format": recipe.act.name if recipe.act else None,
-        # None where the recipe reads no calibration data: the same model at every seed
+        # None where the recipe reads no calibration data: the same model at every seed (and dtype)
         "calibration_seed": settings["seed"] if recipe.needs_stats else None,
+        "calibration_dtype": dtype if recipe.needs_stats else None,
     }
     record = {**provenance.record(settings, device), "offload": args.offload}
     errors = [r["weight_rel_error"] for r in result.records]
@@ -197,7 +198,8 @@ def cmd_dwr(args) -> None:
     calibration = torch.load(args.calibration)
     description = {**{key: base.manifest[key] for key in (
         "model", "weight_format", "weight_scheme", "weight_bits", "bits_per_weight", "act_format")},
-        "recipe": recipe.name, "method": f"{base.manifest['method']}+dwr", "calibration_seed": calibration["seed"]}
+        "recipe": recipe.name, "method": f"{base.manifest['method']}+dwr", "calibration_seed": calibration["seed"],
+        "calibration_dtype": dtype}
     settings = {"model": description["model"], "recipe": spec, "base": base.manifest["config_hash"],
                 "calibration": calibration["corpus"], "seed": calibration["seed"], "dwr_seed": recipe.settings.seed,
                 "windows": int(calibration["input_ids"][: recipe.settings.windows].shape[0]),
@@ -231,11 +233,15 @@ RESULT_DESCRIPTION_KEYS = (
 """Keys of an artifact's manifest that every evaluation result repeats."""
 
 
+CALIBRATION_KEYS = ("calibration_seed", "calibration_dtype")
+"""How an artifact was calibrated: None for a recipe that reads no calibration data, and for
+artifacts written before they were recorded."""
+
+
 def _result_description(manifest: dict) -> dict:
     """What an evaluation result repeats of its artifact's manifest: ``RESULT_DESCRIPTION_KEYS``
-    and the calibration seed (None for a recipe that reads no calibration data, and for artifacts
-    written before it was recorded)."""
-    return {**{key: manifest[key] for key in RESULT_DESCRIPTION_KEYS}, "calibration_seed": manifest.get("calibration_seed")}
+    and ``CALIBRATION_KEYS``."""
+    return {**{key: manifest[key] for key in RESULT_DESCRIPTION_KEYS}, **{key: manifest.get(key) for key in CALIBRATION_KEYS}}
 
 
 @contextlib.contextmanager

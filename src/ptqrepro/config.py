@@ -15,14 +15,21 @@ from ptqrepro.models.sources import ModelSource
 from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
 from ptqrepro.report.claims import claims_from_config
 
-DAG_KEYS = ("models", "seeds")
-"""Keys of a recipe's entry that say where it runs (on which models, at which calibration seeds),
-not what it does: the DAG reads them, the quantize and DWR jobs never see them."""
+JOB_KEYS = ("models", "seeds", "calibration_dtype")
+"""Keys of a recipe's entry that choose its jobs (on which models, at which calibration seeds, with
+calibration forward passes in which dtype), not what its steps do: the DAG reads them and the
+jobs get them as command-line options, never in the recipe's spec."""
 
 
 def recipe_entry(entry: dict) -> dict:
-    """A recipe's entry without ``DAG_KEYS``, as the quantize and DWR commands read it."""
-    return {key: value for key, value in entry.items() if key not in DAG_KEYS}
+    """A recipe's entry without ``JOB_KEYS``, as the quantize and DWR commands read it."""
+    return {key: value for key, value in entry.items() if key not in JOB_KEYS}
+
+
+def calibration_dtype(config: dict, name: str) -> str:
+    """The dtype of recipe ``name``'s calibration forward passes: its entry's ``calibration_dtype``,
+    else ``calibration.dtype`` (``auto``: see ``models.sources.compute_dtype``)."""
+    return config["recipes"][name].get("calibration_dtype", config["calibration"].get("dtype", "auto"))
 
 
 def calibration_seeds(config: dict) -> list[int]:

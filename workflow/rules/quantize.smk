@@ -23,7 +23,7 @@ rule quantize:
         spec=lambda w: recipe_spec(w.recipe),
         device=config["device"],
         batch_size=CALIB["batch_size"],
-        dtype=CALIB["dtype"],
+        dtype=lambda w: calibration_dtype(config, w.recipe),
         checkpoints=checkpoint_dir,
     threads: rule_threads(config, "quantize")
     priority: longest_first
@@ -55,7 +55,7 @@ rule dwr:
         spec=lambda w: recipe_spec(w.recipe),
         device=config["device"],
         batch_size=CALIB["batch_size"],
-        dtype=CALIB["dtype"],
+        dtype=lambda w: calibration_dtype(config, w.recipe),
         checkpoints=checkpoint_dir,
     threads: rule_threads(config, "dwr")
     priority: longest_first

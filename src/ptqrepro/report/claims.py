@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +38,14 @@ import pandas as pd
 from ptqrepro.errors import PtqError
 from ptqrepro.io import atomic_path
 from ptqrepro.report.tables import PERPLEXITY_KIND, PERPLEXITY_METRIC, window_losses
-from ptqrepro.report.uncertainty import BootstrapSettings, Interval, pair_by_seed, paired_difference, seed_agreement
+from ptqrepro.report.uncertainty import (
+    BootstrapSettings,
+    Interval,
+    normal_quantile,
+    pair_by_seed,
+    paired_difference,
+    seed_agreement,
+)
 
 RELATIONS = ("below", "at_or_below", "within")
 HOLDS, FAILS, INCONCLUSIVE, NOT_RUN = "holds", "fails", "inconclusive", "not run"
@@ -219,7 +225,7 @@ def _unpaired_difference(claim: Claim, a: pd.Series, b: pd.Series, settings: Boo
     """a - b (negated for higher-is-better metrics) with a normal interval from both summary
     intervals; a point interval where neither has one."""
     sign = -1.0 if claim.higher_is_better else 1.0
-    z = statistics.NormalDist().inv_cdf(0.5 + settings.level / 2)
+    z = normal_quantile(settings.level)
     stderrs = [(row["ci_high"] - row["ci_low"]) / (2 * z) for row in (a, b)]
     half = z * math.sqrt(sum(0.0 if pd.isna(se) else se**2 for se in stderrs))
     delta = sign * (float(a["value"]) - float(b["value"]))

@@ -71,5 +71,5 @@ def write_comparison(table: pd.DataFrame, out_dir: str | os.PathLike, labels: tu
             f"{settings.samples} replicates, seed {settings.seed}); * where the interval excludes 0, a move the "
             "test windows' noise does not explain.")
     with atomic_path(written["md"]) as tmp:
-        tmp.write_text(f"# {second} against {first}\n\n{shown.to_markdown(index=False)}\n\n{note}\n")
+        tmp.write_text(f"# {second} against {first}\n\n{shown.to_markdown(index=False, disable_numparse=True)}\n\n{note}\n")
     return written

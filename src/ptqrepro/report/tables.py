@@ -22,7 +22,6 @@ import json
 import math
 import numbers
 import os
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -32,7 +31,7 @@ import pandas as pd
 
 from ptqrepro.errors import PtqError
 from ptqrepro.io import atomic_path, read_json
-from ptqrepro.report.uncertainty import BootstrapSettings, mean_interval
+from ptqrepro.report.uncertainty import BootstrapSettings, mean_interval, normal_quantile
 
 RECIPE_KEYS = (
     "model",
@@ -55,6 +54,7 @@ PROVENANCE_KEYS = ("config_hash", "git_commit", "device", "wall_time_s", "peak_r
 COLUMNS = (
     *RECIPE_KEYS,
     "seed",
+    "calibration_dtype",
     *MEASUREMENT_KEYS,
     "metric",
     "value",
@@ -62,8 +62,9 @@ COLUMNS = (
     "hardware",
     "source",
 )
-"""Columns of the per-seed frame (``replicates.csv``), in order. ``seed`` is the calibration seed
-(empty for results written before it was recorded), ``hardware`` the machine's one-line label."""
+"""Columns of the per-seed frame (``replicates.csv``), in order. ``seed`` and ``calibration_dtype``
+say how the model was calibrated (empty for a recipe that reads no calibration data, and for
+results written before they were recorded), ``hardware`` is the machine's one-line label."""
 
 SUMMARY_COLUMNS = (
     *RECIPE_KEYS,
@@ -73,6 +74,7 @@ SUMMARY_COLUMNS = (
     "ci_low",
     "ci_high",
     "seeds",
+    "calibration_dtype",
     "seed_low",
     "seed_high",
     "windows",
@@ -150,7 +152,8 @@ def summarize(results: Results, settings: BootstrapSettings) -> pd.DataFrame:
     rows = []
     keys = ["model", "recipe", "kind", "dataset", "metric"]
     for key, group in frame.groupby(keys, sort=False):
-        row = group.iloc[0][[*RECIPE_KEYS, *MEASUREMENT_KEYS, "metric", *PROVENANCE_KEYS, "hardware"]].to_dict()
+        row = group.iloc[0][[*RECIPE_KEYS, *MEASUREMENT_KEYS, "metric", "calibration_dtype", *PROVENANCE_KEYS,
+                             "hardware"]].to_dict()
         values = group["value"].to_numpy(float)
         row |= {"seeds": " ".join(_seed_text(seed) for seed in group["seed"]),
                 "seed_low": values.min(), "seed_high": values.max(),
@@ -201,7 +204,7 @@ def _summary_value(key: dict, group: pd.DataFrame, values: np.ndarray, results: 
     ]["value"]
     if key["kind"] == ZEROSHOT_KIND and not stderr.empty and len(stderr) == len(group):
         # one seed: lm-eval's stderr; several: each seed's item noise averaged, sqrt(sum se^2) / S
-        half = _normal_quantile(settings.level) * math.sqrt(float((stderr.to_numpy(float) ** 2).sum())) / len(group)
+        half = normal_quantile(settings.level) * math.sqrt(float((stderr.to_numpy(float) ** 2).sum())) / len(group)
         return {"value": value, "ci_low": value - half, "ci_high": value + half}
     return {"value": value, "ci_low": math.nan, "ci_high": math.nan}
 
@@ -212,11 +215,6 @@ def _exp(value: float) -> float:
         return math.exp(value)
     except OverflowError:
         return math.inf
-
-
-def _normal_quantile(level: float) -> float:
-    """z such that a normal's central ``level`` lies within ±z (1.96 at 0.95)."""
-    return statistics.NormalDist().inv_cdf(0.5 + level / 2)
 
 
 def _seed_text(seed) -> str:
@@ -232,7 +230,7 @@ def _uncertainty_note(model_rows: pd.DataFrame, settings: BootstrapSettings) -> 
         f"± is the larger distance from the value to its {settings.level:.0%} interval (the exact bounds are "
         f"ci_low/ci_high in all.csv): for perplexity a percentile bootstrap over the {counts or MISSING_CELL} test "
         f"windows, and over the calibration seeds where a recipe has several ({settings.samples} replicates, "
-        f"seed {settings.seed}); for zero-shot accuracy ±{_normal_quantile(settings.level):.2f} × lm-eval's stderr. "
+        f"seed {settings.seed}); for zero-shot accuracy ±{normal_quantile(settings.level):.2f} × lm-eval's stderr. "
         "Where a recipe ran at several calibration seeds, its value is over all of them and the seeds column "
         "gives the smallest and largest per-seed value. Comparisons between recipes are paired "
         "(claims.md): far tighter than these intervals.\n\n"
@@ -253,6 +251,7 @@ def _rows_of_result(result: dict[str, Any], path: str | os.PathLike) -> list[dic
     common = {key: _required(result, key, path) for key in (*RECIPE_KEYS, *MEASUREMENT_KEYS)}
     common |= {key: _required(provenance, key, path, "provenance.") for key in PROVENANCE_KEYS}
     common["seed"] = result.get("calibration_seed")
+    common["calibration_dtype"] = result.get("calibration_dtype")
     common["hardware"] = (provenance.get("hardware") or {}).get("label")
     common["source"] = str(path)
     return [
@@ -338,6 +337,9 @@ def _model_table(model_rows: pd.DataFrame) -> str:
             "bits/weight": recipes["bits_per_weight"].map(lambda bits: _format_number(bits, 2)),
         }
     )
+    dtypes = model_rows.dropna(subset=["calibration_dtype"]).drop_duplicates("recipe").set_index("recipe")["calibration_dtype"]
+    if dtypes.nunique() > 1:  # the recipes were calibrated in different dtypes: say which
+        table["calibrated in"] = [dtypes.get(recipe, MISSING_CELL) for recipe in recipes["recipe"]]
     perplexity = _metric_by_recipe(model_rows, PERPLEXITY_KIND, PERPLEXITY_METRIC)
     for dataset in perplexity.columns:
         table[dataset] = _cells_with_intervals(model_rows, PERPLEXITY_KIND, PERPLEXITY_METRIC, dataset, recipes["recipe"], 2)

@@ -27,6 +27,7 @@ deterministic: the same result files give the same intervals.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,6 +88,12 @@ def mean_interval(nll: np.ndarray, settings: BootstrapSettings) -> Interval:
     tail = expanded_tail(settings.level, nll.shape[1])
     low, high = np.quantile(replicates, [tail, 1 - tail])
     return Interval(float(nll.mean()), float(low), float(high))
+
+
+def normal_quantile(level: float) -> float:
+    """z such that a standard normal's central ``level`` lies within ±z (1.96 at 0.95): the
+    half-width of a normal interval in standard errors."""
+    return statistics.NormalDist().inv_cdf(0.5 + level / 2)
 
 
 def expanded_tail(level: float, windows: int) -> float:
