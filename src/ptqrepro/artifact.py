@@ -170,8 +170,14 @@ def apply_artifact(model: nn.Module, artifact_dir: str | Path, device: str = "cp
     for name, weight in artifact.quantized.items():
         linear = model.get_submodule(name)
         linear.weight.data = weight.dequantize().to(linear.weight.dtype)
+    apply_float_parameters(model, artifact)
+    install_quantized_inference(model, artifact, device)
+    return artifact.manifest
+
+
+@torch.no_grad()
+def apply_float_parameters(model: nn.Module, artifact: Artifact) -> None:
+    """Give the model the float parameters the recipe changed (new tensors in each parameter's dtype)."""
     for name, value in artifact.float_parameters.items():
         parameter = model.get_parameter(name)
         parameter.data = value.to(parameter.dtype)
-    install_quantized_inference(model, artifact, device)
-    return artifact.manifest

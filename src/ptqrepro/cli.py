@@ -7,6 +7,7 @@
     ptqrepro eval-ppl       --model DIR --quantized DIR --corpus DIR --seqlen L [--max-windows K] [--placement layers] --out FILE.json
     ptqrepro zeroshot-tasks --corpus DIR --items N --seed S --out DIR
     ptqrepro eval-zeroshot  --model DIR --quantized DIR --tasks T... [--include DIR] --out-dir DIR
+    ptqrepro export         --model DIR --quantized DIR --format compressed-tensors|dequantized [--drop-activation-quantization] --out DIR
     ptqrepro tables         --out DIR [--bootstrap-samples B --bootstrap-seed S --level 0.95] RESULT.json...
     ptqrepro plots          --table all.csv --out STEM
     ptqrepro paper-tables   --table all.csv --reference config/reference/magr.csv... --out DIR
@@ -319,6 +320,14 @@ def cmd_eval_zeroshot(args) -> None:
         print(f"{description['recipe']} on {task}: {shown}")
 
 
+def cmd_export(args) -> None:
+    from ptqrepro.export import export_model
+
+    manifest = export_model(args.model, args.quantized, args.format, args.out, args.drop_activation_quantization)
+    dropped = f", without its {', '.join(manifest['dropped'])}" if manifest["dropped"] else ""
+    print(f"{manifest['recipe']} -> {args.out} ({args.format}{dropped})")
+
+
 def _bootstrap(args):
     from ptqrepro.report.uncertainty import BootstrapSettings
 
@@ -488,6 +497,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whole: the model on the device; layers: one decoder layer at a time there; auto: whole where it fits")
     p.add_argument("--out-dir", required=True, help="writes zeroshot-<task>.json there")
     p.set_defaults(func=cmd_eval_zeroshot)
+
+    p = sub.add_parser("export", help="a quantized model as a Hugging Face model directory (transformers, vLLM)")
+    p.add_argument("--model", required=True, help="prepared model directory")
+    p.add_argument("--quantized", required=True, help="artifact directory from quantize or dwr")
+    p.add_argument("--format", required=True,
+                   help="compressed-tensors: the integer codes packed, with scales and zero points (integer grids only); "
+                        "dequantized: float weights, for any recipe (see ptqrepro.export)")
+    p.add_argument("--drop-activation-quantization", action="store_true",
+                   help="export a recipe with activation quantization without it (recorded in ptqrepro-export.json)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("tables", help="gather result JSONs into all.csv, all.md, replicates.csv and windows.csv")
     p.add_argument("--out", required=True, help="output directory")
