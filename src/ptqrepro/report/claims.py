@@ -37,7 +37,7 @@ import pandas as pd
 
 from ptqrepro.errors import PtqError
 from ptqrepro.io import atomic_path
-from ptqrepro.report.tables import PERPLEXITY_KIND, PERPLEXITY_METRIC, window_losses
+from ptqrepro.report.tables import PERPLEXITY_KIND, PERPLEXITY_METRIC, recipe_losses
 from ptqrepro.report.uncertainty import (
     BootstrapSettings,
     Interval,
@@ -208,17 +208,11 @@ def _compare(claim: Claim, a: str, b: str, here: pd.DataFrame, windows: pd.DataF
 def paired_losses(windows: pd.DataFrame, model: str, dataset: str, a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-window losses of recipes ``a`` and ``b`` on one model and dataset, paired row by row
     (``report.uncertainty.pair_by_seed``). Both must have scored the same test windows."""
-    seeds_a, nll_a = window_losses(windows, model, a, dataset)
-    seeds_b, nll_b = window_losses(windows, model, b, dataset)
-    fingerprints = {
-        windows.loc[(windows["model"] == model) & (windows["recipe"] == recipe) & (windows["dataset"] == dataset),
-                    "windows_sha256"].iloc[0]
-        for recipe in (a, b)
-    }
-    if len(fingerprints) > 1 or nll_a.shape[1] != nll_b.shape[1]:
+    first, second = (recipe_losses(windows, model, recipe, dataset) for recipe in (a, b))
+    if first.fingerprint != second.fingerprint:
         raise PtqError(f"{a} and {b} on {dataset} ({model}) scored different test windows: they cannot be "
                        "compared window by window; evaluate both with the same protocol")
-    return pair_by_seed(seeds_a, nll_a, seeds_b, nll_b, f"{a} and {b} on {dataset} ({model})")
+    return pair_by_seed(first.seeds, first.nll, second.seeds, second.nll, f"{a} and {b} on {dataset} ({model})")
 
 
 def _unpaired_difference(claim: Claim, a: pd.Series, b: pd.Series, settings: BootstrapSettings) -> Interval:

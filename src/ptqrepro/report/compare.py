@@ -19,7 +19,7 @@ import pandas as pd
 
 from ptqrepro.errors import PtqError
 from ptqrepro.io import atomic_path
-from ptqrepro.report.tables import window_losses
+from ptqrepro.report.tables import recipe_losses
 from ptqrepro.report.uncertainty import BootstrapSettings, pair_by_seed, paired_difference
 
 COMPARISON_COLUMNS = ("model", "recipe", "dataset", "windows", "seeds", "ppl_a", "ppl_b", "change", "change_low",
@@ -37,10 +37,9 @@ def compare_runs(a: pd.DataFrame, b: pd.DataFrame, settings: BootstrapSettings) 
         raise PtqError("the two runs share no perplexity measured on the same test windows")
     rows = []
     for model, recipe, dataset, _ in shared.itertuples(index=False):
-        seeds_a, losses_a = window_losses(a, model, recipe, dataset)
-        seeds_b, losses_b = window_losses(b, model, recipe, dataset)
+        first, second = recipe_losses(a, model, recipe, dataset), recipe_losses(b, model, recipe, dataset)
         try:
-            nll_a, nll_b = pair_by_seed(seeds_a, losses_a, seeds_b, losses_b)
+            nll_a, nll_b = pair_by_seed(first.seeds, first.nll, second.seeds, second.nll)
         except PtqError:
             continue  # no calibration seed in common
         change = paired_difference(nll_b, nll_a, settings)

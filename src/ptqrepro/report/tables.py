@@ -132,9 +132,19 @@ def gather_results(paths: Iterable[str | os.PathLike]) -> Results:
     return Results(_sorted_tidy(frame), pd.DataFrame(windows, columns=list(WINDOW_COLUMNS)))
 
 
-def window_losses(windows: pd.DataFrame, model: str, recipe: str, dataset: str) -> tuple[list, np.ndarray]:
-    """One recipe's per-window losses on one dataset as ``(seeds, nll [seeds, windows])``, the
-    seeds in increasing order; every seed must have scored the same windows."""
+@dataclass(frozen=True)
+class RecipeLosses:
+    """One recipe's per-window losses on one dataset: ``nll`` [seeds, windows], its calibration
+    ``seeds`` in increasing order (``[None]`` for a recipe without calibration data), and the
+    ``fingerprint`` of the windows' tokens every seed scored."""
+
+    seeds: list
+    nll: np.ndarray
+    fingerprint: str
+
+
+def recipe_losses(windows: pd.DataFrame, model: str, recipe: str, dataset: str) -> RecipeLosses:
+    """A recipe's ``RecipeLosses`` from a windows table; every seed must have scored the same windows."""
     rows = windows[(windows["model"] == model) & (windows["recipe"] == recipe) & (windows["dataset"] == dataset)]
     if rows.empty:
         raise PtqError(f"no per-window losses of {recipe} on {dataset} ({model})")
@@ -143,7 +153,7 @@ def window_losses(windows: pd.DataFrame, model: str, recipe: str, dataset: str) 
                        f"({', '.join(sorted(rows['source'].unique()))})")
     by_seed = {seed: group.sort_values("window")["nll"].to_numpy(float)
                for seed, group in rows.groupby("seed", sort=True, dropna=False)}
-    return list(by_seed), np.stack(list(by_seed.values()))
+    return RecipeLosses(list(by_seed), np.stack(list(by_seed.values())), rows["windows_sha256"].iloc[0])
 
 
 def summarize(results: Results, settings: BootstrapSettings) -> pd.DataFrame:
@@ -193,7 +203,7 @@ def _summary_value(key: dict, group: pd.DataFrame, values: np.ndarray, results: 
                    settings: BootstrapSettings) -> dict:
     """``value``, ``ci_low``, ``ci_high`` (and ``windows``) of one measurement over its seeds."""
     if key["kind"] == PERPLEXITY_KIND and key["metric"] in (PERPLEXITY_METRIC, NLL_METRIC):
-        _, nll = window_losses(results.windows, key["model"], key["recipe"], key["dataset"])
+        nll = recipe_losses(results.windows, key["model"], key["recipe"], key["dataset"]).nll
         interval = mean_interval(nll, settings)
         if key["metric"] == PERPLEXITY_METRIC:
             interval = interval.map(_exp)
