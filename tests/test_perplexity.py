@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ptqrepro.eval.perplexity import perplexity
+from ptqrepro.eval.perplexity import perplexity, windows_fingerprint
 
 
 def hand_perplexity(model, windows):
@@ -22,12 +22,29 @@ def hand_perplexity(model, windows):
 
 def test_perplexity_equals_hand_computation(model):
     windows = torch.randint(0, 96, (5, 16), generator=torch.Generator().manual_seed(1))
-    assert perplexity(model, windows, batch_size=2)["ppl"] == pytest.approx(hand_perplexity(model, windows), rel=1e-5)
+    assert perplexity(model, windows, batch_size=2)[0]["ppl"] == pytest.approx(hand_perplexity(model, windows), rel=1e-5)
+
+
+def test_each_windows_loss_is_kept_and_the_perplexity_is_their_mean(model):
+    windows = torch.randint(0, 96, (5, 16), generator=torch.Generator().manual_seed(1))
+    metrics, window_nll = perplexity(model, windows, batch_size=2)
+    hand = [math.log(hand_perplexity(model, windows[i : i + 1])) for i in range(5)]
+    assert window_nll == pytest.approx(hand, rel=1e-5) and len(set(window_nll)) == 5
+    assert metrics["nll"] == pytest.approx(sum(window_nll) / 5) and metrics["ppl"] == pytest.approx(math.exp(metrics["nll"]))
+
+
+def test_windows_fingerprint_names_the_tokens_scored():
+    windows = torch.randint(0, 96, (5, 16), generator=torch.Generator().manual_seed(1))
+    assert windows_fingerprint(windows) == windows_fingerprint(windows.clone().to(torch.int32))
+    changed = windows.clone()
+    changed[4, 15] = (changed[4, 15] + 1) % 96
+    assert windows_fingerprint(changed) != windows_fingerprint(windows)
+    assert windows_fingerprint(windows[:4]) != windows_fingerprint(windows)
 
 
 def test_perplexity_does_not_depend_on_batch_size(model):
     windows = torch.randint(0, 96, (7, 16), generator=torch.Generator().manual_seed(2))
-    values = {perplexity(model, windows, batch_size=b)["ppl"] for b in (1, 3, 7)}
+    values = {perplexity(model, windows, batch_size=b)[0]["ppl"] for b in (1, 3, 7)}
     assert max(values) == pytest.approx(min(values), rel=1e-5)
 
 
@@ -35,7 +52,7 @@ def test_a_model_that_knows_the_text_has_lower_perplexity(model):
     windows = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         model.lm_head.weight.mul_(0)  # uniform predictions: ppl == vocab size
-    assert perplexity(model, windows)["ppl"] == pytest.approx(96, rel=1e-4)
+    assert perplexity(model, windows)[0]["ppl"] == pytest.approx(96, rel=1e-4)
 
 
 def test_bfloat16_evaluation_stays_close_to_float32(model):
@@ -43,8 +60,8 @@ def test_bfloat16_evaluation_stays_close_to_float32(model):
     import copy
 
     windows = torch.randint(0, 96, (6, 32), generator=torch.Generator().manual_seed(4))
-    reference = perplexity(model, windows)["ppl"]
-    assert perplexity(copy.deepcopy(model).to(torch.bfloat16), windows)["ppl"] == pytest.approx(reference, rel=0.01)
+    reference = perplexity(model, windows)[0]["ppl"]
+    assert perplexity(copy.deepcopy(model).to(torch.bfloat16), windows)[0]["ppl"] == pytest.approx(reference, rel=0.01)
 
 
 def test_auto_dtype_follows_the_hardware(monkeypatch):
