@@ -123,10 +123,9 @@ CALIB = config["calibration"]
 CALIBRATION_FILE = "results/calibration/{model}/" + "{corpus}-n{nsamples}-l{seqlen}-s".format(**CALIB) + "{seed}.pt"
 # Where a (model, recipe, seed) job's artifact and results go; {seed} is the calibration seed.
 RUN_DIR = "{model}/{recipe}/s{seed}"
-# How the tables' and claims' intervals are computed (ptqrepro.report.uncertainty).
-BOOTSTRAP = "--bootstrap-samples {bootstrap_samples} --bootstrap-seed {seed} --level {level}".format(
-    **{"bootstrap_samples": 2000, "seed": 0, "level": 0.95, **config.get("uncertainty", {})}
-)
+# How the tables' and claims' intervals are computed (ptqrepro.report.uncertainty; the schema
+# fills in its defaults).
+BOOTSTRAP = "--bootstrap-samples {bootstrap_samples} --bootstrap-seed {seed} --level {level}".format(**config["uncertainty"])
 
 
 wildcard_constraints:
