@@ -14,7 +14,7 @@ import sys
 from snakemake.utils import min_version, validate
 
 from ptqrepro.cluster import rule_resources, rule_threads
-from ptqrepro.config import calibration_dtype, check_config, recipe_entry as job_free_entry, recipe_seeds
+from ptqrepro.config import calibration_dtype, check_config, check_config_files, recipe_entry as job_free_entry, recipe_seeds
 from ptqrepro.errors import PtqError
 from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
 
@@ -28,8 +28,9 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
 try:
+    check_config_files(workflow.configfiles)
+    validate(config, "workflow/schemas/config.schema.yaml")
     check_config(config)
 except PtqError as error:
     sys.exit(f"config error: {error}")
@@ -109,6 +110,14 @@ def longest_first(wildcards):
     return 1 + round(10 * sum(job_cost(name) for name in [wildcards.recipe, *waiting]))
 
 
+# Every setting that changes a result reaches its jobs through the rule's `params:` (or the output
+# path), so that changing it reruns exactly the jobs it affects (Snakemake's default rerun triggers:
+# params, code, input, mtime); Snakemake records a param's value without its name, so a rule's
+# evaluation settings form one mapping (`protocol`) whose record names each. The shell commands read
+# calibration.offload and eval.placement from the config, outside `params:`, so that changing them
+# reruns nothing: where a job keeps its data gives the same results (config/README.md, README "On a
+# cluster"); so do the threads and resources a job gets. `device` is a param: a GPU's arithmetic is
+# not the CPU's.
 PPL = config["eval"]["ppl"]
 # Recipes scored zero-shot: eval.zeroshot.recipes, or every recipe; at each recipe's first seed.
 ZEROSHOT_RUNS = (

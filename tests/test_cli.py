@@ -49,6 +49,8 @@ def test_by_hand_quantize_then_evaluate(prepared, tmp_path, capsys):
         ("{steps: [rtn], weight: int4-g48}", "group size 48 does not divide the 64 inputs of layer model.layers.0.self_attn.q_proj"),
         ("[not, a, mapping]", "--spec must be a mapping"),
         ("{steps: [rtn", "cannot parse --spec"),
+        ("{steps: [rtn], steps: [gptq]}", "--spec: duplicate key 'steps' (line 1, columns 2 and 16)"),
+        ("{steps: [{gptq: {damp: 0.1, damp: 0.01}}], weight: int4}", "--spec: duplicate key 'damp' (line 1, columns 18 and 29)"),
     ],
 )
 def test_bad_recipe_is_one_line_and_writes_nothing(prepared, tmp_path, capsys, spec, message):
@@ -122,3 +124,11 @@ def test_offload_is_checked_and_recorded(prepared, tmp_path, capsys, job):
     assert reports["cpu"]["provenance"]["offload"] == "cpu" and reports["device"]["provenance"]["offload"] == "device"
     assert reports["cpu"]["provenance"]["config_hash"] == reports["device"]["provenance"]["config_hash"]
     assert (tmp_path / "cpu" / "quantized.safetensors").read_bytes() == (tmp_path / "device" / "quantized.safetensors").read_bytes()
+
+
+def test_a_key_given_twice_in_the_claims_is_one_line(tmp_path, capsys):
+    code, out = run(capsys, "claims", "--table", str(tmp_path / "all.csv"), "--windows", str(tmp_path / "windows.csv"),
+                    "--claims", "[{paper: a, claim: c, below: [x, y], claim: d}]", "--out", str(tmp_path / "tables"))
+    assert code == 2 and out.err.count("\n") == 1
+    assert "--claims: duplicate key 'claim' (line 1, columns 13 and 38)" in out.err
+    assert not (tmp_path / "tables").exists()

@@ -1,5 +1,6 @@
 """The real Snakefile on a tiny random-initialised LLaMA and a tiny corpus, in a temp directory."""
 
+import copy
 import os
 import re
 import shutil
@@ -167,6 +168,79 @@ def test_temporary_artifacts_are_deleted_after_their_last_reader(papers_run):
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
 
+RERUN_RECIPES = {"fp16": {"steps": []}, "rtn@int4": {"steps": ["rtn"], "weight": "int4"}}
+
+
+def rerun_config(model_dir, corpus_dir) -> dict:
+    """The tiny DAG with two recipes, four test windows and a calibration dtype set."""
+    config = tiny_config(model_dir, corpus_dir, copy.deepcopy(RERUN_RECIPES))
+    config["calibration"]["dtype"] = "float32"
+    config["eval"]["ppl"]["max_windows"] = 4
+    return config
+
+
+@pytest.fixture(scope="module")
+def rerun_workdir(tmp_path_factory, tiny_model_dir, tiny_corpus):
+    """A finished run of ``rerun_config``."""
+    workdir = tmp_path_factory.mktemp("rerun")
+    write_config(workdir, rerun_config(tiny_model_dir, tiny_corpus))
+    run = snakemake(workdir)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return workdir
+
+
+def dry_run_jobs(workdir: Path) -> dict:
+    """The jobs a dry run would run, by rule (its job stats; empty: nothing to be done)."""
+    run = snakemake(workdir, "-n")
+    assert run.returncode == 0, run.stderr[-3000:]
+    stats = re.search(r"^Job stats:\n.*?\n-+ +-+\n(.*?)^total", run.stdout, flags=re.MULTILINE | re.DOTALL)
+    if stats is None:
+        assert "Nothing to be done" in run.stdout + run.stderr, run.stdout[-3000:]
+        return {}
+    return {rule: int(count) for rule, count in re.findall(r"^(\w+)\s+(\d+)$", stats.group(1), flags=re.MULTILINE)}
+
+
+# What a new all.csv reruns: the tables, the claims, the two figures of the tiny run and `all`.
+AFTER_THE_TABLES = {"tables": 1, "claims": 1, "plot_table_figure": 2, "all": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key, value, rerun", [
+    (("eval", "ppl", "dtype"), "bfloat16", {"eval_ppl": 2}),
+    (("eval", "ppl", "seqlen"), 16, {"eval_ppl": 2}),
+    (("eval", "ppl", "max_windows"), 3, {"eval_ppl": 2}),
+    (("eval", "ppl", "batch_size"), 2, {"eval_ppl": 2}),
+    (("calibration", "dtype"), "bfloat16", {"quantize": 2, "eval_ppl": 2}),
+    (("recipes", "rtn@int4", "weight"), "int4-g16", {"quantize": 1, "eval_ppl": 1}),
+], ids=lambda value: ".".join(value) if isinstance(value, tuple) else None)
+def test_a_changed_setting_reruns_the_jobs_it_affects(rerun_workdir, tiny_model_dir, tiny_corpus, key, value, rerun):
+    """A setting that changes a result reaches its jobs through `params:`: after a finished run,
+    changing it makes Snakemake rerun exactly the jobs whose results it changes, and those after them."""
+    config = rerun_config(tiny_model_dir, tiny_corpus)
+    *parents, name = key
+    entry = config
+    for parent in parents:
+        entry = entry[parent]
+    assert entry.get(name) != value
+    entry[name] = value
+    write_config(rerun_workdir, config)
+    assert dry_run_jobs(rerun_workdir) == {**rerun, **AFTER_THE_TABLES}
+
+
+@pytest.mark.slow
+def test_where_jobs_keep_their_data_and_their_threads_rerun_nothing(rerun_workdir, tiny_model_dir, tiny_corpus):
+    """Settings that do not change a result stay out of `params:`: changing them reruns nothing."""
+    config = rerun_config(tiny_model_dir, tiny_corpus)
+    config["threads"] = 2
+    config["calibration"]["offload"] = "cpu"
+    config["eval"]["placement"] = "whole"
+    config["resources"] = {"eval_ppl": {"mem_mb": 2000}, "other": {"runtime": 30}}
+    write_config(rerun_workdir, config)
+    assert dry_run_jobs(rerun_workdir) == {}
+    write_config(rerun_workdir, rerun_config(tiny_model_dir, tiny_corpus))
+    assert dry_run_jobs(rerun_workdir) == {}
+
+
 CHROMIUM_REQUIRED = os.environ.get("PTQ_REQUIRE_CHROMIUM") == "1"
 """Set by .ci/run, which installs Chromium: there a missing browser fails the report test."""
 def headless_chromium():
@@ -208,6 +282,27 @@ def test_bad_config_stops_before_any_job(tmp_path, tiny_model_dir, tiny_corpus, 
     run = snakemake(tmp_path, "-n")
     assert run.returncode != 0
     assert f"config error: {message}" in run.stdout + run.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_key_given_twice_in_a_config_file_stops_before_any_job(tmp_path, tiny_model_dir, tiny_corpus):
+    """A recipe defined twice (the default config file) and a key repeated inside a recipe (a
+    --configfile) stop the dry run with the key and both lines, where a YAML loader would keep the
+    last silently."""
+    config = tiny_config(tiny_model_dir, tiny_corpus)
+    head = yaml.safe_dump({key: value for key, value in config.items() if key != "recipes"}) + "recipes:\n"
+    line = head.count("\n") + 1  # the first recipe's line
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(
+        head + "  rtn@int4: {steps: [rtn], weight: int4}\n  fp16: {steps: []}\n  rtn@int4: {steps: [rtn], weight: int8}\n")
+    run = snakemake(tmp_path, "-n")
+    assert run.returncode != 0
+    assert f"config error: config/config.yaml: duplicate key 'rtn@int4' (line {line} and line {line + 2})" in run.stdout + run.stderr
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(head + "  rtn@int4:\n    steps: [rtn]\n    weight: int4\n    weight: int8\n")
+    run = snakemake(tmp_path, "-n", "--configfile", str(nested))
+    assert run.returncode != 0
+    assert f"config error: {nested}: duplicate key 'weight' (line {line + 2} and line {line + 3})" in run.stdout + run.stderr
     assert not (tmp_path / "results").exists()
 
 

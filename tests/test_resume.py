@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from conftest import tiny_llama, tiny_tokenizer
 from ptqrepro.artifact import Artifact, save_artifact, load_artifact
 from ptqrepro.checkpoint import LayerCheckpoints
 from ptqrepro.cli import main
+from ptqrepro.errors import PtqError
 from ptqrepro.formats import parse_format
 from ptqrepro.methods.rtn import rtn
 from ptqrepro.pipeline import quantize_model
@@ -157,3 +159,69 @@ def test_a_killed_quantize_job_resumes_to_the_same_artifact(tmp_path, tiny_corpu
     assert main(quantize("uninterrupted")) == 0
     resumed, uninterrupted = (tmp_path / name / "quantized.safetensors" for name in ("resumed", "uninterrupted"))
     assert resumed.read_bytes() == uninterrupted.read_bytes()
+
+
+HOLDER = """
+import sys
+import torch
+from ptqrepro.artifact import Artifact
+from ptqrepro.checkpoint import LayerCheckpoints
+from ptqrepro.formats import parse_format
+from ptqrepro.methods.rtn import rtn
+
+checkpoints = LayerCheckpoints(sys.argv[1], "settings")
+checkpoints.save(0, Artifact({"l0": rtn(torch.randn(8, 16), parse_format("int4"))}, {}, {}, {"layer": 0, "records": []}))
+print("holding", flush=True)
+sys.stdin.read()
+"""
+"""A job that took a checkpoint folder and finished its layer 0, then runs until it is killed."""
+
+
+def hold(folder) -> subprocess.Popen:
+    """A process holding ``folder``'s lock (``HOLDER``), once it holds it."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline() == "holding\n"
+    return holder
+
+
+def quantize_job(tmp_path) -> list[str]:
+    """`ptqrepro quantize` with checkpoints in tmp_path/ckpt, on calibration windows but no model."""
+    torch.save({"input_ids": calibration(n=2), "corpus": "c", "seed": 0}, tmp_path / "calib.pt")
+    return ["quantize", "--model", str(tmp_path / "no-model"), "--calibration", str(tmp_path / "calib.pt"),
+            "--recipe", "r", "--spec", "{steps: [rtn], weight: int4}", "--device", "cpu",
+            "--out", str(tmp_path / "q"), "--metrics", str(tmp_path / "q.json"), "--checkpoint-dir", str(tmp_path / "ckpt")]
+
+
+def test_a_second_job_on_a_held_checkpoint_folder_stops_at_once(tmp_path, capsys):
+    """While a job holds its checkpoint folder, another on it stops before any work (the command:
+    before loading the model, one line naming the folder and the holder's PID). Once the holder is
+    SIGKILLed, the kernel has dropped its lock: a new job takes the folder and finds its layer."""
+    holder = hold(tmp_path / "ckpt")
+    try:
+        message = f"checkpoint folder {tmp_path / 'ckpt'} is in use by another job (PID {holder.pid})"
+        with pytest.raises(PtqError, match=re.escape(message)):
+            LayerCheckpoints(tmp_path / "ckpt", "settings")
+        assert main(quantize_job(tmp_path)) == 2
+        error = capsys.readouterr().err
+        assert message in error and error.count("\n") == 1  # not "not a prepared model": it stopped first
+        assert not (tmp_path / "q").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert holder.returncode == -signal.SIGKILL
+    resumed = LayerCheckpoints(tmp_path / "ckpt", "settings")
+    assert resumed.finished() == 1
+    assert (tmp_path / "ckpt" / "lock").read_text() == f"{os.getpid()}\n"
+    resumed.remove()
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_failed_job_releases_its_checkpoint_folder(tmp_path, capsys):
+    """A job that fails after taking its folder (here: no model to load) lets another take it at once."""
+    assert main(quantize_job(tmp_path)) == 2
+    assert "not a prepared model" in capsys.readouterr().err
+    assert (tmp_path / "ckpt" / "fingerprint.json").is_file()
+    holder = hold(tmp_path / "ckpt")
+    holder.kill()
+    holder.wait()

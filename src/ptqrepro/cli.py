@@ -28,10 +28,9 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 from ptqrepro.errors import PtqError
-from ptqrepro.io import atomic_path, read_json, write_json
+from ptqrepro.io import atomic_path, load_yaml, read_json, write_json
 from ptqrepro.placement import OFFLOADS, PLACEMENTS, check_offload
 
 SPLIT_FILE = "{split}.jsonl"
@@ -42,10 +41,7 @@ def _spec(text: str | None) -> dict:
     """Parse an inline YAML/JSON mapping given on the command line."""
     if not text:
         return {}
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise PtqError(f"cannot parse --spec {text!r}: {error.problem}") from None
+    value = load_yaml(text, "--spec")
     if not isinstance(value, dict):
         raise PtqError(f"--spec must be a mapping, got {text!r}")
     return value
@@ -107,16 +103,20 @@ def cmd_calibrate(args) -> None:
     print(f"{tuple(windows.shape)} calibration windows from {spec.name} -> {args.out}")
 
 
+@contextlib.contextmanager
 def _checkpoints(folder: str | None, settings: dict):
     """The job's per-layer checkpoints in ``folder`` (None: no checkpoints), fingerprinted by its
-    settings, the code's git commit and torch's version."""
+    settings, the code's git commit and torch's version; the folder is locked for the block (another
+    job holding it: a ``PtqError``)."""
     if folder is None:
-        return None
+        yield None
+        return
     from ptqrepro.checkpoint import LayerCheckpoints
     from ptqrepro.provenance import config_hash, git_commit
 
     fingerprint = config_hash({"settings": settings, "commit": git_commit(), "torch": torch.__version__})
-    return LayerCheckpoints(folder, fingerprint, log=print)
+    with LayerCheckpoints(folder, fingerprint, log=print) as checkpoints:
+        yield checkpoints
 
 
 def cmd_quantize(args) -> None:
@@ -137,47 +137,47 @@ def cmd_quantize(args) -> None:
     settings = {"model": Path(args.model).name, "recipe": spec, "calibration": calibration["corpus"], "seed": calibration["seed"],
                 "nsamples": int(calibration["input_ids"].shape[0]), "seqlen": int(calibration["input_ids"].shape[1]),
                 "dtype": dtype}
-    checkpoints = _checkpoints(args.checkpoint_dir, settings)
-    model, _ = load_model(args.model, dtype="auto")
-    result = quantize_model(
-        model, recipe, calibration["input_ids"], device=device, batch_size=args.batch_size, log=print,
-        dtype=torch_dtype(dtype), checkpoints=checkpoints, offload=args.offload, release_layers=True,
-    )
-    fmt = recipe.weight
-    description = {
-        "model": settings["model"],
-        "recipe": recipe.name,
-        "method": recipe.method,
-        "weight_format": fmt.name if fmt else None,
-        "weight_scheme": (fmt.scheme if fmt else "fp16") + (f" a={recipe.act.name}" if recipe.act else ""),
-        "weight_bits": fmt.bits if fmt else 16,
-        "bits_per_weight": result.bits_per_weight() or 16,
-        "act_format": recipe.act.name if recipe.act else None,
-        # None where the recipe reads no calibration data: the same model at every seed (and dtype)
-        "calibration_seed": settings["seed"] if recipe.needs_stats else None,
-        "calibration_dtype": dtype if recipe.needs_stats else None,
-    }
-    record = {**provenance.record(settings, device), "offload": args.offload}
-    errors = [r["weight_rel_error"] for r in result.records]
-    metrics = {
-        "quantize_time_s": record["wall_time_s"],
-        "bits_per_weight": description["bits_per_weight"],
-        "mean_weight_rel_error": sum(errors) / len(errors) if errors else 0.0,
-    }
-    if any("cholesky_retries" in r for r in result.records):
-        metrics["cholesky_retries"] = sum(r.get("cholesky_retries", 0) for r in result.records)
-    if result.records and "lqer_rank" in result.records[0]:
-        metrics["lqer_rank"] = result.records[0]["lqer_rank"]
-    if result.records and "output_rel_error" in result.records[0]:
-        metrics["mean_output_rel_error"] = sum(r["output_rel_error"] for r in result.records) / len(result.records)
-    save_artifact(args.out, result.quantized, result.float_parameters, {**description, "config_hash": record["config_hash"]},
-                  corrections=result.corrections)
-    write_json(args.metrics, {
-        "kind": "quantize", **description, "dataset": calibration["corpus"], "metrics": metrics,
-        "settings": settings, "provenance": record, "layers": result.records,
-    })
-    if checkpoints is not None:
-        checkpoints.remove()
+    with _checkpoints(args.checkpoint_dir, settings) as checkpoints:
+        model, _ = load_model(args.model, dtype="auto")
+        result = quantize_model(
+            model, recipe, calibration["input_ids"], device=device, batch_size=args.batch_size, log=print,
+            dtype=torch_dtype(dtype), checkpoints=checkpoints, offload=args.offload, release_layers=True,
+        )
+        fmt = recipe.weight
+        description = {
+            "model": settings["model"],
+            "recipe": recipe.name,
+            "method": recipe.method,
+            "weight_format": fmt.name if fmt else None,
+            "weight_scheme": (fmt.scheme if fmt else "fp16") + (f" a={recipe.act.name}" if recipe.act else ""),
+            "weight_bits": fmt.bits if fmt else 16,
+            "bits_per_weight": result.bits_per_weight() or 16,
+            "act_format": recipe.act.name if recipe.act else None,
+            # None where the recipe reads no calibration data: the same model at every seed (and dtype)
+            "calibration_seed": settings["seed"] if recipe.needs_stats else None,
+            "calibration_dtype": dtype if recipe.needs_stats else None,
+        }
+        record = {**provenance.record(settings, device), "offload": args.offload}
+        errors = [r["weight_rel_error"] for r in result.records]
+        metrics = {
+            "quantize_time_s": record["wall_time_s"],
+            "bits_per_weight": description["bits_per_weight"],
+            "mean_weight_rel_error": sum(errors) / len(errors) if errors else 0.0,
+        }
+        if any("cholesky_retries" in r for r in result.records):
+            metrics["cholesky_retries"] = sum(r.get("cholesky_retries", 0) for r in result.records)
+        if result.records and "lqer_rank" in result.records[0]:
+            metrics["lqer_rank"] = result.records[0]["lqer_rank"]
+        if result.records and "output_rel_error" in result.records[0]:
+            metrics["mean_output_rel_error"] = sum(r["output_rel_error"] for r in result.records) / len(result.records)
+        save_artifact(args.out, result.quantized, result.float_parameters, {**description, "config_hash": record["config_hash"]},
+                      corrections=result.corrections)
+        write_json(args.metrics, {
+            "kind": "quantize", **description, "dataset": calibration["corpus"], "metrics": metrics,
+            "settings": settings, "provenance": record, "layers": result.records,
+        })
+        if checkpoints is not None:
+            checkpoints.remove()
     print(f"{recipe.name}: {len(result.quantized)} linears, {description['bits_per_weight']} bits/weight")
 
 
@@ -205,26 +205,26 @@ def cmd_dwr(args) -> None:
                 "calibration": calibration["corpus"], "seed": calibration["seed"], "dwr_seed": recipe.settings.seed,
                 "windows": int(calibration["input_ids"][: recipe.settings.windows].shape[0]),
                 "seqlen": int(calibration["input_ids"].shape[1]), "dtype": dtype}
-    checkpoints = _checkpoints(args.checkpoint_dir, settings)
-    model, _ = load_model(args.model, dtype="auto")
-    result = search_model(model, base, calibration["input_ids"], recipe.settings, device=device,
-                          batch_size=args.batch_size, log=print, dtype=torch_dtype(dtype), checkpoints=checkpoints,
-                          offload=args.offload)
-    record = {**provenance.record(settings, device), "offload": args.offload}
-    changed = sum(1 for block in result.blocks if block.chosen)
-    save_artifact(args.out, result.quantized, base.float_parameters, {**description, "config_hash": record["config_hash"]},
-                  corrections=base.corrections)
-    write_json(args.metrics, {
-        "kind": "quantize", **description, "dataset": calibration["corpus"],
-        "metrics": {"quantize_time_s": record["wall_time_s"], "bits_per_weight": description["bits_per_weight"],
-                    "calibration_ppl_before": result.initial_ppl, "calibration_ppl_after": result.final_ppl,
-                    "blocks_changed": changed},
-        "settings": settings, "provenance": record,
-        "dwr": [{"layer": b.layer, "chosen_rank": b.chosen, "curve": {str(k): p for k, p in b.curve.items()},
-                 "seconds": b.seconds} for b in result.blocks],
-    })
-    if checkpoints is not None:
-        checkpoints.remove()
+    with _checkpoints(args.checkpoint_dir, settings) as checkpoints:
+        model, _ = load_model(args.model, dtype="auto")
+        result = search_model(model, base, calibration["input_ids"], recipe.settings, device=device,
+                              batch_size=args.batch_size, log=print, dtype=torch_dtype(dtype), checkpoints=checkpoints,
+                              offload=args.offload)
+        record = {**provenance.record(settings, device), "offload": args.offload}
+        changed = sum(1 for block in result.blocks if block.chosen)
+        save_artifact(args.out, result.quantized, base.float_parameters, {**description, "config_hash": record["config_hash"]},
+                      corrections=base.corrections)
+        write_json(args.metrics, {
+            "kind": "quantize", **description, "dataset": calibration["corpus"],
+            "metrics": {"quantize_time_s": record["wall_time_s"], "bits_per_weight": description["bits_per_weight"],
+                        "calibration_ppl_before": result.initial_ppl, "calibration_ppl_after": result.final_ppl,
+                        "blocks_changed": changed},
+            "settings": settings, "provenance": record,
+            "dwr": [{"layer": b.layer, "chosen_rank": b.chosen, "curve": {str(k): p for k, p in b.curve.items()},
+                     "seconds": b.seconds} for b in result.blocks],
+        })
+        if checkpoints is not None:
+            checkpoints.remove()
     print(f"{recipe.name}: calibration ppl {result.initial_ppl:.4f} -> {result.final_ppl:.4f}, "
           f"{changed}/{len(result.blocks)} blocks changed")
 
@@ -376,10 +376,7 @@ def cmd_claims(args) -> None:
 
     from ptqrepro.report.claims import check_claims, claims_from_config, write_claims
 
-    try:
-        entries = yaml.safe_load(args.claims) if args.claims else []
-    except yaml.YAMLError as error:
-        raise PtqError(f"cannot parse --claims: {error.problem}") from None
+    entries = load_yaml(args.claims, "--claims") if args.claims else []
     settings = _bootstrap(args)
     table = check_claims(claims_from_config(entries or []), pandas.read_csv(args.table),
                          pandas.read_csv(args.windows), settings)

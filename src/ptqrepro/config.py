@@ -1,16 +1,21 @@
 """Cross-checks of an experiment config that a JSON schema cannot express.
 
-The Snakefile validates the config against ``workflow/schemas/config.schema.yaml`` first, then
-calls ``check_config`` so that a bad model source, an unknown corpus, a recipe naming a missing
-step or an unparsable format string stops the DAG before any job runs, in one line.
+The Snakefile re-reads each config file with ``check_config_files`` first (Snakemake's own loader
+keeps the last of a key given twice), validates the config against
+``workflow/schemas/config.schema.yaml``, then calls ``check_config`` so that a bad model source, an
+unknown corpus, a recipe naming a missing step or an unparsable format string stops the DAG before
+any job runs, in one line.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from ptqrepro.cluster import check_resources
 from ptqrepro.data.corpora import corpus_spec
 from ptqrepro.errors import PtqError
 from ptqrepro.eval.zeroshot import LOCAL_TASKS
+from ptqrepro.io import load_yaml
 from ptqrepro.models.sources import ModelSource
 from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
 from ptqrepro.report.claims import claims_from_config
@@ -69,6 +74,14 @@ def _checked_seeds(seeds, key: str) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise PtqError(f"{key} lists a seed twice: {seeds}")
     return list(seeds)
+
+
+def check_config_files(paths: list[str]) -> None:
+    """Re-read each config file with ``io.load_yaml``, which refuses a key given twice in a mapping
+    at any depth: Snakemake's loader keeps the last, so a recipe defined twice would silently be
+    the second one."""
+    for path in paths:
+        load_yaml(Path(path).read_text(), str(path))
 
 
 def check_config(config: dict) -> None:

@@ -1,6 +1,8 @@
 """Atomic output: every artifact is written to a temporary sibling and renamed into place.
 
 A job killed half-way therefore never leaves a file that Snakemake would take as finished.
+YAML (config files, a command's inline specs) is read by ``load_yaml``, which refuses a key
+given twice in one mapping.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+import yaml
+
+from ptqrepro.errors import PtqError
 
 
 @contextlib.contextmanager
@@ -41,3 +47,44 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
+
+
+class _DuplicateKey(Exception):
+    """A mapping names a key twice; the message says which and where."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a mapping naming a key twice is an error (the safe loader
+    keeps the last value): a recipe defined twice, or a key repeated inside one."""
+
+    def construct_mapping(self, node, deep=False):
+        first_at = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges keys that the mapping may override
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = first_at.setdefault(key, key_node.start_mark)
+            except TypeError:
+                continue  # an unhashable key: the safe loader's own error follows
+            if first is not key_node.start_mark:
+                raise _DuplicateKey(f"duplicate key {key!r} ({_positions(first, key_node.start_mark)})")
+        return super().construct_mapping(node, deep)
+
+
+def _positions(first, second) -> str:
+    """Two places in a YAML text, 1-based: ``line 3 and line 7``, or ``line 1, columns 2 and 15``."""
+    if first.line == second.line:
+        return f"line {first.line + 1}, columns {first.column + 1} and {second.column + 1}"
+    return f"line {first.line + 1} and line {second.line + 1}"
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML (or JSON) ``text``, refusing a key given twice in any mapping at any depth. Bad
+    text is a one-line ``PtqError`` that names ``source`` (a file, a command-line option)."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as error:
+        raise PtqError(f"{source}: {error}") from None
+    except yaml.YAMLError as error:
+        raise PtqError(f"cannot parse {source}: {getattr(error, 'problem', error)}") from None

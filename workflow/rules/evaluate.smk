@@ -15,6 +15,7 @@ rule eval_ppl:
         f"results/metrics/{RUN_DIR}/ppl-{{dataset}}.json",
     params:
         max_windows=f"--max-windows {PPL['max_windows']}" if PPL.get("max_windows") else "",
+        protocol={key: PPL[key] for key in ("seqlen", "nsamples", "seed", "batch_size", "dtype")},
         device=config["device"],
     threads: rule_threads(config, "eval_ppl")
     resources:
@@ -27,8 +28,8 @@ rule eval_ppl:
         CONDA_ENV
     shell:
         "{GPU_SLOT} {resources.gpu} {params.device} ptqrepro eval-ppl --model {input.model} --quantized {input.quantized} --corpus {input.corpus}"
-        " --seqlen {PPL[seqlen]} {params.max_windows} --nsamples {PPL[nsamples]} --seed {PPL[seed]}"
-        " --batch-size {PPL[batch_size]} --dtype {PPL[dtype]} --device {params.device} --placement {config[eval][placement]}"
+        " --seqlen {params.protocol[seqlen]} {params.max_windows} --nsamples {params.protocol[nsamples]} --seed {params.protocol[seed]}"
+        " --batch-size {params.protocol[batch_size]} --dtype {params.protocol[dtype]} --device {params.device} --placement {config[eval][placement]}"
         " --threads {threads}"
         " --out {output} > {log} 2>&1"
 
@@ -72,6 +73,7 @@ if ZEROSHOT:
             include=f"--include {LOCAL_TASKS_DIR}" if LOCAL_TASKS_DIR else "",
             tasks=" ".join(ZEROSHOT["tasks"]),
             limit=f"--limit {ZEROSHOT['limit']}" if ZEROSHOT.get("limit") else "",
+            protocol={key: ZEROSHOT[key] for key in ("batch_size", "max_length", "dtype")},
             device=config["device"],
             out_dir=lambda w, output: os.path.dirname(output[0]),
         threads: rule_threads(config, "eval_zeroshot")
@@ -85,6 +87,6 @@ if ZEROSHOT:
             CONDA_ENV
         shell:
             "{GPU_SLOT} {resources.gpu} {params.device} ptqrepro eval-zeroshot --model {input.model} --quantized {input.quantized} --tasks {params.tasks}"
-            " {params.include} {params.limit} --batch-size {ZEROSHOT[batch_size]} --max-length {ZEROSHOT[max_length]}"
-            " --dtype {ZEROSHOT[dtype]} --device {params.device} --placement {config[eval][placement]} --threads {threads}"
+            " {params.include} {params.limit} --batch-size {params.protocol[batch_size]} --max-length {params.protocol[max_length]}"
+            " --dtype {params.protocol[dtype]} --device {params.device} --placement {config[eval][placement]} --threads {threads}"
             " --out-dir {params.out_dir} > {log} 2>&1"
