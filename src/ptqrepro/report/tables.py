@@ -18,6 +18,7 @@ Written by ``write_tables`` into one folder:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
@@ -31,7 +32,7 @@ import pandas as pd
 
 from ptqrepro.errors import PtqError
 from ptqrepro.io import atomic_path, read_json
-from ptqrepro.report.uncertainty import BootstrapSettings, mean_interval, normal_quantile
+from ptqrepro.report.uncertainty import BootstrapSettings, Interval, exp_or_inf, mean_interval, normal_quantile
 
 RECIPE_KEYS = (
     "model",
@@ -161,6 +162,14 @@ def summarize(results: Results, settings: BootstrapSettings) -> pd.DataFrame:
     frame = results.replicates
     rows = []
     keys = ["model", "recipe", "kind", "dataset", "metric"]
+
+    @functools.cache
+    def nll_interval(model: str, recipe: str, dataset: str) -> tuple[Interval, int]:
+        """The mean NLL's interval over seeds and windows, and the window count: once for both a
+        perplexity result's ppl and nll rows."""
+        nll = recipe_losses(results.windows, model, recipe, dataset).nll
+        return mean_interval(nll, settings), nll.shape[1]
+
     for key, group in frame.groupby(keys, sort=False):
         row = group.iloc[0][[*RECIPE_KEYS, *MEASUREMENT_KEYS, "metric", "calibration_dtype", *PROVENANCE_KEYS,
                              "hardware"]].to_dict()
@@ -168,7 +177,7 @@ def summarize(results: Results, settings: BootstrapSettings) -> pd.DataFrame:
         row |= {"seeds": " ".join(_seed_text(seed) for seed in group["seed"]),
                 "seed_low": values.min(), "seed_high": values.max(),
                 "source": " ".join(group["source"]), "windows": math.nan}
-        row |= _summary_value(dict(zip(keys, key)), group, values, results, settings)
+        row |= _summary_value(dict(zip(keys, key)), group, values, results, settings, nll_interval)
         rows.append(row)
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 
@@ -200,14 +209,14 @@ def render_markdown(frame: pd.DataFrame, settings: BootstrapSettings) -> str:
 
 
 def _summary_value(key: dict, group: pd.DataFrame, values: np.ndarray, results: Results,
-                   settings: BootstrapSettings) -> dict:
-    """``value``, ``ci_low``, ``ci_high`` (and ``windows``) of one measurement over its seeds."""
+                   settings: BootstrapSettings, nll_interval) -> dict:
+    """``value``, ``ci_low``, ``ci_high`` (and ``windows``) of one measurement over its seeds;
+    ``nll_interval(model, recipe, dataset)`` gives a perplexity's mean-NLL interval."""
     if key["kind"] == PERPLEXITY_KIND and key["metric"] in (PERPLEXITY_METRIC, NLL_METRIC):
-        nll = recipe_losses(results.windows, key["model"], key["recipe"], key["dataset"]).nll
-        interval = mean_interval(nll, settings)
+        interval, windows = nll_interval(key["model"], key["recipe"], key["dataset"])
         if key["metric"] == PERPLEXITY_METRIC:
-            interval = interval.map(_exp)
-        return {"value": interval.value, "ci_low": interval.low, "ci_high": interval.high, "windows": nll.shape[1]}
+            interval = interval.map(exp_or_inf)
+        return {"value": interval.value, "ci_low": interval.low, "ci_high": interval.high, "windows": windows}
     value = float(values.mean())
     stderr = results.replicates[
         (results.replicates["source"].isin(group["source"])) & (results.replicates["metric"] == key["metric"] + STDERR_SUFFIX)
@@ -217,14 +226,6 @@ def _summary_value(key: dict, group: pd.DataFrame, values: np.ndarray, results: 
         half = normal_quantile(settings.level) * math.sqrt(float((stderr.to_numpy(float) ** 2).sum())) / len(group)
         return {"value": value, "ci_low": value - half, "ci_high": value + half}
     return {"value": value, "ci_low": math.nan, "ci_high": math.nan}
-
-
-def _exp(value: float) -> float:
-    """``exp`` that gives inf instead of raising past float range (a diverged model's ppl)."""
-    try:
-        return math.exp(value)
-    except OverflowError:
-        return math.inf
 
 
 def _seed_text(seed) -> str:

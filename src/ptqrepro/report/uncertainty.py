@@ -109,7 +109,15 @@ def expanded_tail(level: float, windows: int) -> float:
 
 def perplexity_interval(nll: np.ndarray, settings: BootstrapSettings) -> Interval:
     """``exp(mean nll)`` and its interval (the exponential of the mean's interval)."""
-    return mean_interval(nll, settings).map(math.exp)
+    return mean_interval(nll, settings).map(exp_or_inf)
+
+
+def exp_or_inf(value: float) -> float:
+    """``exp`` that gives inf instead of raising past float range (a diverged model's perplexity)."""
+    try:
+        return math.exp(value)
+    except OverflowError:
+        return math.inf
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray, settings: BootstrapSettings) -> Interval:
