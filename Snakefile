@@ -14,8 +14,9 @@ import sys
 from snakemake.utils import min_version, validate
 
 from ptqrepro.cluster import rule_resources, rule_threads
-from ptqrepro.config import calibration_dtype, check_config, check_config_files, recipe_entry as job_free_entry, recipe_seeds
+from ptqrepro.config import calibration_dtype, check_config, check_config_files, check_schema, recipe_entry as job_free_entry, recipe_seeds
 from ptqrepro.errors import PtqError
+from ptqrepro.preflight import preflight
 from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
 
 min_version("9.0")
@@ -30,8 +31,13 @@ if not workflow.overwrite_configfiles:
 
 try:
     check_config_files(workflow.configfiles)
+    check_schema(config, os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml"))
     validate(config, "workflow/schemas/config.schema.yaml")
     check_config(config)
+    # against the models' shapes and this machine, once: a cluster job's own Snakemake (on its node)
+    # reads this file again
+    if workflow.is_main_process:
+        preflight(config, "results/models", log=lambda line: print(line, file=sys.stderr))
 except PtqError as error:
     sys.exit(f"config error: {error}")
 

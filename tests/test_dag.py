@@ -328,6 +328,79 @@ def test_schema_rejects_an_unknown_key(tmp_path, tiny_model_dir, tiny_corpus):
     assert run.returncode != 0 and "Additional properties are not allowed ('nsampels'" in run.stdout + run.stderr
 
 
+# Settings that cannot work on the tiny model or this machine (each category of ptqrepro.preflight),
+# in one config: the dry run names every one of them.
+CANNOT_WORK = {
+    "recipes": {
+        "rtn@int4-g48": {"steps": ["rtn"], "weight": "int4-g48"},
+        "rtn@mxint4-b7": {"steps": ["rtn"], "weight": "mxint4-b7"},
+        "lqer-k40": {"steps": ["rtn", {"lqer": {"rank": 40}}], "weight": "mxint4"},
+        "gptq@int3": {"steps": ["gptq"], "weight": "int3"},
+        "dwr": {"base": "gptq@int3", "dwr": {"ranks": [16, 65]}},
+    },
+    "messages": [
+        "config error: 7 setting(s) cannot work, found before any job ran:",
+        "  device: 'cuda': torch sees 0 CUDA device(s) on this machine; allowed: auto",
+        "  recipes.rtn@int4-g48.weight: 'int4-g48': format int4-g48: group size 48 does not divide the 64 inputs of layer "
+        "self_attn.q_proj of model tiny; allowed: a size dividing 64",
+        "  recipes.rtn@mxint4-b7.weight: 'mxint4-b7': format mxint4-b7: group size 7 does not divide the 64 inputs",
+        "  recipes.lqer-k40.steps[1].lqer.rank: 40: above min(in, out) of self_attn.k_proj, self_attn.v_proj of model tiny; allowed: ranks 1..32",
+        "  recipes.dwr.dwr.ranks: 65: above 64, the largest min(in, out) of model tiny's linears; allowed: ranks 1..64",
+        "  calibration.seqlen: 600: beyond the context of model tiny (512); allowed: at most 512",
+        "  eval.zeroshot.tasks: 'arc_eazy': not a local task and not in lm-eval's registry",
+    ],
+}
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal of device: cuda without a GPU")
+def test_settings_that_cannot_work_stop_the_dry_run_all_at_once(tmp_path, tiny_model_dir, tiny_corpus):
+    """Group and MX block sizes against the linears' inputs, ranks against their dimensions, the
+    sequence length against the context, task names, the device: every problem in one refusal of
+    `snakemake -n`, before any job; nothing under results/ is written or deleted."""
+    config = tiny_config(tiny_model_dir, tiny_corpus, CANNOT_WORK["recipes"])
+    config["device"] = "cuda"
+    config["calibration"]["seqlen"] = 600
+    config["eval"]["zeroshot"] = {"tasks": ["ptq_lastword", "arc_eazy"], "corpus": "tiny", "max_length": 512}
+    write_config(tmp_path, config)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "kept.json").write_text("{}")
+    run = snakemake(tmp_path, "-n")
+    assert run.returncode != 0
+    lines = (run.stdout + run.stderr).splitlines()
+    heading, *messages = CANNOT_WORK["messages"]
+    listed = lines[lines.index(heading) + 1:][:len(messages)]
+    for expected in messages:
+        assert any(line.startswith(expected) for line in listed), (expected, listed)
+    assert [path.name for path in (tmp_path / "results").rglob("*")] == ["kept.json"]
+
+
+def test_method_settings_out_of_range_stop_the_dry_run_all_at_once(tmp_path, tiny_model_dir, tiny_corpus):
+    """What the schema can say of a method's settings (types, minimums), said of each at once."""
+    write_config(tmp_path, tiny_config(tiny_model_dir, tiny_corpus, {
+        "gptq": {"steps": [{"gptq": {"blocksize": 0, "percdamp": "high"}}], "weight": "int4"},
+        "magr": {"steps": [{"magr": {"iterations": -5}}, "gptq"], "weight": "int3"},
+        "lqer": {"steps": ["rtn", {"lqer": {"rank": -1}}], "weight": "mxint4"},
+    }))
+    run = snakemake(tmp_path, "-n")
+    assert run.returncode != 0
+    assert "config error: 4 setting(s) break the schema" in run.stderr
+    for line in ["recipes.gptq.steps[0].gptq.blocksize: 0 is less than the minimum of 1",
+                 "recipes.gptq.steps[0].gptq.percdamp: 'high' is not of type 'number'",
+                 "recipes.lqer.steps[1].lqer.rank: -1 is less than the minimum of 1",
+                 "recipes.magr.steps[0].magr.iterations: -5 is less than the minimum of 0"]:
+        assert f"  {line}\n" in run.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_good_config_plans_the_same_dag(tmp_path, tiny_model_dir, tiny_corpus):
+    """The start-up checks pass the tiny config, whose dry run lists the jobs it always did."""
+    write_config(tmp_path, tiny_config(tiny_model_dir, tiny_corpus))
+    assert dry_run_jobs(tmp_path) == {
+        "prepare_corpus": 1, "prepare_model": 1, "calibrate": 1, "zeroshot_tasks": 1, "quantize": 4, "eval_ppl": 4,
+        "eval_zeroshot": 1, "tables": 1, "claims": 1, "paper_tables": 1, "plot_table_figure": 3, "all": 1}
+    assert not (tmp_path / "results").exists()
+
+
 @pytest.mark.parametrize("paper", sorted((REPO / "config" / "papers").glob("*.yaml")), ids=lambda p: p.stem)
 def test_paper_configs_list_their_whole_dag_without_a_hub(paper, tmp_path):
     """A dry run needs no network and no model: one quantize (or dwr) job per (model, recipe,

@@ -2,9 +2,10 @@
 
 The Snakefile re-reads each config file with ``check_config_files`` first (Snakemake's own loader
 keeps the last of a key given twice), validates the config against
-``workflow/schemas/config.schema.yaml``, then calls ``check_config`` so that a bad model source, an
-unknown corpus, a recipe naming a missing step or an unparsable format string stops the DAG before
-any job runs, in one line.
+``workflow/schemas/config.schema.yaml`` (``check_schema``: every violation at once), then calls
+``check_config`` so that a bad model source, an unknown corpus, a recipe naming a missing step or
+an unparsable format string stops the DAG before any job runs, in one line; what needs the
+models' shapes or the machine follows (``ptqrepro.preflight``).
 """
 
 from __future__ import annotations
@@ -82,6 +83,23 @@ def check_config_files(paths: list[str]) -> None:
     the second one."""
     for path in paths:
         load_yaml(Path(path).read_text(), str(path))
+
+
+def check_schema(config: dict, schema_path: str | Path) -> None:
+    """Every violation of the config schema at once, one line each with its key (Snakemake's
+    ``validate``, which then fills in the defaults, stops at the first)."""
+    import jsonschema
+
+    schema = load_yaml(Path(schema_path).read_text(), str(schema_path))
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda error: _key(error.absolute_path))
+    if errors:
+        lines = "\n".join(f"  {_key(error.absolute_path) or '(top level)'}: {error.message}" for error in errors)
+        raise PtqError(f"{len(errors)} setting(s) break the schema {schema_path}:\n{lines}")
+
+
+def _key(path) -> str:
+    """A config key as the messages write it: ``recipes.gptq@int3.steps[0].gptq.blocksize``."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
 
 
 def check_config(config: dict) -> None:

@@ -100,7 +100,11 @@ ARCHITECTURES = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "opt": OPT}
 
 
 def architecture_of(model: nn.Module) -> Architecture:
-    model_type = getattr(model.config, "model_type", None)
+    return architecture_for(getattr(model.config, "model_type", None))
+
+
+def architecture_for(model_type: str | None) -> Architecture:
+    """The adapter of a config's ``model_type``; an unsupported one is an error naming the known ones."""
     if model_type not in ARCHITECTURES:
         raise PtqError(
             f"unsupported model_type {model_type!r}: known {', '.join(sorted(ARCHITECTURES))}"
