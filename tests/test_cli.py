@@ -1,6 +1,7 @@
 """The command line: every bad input is one line on stderr with exit code 2, nothing written."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +133,126 @@ def test_a_key_given_twice_in_the_claims_is_one_line(tmp_path, capsys):
     assert code == 2 and out.err.count("\n") == 1
     assert "--claims: duplicate key 'claim' (line 1, columns 13 and 38)" in out.err
     assert not (tmp_path / "tables").exists()
+
+
+def quantize_args(prepared, tmp_path, *extra, model=None, calibration=None):
+    return ["quantize", "--model", str(model or prepared / "model"), "--calibration", str(calibration or prepared / "calib.pt"),
+            "--recipe", "rtn@int4", "--spec", "{steps: [rtn], weight: int4}", "--device", "cpu",
+            "--out", str(tmp_path / "q"), "--metrics", str(tmp_path / "q.json"), *extra]
+
+
+def copy_of_model(tiny_model_dir, tmp_path, change) -> Path:
+    """A prepared model whose weights file ``change(path)`` rewrites."""
+    import shutil
+
+    folder = tmp_path / "source"
+    shutil.copytree(tiny_model_dir, folder)
+    change(folder / "model.safetensors")
+    assert main(["prepare-model", "--name", "bad", "--spec", json.dumps({"hub": str(folder)}), "--out", str(tmp_path / "model")]) == 0
+    return tmp_path / "model"
+
+
+def nan_weight(path, name="model.layers.1.mlp.down_proj.weight"):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    tensors[name].view(-1)[5] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda path: path.write_bytes(b""), "cannot load the model in "),
+    (lambda path: path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header"), "cannot load the model in "),
+    (nan_weight, "parameter model.layers.1.mlp.down_proj.weight has NaN or infinite entries"),
+], ids=["empty safetensors", "corrupt safetensors", "NaN weight"])
+def test_a_broken_model_is_one_line(prepared, tiny_model_dir, tmp_path, capsys, change, message):
+    model = copy_of_model(tiny_model_dir, tmp_path, change)
+    capsys.readouterr()
+    code, out = run(capsys, *quantize_args(prepared, tmp_path, model=model))
+    assert code == 2 and message in out.err and out.err.count("\n") == 1, out.err
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.json").exists()
+
+
+def test_an_evaluation_refuses_nan_weights(prepared, tiny_model_dir, tmp_path, capsys):
+    """A NaN where the quantized model keeps the base model's weights no longer evaluates to "ppl":
+    NaN with exit code 0."""
+    assert main(quantize_args(prepared, tmp_path)) == 0
+    model = copy_of_model(tiny_model_dir, tmp_path, lambda path: nan_weight(path, "model.norm.weight"))
+    capsys.readouterr()
+    code, out = run(capsys, "eval-ppl", "--model", str(model), "--quantized", str(tmp_path / "q"), "--corpus", str(prepared / "corpus"),
+                    "--seqlen", "32", "--max-windows", "2", "--device", "cpu", "--out", str(tmp_path / "ppl.json"))
+    assert code == 2 and "parameter model.norm.weight has NaN or infinite entries" in out.err, out.err
+    assert out.err.count("\n") == 1 and not (tmp_path / "ppl.json").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "cannot read it (EOFError"),
+    (b"not a torch file", "cannot read it ("),
+    ("list", "not a file of `ptqrepro calibrate`"),
+    ("floats", "not a file of `ptqrepro calibrate`"),
+], ids=["empty", "garbage", "a list", "float windows"])
+def test_a_bad_calibration_file_is_one_line(prepared, tmp_path, capsys, content, message):
+    calibration = tmp_path / "calib.pt"
+    if content == "list":
+        torch.save([1, 2, 3], calibration)
+    elif content == "floats":
+        torch.save({"input_ids": torch.rand(4, 32), "corpus": "tiny", "seed": 0}, calibration)
+    else:
+        calibration.write_bytes(content)
+    code, out = run(capsys, *quantize_args(prepared, tmp_path, calibration=calibration))
+    assert code == 2 and f"--calibration {calibration}: {message}" in out.err and out.err.count("\n") == 1, out.err
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("damage", ["manifest not JSON", "manifest without linears", "tensors empty"])
+def test_a_broken_artifact_is_one_line(prepared, tmp_path, capsys, damage):
+    assert main(quantize_args(prepared, tmp_path)) == 0
+    manifest = tmp_path / "q" / "manifest.json"
+    if damage == "manifest not JSON":
+        manifest.write_text("{")
+    elif damage == "manifest without linears":
+        manifest.write_text(json.dumps({key: value for key, value in json.loads(manifest.read_text()).items() if key != "linears"}))
+    else:
+        (tmp_path / "q" / "quantized.safetensors").write_bytes(b"")
+    capsys.readouterr()
+    code, out = run(capsys, "eval-ppl", "--model", str(prepared / "model"), "--quantized", str(tmp_path / "q"),
+                    "--corpus", str(prepared / "corpus"), "--seqlen", "32", "--device", "cpu", "--out", str(tmp_path / "ppl.json"))
+    assert code == 2 and f"{tmp_path / 'q'} is a broken quantized-model artifact: " in out.err and out.err.count("\n") == 1, out.err
+    assert not (tmp_path / "ppl.json").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["quantize", "--batch-size", "0"], ["eval-ppl", "--batch-size", "-2"], ["eval-ppl", "--max-windows", "0"],
+    ["calibrate", "--nsamples", "x"], ["eval-zeroshot", "--limit", "0"], ["zeroshot-tasks", "--items", "0"],
+])
+def test_a_count_below_one_is_one_line(capsys, argv):
+    with pytest.raises(SystemExit) as exit:
+        main([*argv, "--out", "nowhere"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1
+    assert f"ptqrepro {argv[0]}: error: argument {argv[1]}: must be a positive integer, got {argv[2]!r}" in err
+
+
+def test_an_unwritable_out_is_found_before_the_work(prepared, tmp_path, capsys):
+    """--out under a path that is a file: refused before the model is loaded, not after quantizing."""
+    (tmp_path / "file").write_text("")
+    args = quantize_args(prepared, tmp_path)
+    args[args.index("--out") + 1] = str(tmp_path / "file" / "q")
+    code, out = run(capsys, *args)
+    assert code == 2 and out.err.count("\n") == 1
+    assert f"--out {tmp_path / 'file' / 'q'}: cannot write there ({tmp_path / 'file'} is not a folder this process may write)" in out.err
+    assert out.out == "" and not (tmp_path / "q.json").exists()  # no layer was quantized
+    code, out = run(capsys, "eval-ppl", "--model", str(prepared / "model"), "--quantized", str(tmp_path), "--corpus",
+                    str(prepared / "corpus"), "--out", str(tmp_path / "file" / "ppl.json"))
+    assert code == 2 and "--out" in out.err and "cannot write there" in out.err
+
+
+def test_a_malformed_corpus_line_is_one_line(prepared, tmp_path, capsys):
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(prepared / "corpus", corpus)
+    (corpus / "train.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    code, out = run(capsys, "calibrate", "--model", str(prepared / "model"), "--corpus", str(corpus), "--nsamples", "2",
+                    "--seqlen", "8", "--out", str(tmp_path / "c.pt"))
+    assert code == 2 and f"{corpus / 'train.jsonl'}:2: not a JSON line" in out.err and out.err.count("\n") == 1

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ptqrepro.errors import PtqError
+from ptqrepro.errors import PtqError, first_line
 from ptqrepro.formats import QuantizedWeight, parse_format
 from ptqrepro.formats.activation import quantize_activation
 from ptqrepro.formats.packing import PACKABLE, pack_codes, unpack_codes
@@ -108,18 +108,24 @@ def load_artifact(artifact_dir: str | Path) -> Artifact:
     artifact_dir = Path(artifact_dir)
     if not (artifact_dir / MANIFEST).is_file():
         raise PtqError(f"{artifact_dir} is not a quantized-model artifact (no {MANIFEST})")
-    manifest = json.loads((artifact_dir / MANIFEST).read_text())
-    tensors = load_file(str(artifact_dir / TENSORS))
-    packed = manifest.get("packed_codes", {})
-    return Artifact(
-        quantized={name: _take(tensors, packed, name, fmt_name) for name, fmt_name in manifest["linears"].items()},
-        corrections={
-            name: QuantizedLowRank(**{f: _take(tensors, packed, f"{name}.lowrank_{f}", formats[f]) for f in FACTORS})
-            for name, formats in manifest.get("lowrank", {}).items()
-        },
-        float_parameters={name: tensors[name] for name in manifest.get("float_parameters", [])},
-        manifest=manifest,
-    )
+    from safetensors import SafetensorError
+
+    try:
+        manifest = json.loads((artifact_dir / MANIFEST).read_text())
+        tensors = load_file(str(artifact_dir / TENSORS))
+        packed = manifest.get("packed_codes", {})
+        return Artifact(
+            quantized={name: _take(tensors, packed, name, fmt_name) for name, fmt_name in manifest["linears"].items()},
+            corrections={
+                name: QuantizedLowRank(**{f: _take(tensors, packed, f"{name}.lowrank_{f}", formats[f]) for f in FACTORS})
+                for name, formats in manifest.get("lowrank", {}).items()
+            },
+            float_parameters={name: tensors[name] for name in manifest.get("float_parameters", [])},
+            manifest=manifest,
+        )
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        # a manifest that is not JSON or lacks a key, tensors missing, empty or corrupt
+        raise PtqError(f"{artifact_dir} is a broken quantized-model artifact: {type(error).__name__}: {first_line(error)}") from None
 
 
 class ActivationQuantizer:

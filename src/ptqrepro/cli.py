@@ -24,13 +24,14 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import pickle
 import sys
 from pathlib import Path
 
 import torch
 
-from ptqrepro.errors import PtqError
-from ptqrepro.io import atomic_path, load_yaml, read_json, write_json
+from ptqrepro.errors import PtqError, first_line
+from ptqrepro.io import atomic_path, check_writable, load_yaml, read_json, write_json
 from ptqrepro.placement import OFFLOADS, PLACEMENTS, check_offload
 
 SPLIT_FILE = "{split}.jsonl"
@@ -56,6 +57,21 @@ def _set_threads(threads: int | None) -> None:
 
         torch.set_num_threads(threads)
         threadpool_limits(threads, user_api="blas")
+
+
+def _load_calibration(path: str) -> dict:
+    """The calibration windows ``calibrate`` wrote: ``{input_ids [windows, seqlen] token ids, corpus,
+    seed}``; an empty, corrupt or different file is a ``PtqError``."""
+    try:
+        calibration = torch.load(path)
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+        raise PtqError(f"--calibration {path}: cannot read it ({type(error).__name__}: {first_line(error)})") from None
+    ids = calibration.get("input_ids") if isinstance(calibration, dict) else None
+    if (not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not ids.numel() or ids.is_floating_point()
+            or not {"corpus", "seed"} <= set(calibration)):
+        raise PtqError(f"--calibration {path}: not a file of `ptqrepro calibrate` "
+                       "(expected input_ids [windows, seqlen] of token ids, corpus and seed)")
+    return calibration
 
 
 def _corpus(corpus_dir: str):
@@ -95,6 +111,7 @@ def cmd_calibrate(args) -> None:
     from ptqrepro.models.sources import load_tokenizer
 
     spec = _corpus(args.corpus)
+    check_writable(args.out, "--out")
     windows = calibration_windows(
         _documents(args.corpus, "train"), load_tokenizer(args.model), spec, args.nsamples, args.seqlen, args.seed
     )
@@ -121,7 +138,7 @@ def _checkpoints(folder: str | None, settings: dict):
 
 def cmd_quantize(args) -> None:
     from ptqrepro.artifact import save_artifact
-    from ptqrepro.models.sources import compute_dtype, load_model, resolve_device, torch_dtype
+    from ptqrepro.models.sources import compute_dtype, load_model, require_finite_weights, resolve_device, torch_dtype
     from ptqrepro.pipeline import quantize_model
     from ptqrepro.provenance import Provenance
     from ptqrepro.recipes import recipe_from_config
@@ -131,14 +148,16 @@ def cmd_quantize(args) -> None:
     check_offload(args.offload)
     spec = _spec(args.spec)
     recipe = recipe_from_config(args.recipe, spec)
+    _check_outputs(args)
     device = resolve_device(args.device)
     dtype = compute_dtype(args.dtype, device)
-    calibration = torch.load(args.calibration)
+    calibration = _load_calibration(args.calibration)
     settings = {"model": Path(args.model).name, "recipe": spec, "calibration": calibration["corpus"], "seed": calibration["seed"],
                 "nsamples": int(calibration["input_ids"].shape[0]), "seqlen": int(calibration["input_ids"].shape[1]),
                 "dtype": dtype}
     with _checkpoints(args.checkpoint_dir, settings) as checkpoints:
         model, _ = load_model(args.model, dtype="auto")
+        require_finite_weights(model, args.model)
         result = quantize_model(
             model, recipe, calibration["input_ids"], device=device, batch_size=args.batch_size, log=print,
             dtype=torch_dtype(dtype), checkpoints=checkpoints, offload=args.offload, release_layers=True,
@@ -183,7 +202,7 @@ def cmd_quantize(args) -> None:
 
 def cmd_dwr(args) -> None:
     from ptqrepro.artifact import load_artifact, save_artifact
-    from ptqrepro.models.sources import compute_dtype, load_model, resolve_device, torch_dtype
+    from ptqrepro.models.sources import compute_dtype, load_model, require_finite_weights, resolve_device, torch_dtype
     from ptqrepro.provenance import Provenance
     from ptqrepro.reconstruction import search_model
     from ptqrepro.recipes import reconstruction_from_config
@@ -194,9 +213,10 @@ def cmd_dwr(args) -> None:
     spec = _spec(args.spec)
     base = load_artifact(args.base)
     recipe = reconstruction_from_config(args.recipe, spec)
+    _check_outputs(args)
     device = resolve_device(args.device)
     dtype = compute_dtype(args.dtype, device)
-    calibration = torch.load(args.calibration)
+    calibration = _load_calibration(args.calibration)
     description = {**{key: base.manifest[key] for key in (
         "model", "weight_format", "weight_scheme", "weight_bits", "bits_per_weight", "act_format")},
         "recipe": recipe.name, "method": f"{base.manifest['method']}+dwr", "calibration_seed": calibration["seed"],
@@ -207,6 +227,7 @@ def cmd_dwr(args) -> None:
                 "seqlen": int(calibration["input_ids"].shape[1]), "dtype": dtype}
     with _checkpoints(args.checkpoint_dir, settings) as checkpoints:
         model, _ = load_model(args.model, dtype="auto")
+        require_finite_weights(model, args.model)
         result = search_model(model, base, calibration["input_ids"], recipe.settings, device=device,
                               batch_size=args.batch_size, log=print, dtype=torch_dtype(dtype), checkpoints=checkpoints,
                               offload=args.offload)
@@ -252,13 +273,14 @@ def _model_to_evaluate(args):
     block, ``(model, tokenizer, manifest, device, dtype name, placement chosen)``. The model loads
     in the evaluation dtype (lazily where that is the checkpoint's), so the host holds it once."""
     from ptqrepro.artifact import apply_artifact
-    from ptqrepro.models.sources import compute_dtype, load_model, resolve_device
+    from ptqrepro.models.sources import compute_dtype, load_model, require_finite_weights, resolve_device
     from ptqrepro.placement import placed_for_evaluation
 
     device = resolve_device(args.device)
     dtype = compute_dtype(args.dtype, device)
     model, tokenizer = load_model(args.model, dtype)
     manifest = apply_artifact(model, args.quantized, device)
+    require_finite_weights(model, f"{args.model} with {args.quantized}")
     with placed_for_evaluation(model, device, args.placement) as placement:
         yield model, tokenizer, manifest, device, dtype, placement
 
@@ -271,6 +293,7 @@ def cmd_eval_ppl(args) -> None:
     _set_threads(args.threads)
     provenance = Provenance()
     spec = _corpus(args.corpus)
+    check_writable(args.out, "--out")
     with _model_to_evaluate(args) as (model, tokenizer, manifest, device, dtype, placement):
         windows, total = evaluation_windows(
             _documents(args.corpus, "test"), tokenizer, spec, args.seqlen, args.max_windows,
@@ -304,6 +327,7 @@ def cmd_eval_zeroshot(args) -> None:
 
     _set_threads(args.threads)
     provenance = Provenance()
+    check_writable(Path(args.out_dir) / "zeroshot.json", "--out-dir")
     with _model_to_evaluate(args) as (model, tokenizer, manifest, device, dtype, placement):
         results = evaluate_zeroshot(model, tokenizer, args.tasks, args.include, args.batch_size, args.max_length,
                                     device, args.limit)
@@ -323,6 +347,7 @@ def cmd_eval_zeroshot(args) -> None:
 def cmd_export(args) -> None:
     from ptqrepro.export import export_model
 
+    check_writable(args.out, "--out")
     manifest = export_model(args.model, args.quantized, args.format, args.out, args.drop_activation_quantization)
     dropped = f", without its {', '.join(manifest['dropped'])}" if manifest["dropped"] else ""
     print(f"{manifest['recipe']} -> {args.out} ({args.format}{dropped})")
@@ -397,6 +422,32 @@ def cmd_compare(args) -> None:
     print(f"{len(table)} measurements, {int(table['resolved'].sum())} moved beyond the windows' noise ->", paths["md"])
 
 
+def _check_outputs(args) -> None:
+    """A quantize or DWR job's outputs writable, checked before its work (``io.check_writable``)."""
+    for option in ("out", "metrics", "checkpoint_dir"):
+        if getattr(args, option):
+            check_writable(getattr(args, option), f"--{option.replace('_', '-')}")
+
+
+def _positive(text: str) -> int:
+    """An argument that counts something (windows, items, a batch, threads): an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but a bad argument is one line ``ptqrepro <command>: error: ...`` (exit
+    code 2) like every other bad input, without the usage text before it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _add_recipe_job_arguments(p: argparse.ArgumentParser, spec_help: str) -> None:
     """The arguments of a job that turns a model and calibration windows into an artifact."""
     p.add_argument("--model", required=True)
@@ -404,11 +455,11 @@ def _add_recipe_job_arguments(p: argparse.ArgumentParser, spec_help: str) -> Non
     p.add_argument("--recipe", required=True, help="recipe name")
     p.add_argument("--spec", required=True, help=spec_help)
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--dtype", default="auto", help="of the calibration forward passes: float32, float16, bfloat16 or auto (see compute_dtype)")
     p.add_argument("--offload", default="device",
                    help=f"where the calibration activations between layers are kept: {' or '.join(OFFLOADS)} (see ptqrepro.placement)")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=_positive)
     p.add_argument("--out", required=True, help="artifact directory")
     p.add_argument("--metrics", required=True, help="result JSON")
     p.add_argument("--checkpoint-dir", help="save every finished layer there and resume from it (deleted on success)")
@@ -416,13 +467,13 @@ def _add_recipe_job_arguments(p: argparse.ArgumentParser, spec_help: str) -> Non
 
 def _add_bootstrap_arguments(p: argparse.ArgumentParser) -> None:
     """How intervals are computed (``report.uncertainty.BootstrapSettings``)."""
-    p.add_argument("--bootstrap-samples", type=int, default=2000, help="bootstrap replicates (default 2000)")
+    p.add_argument("--bootstrap-samples", type=_positive, default=2000, help="bootstrap replicates (default 2000)")
     p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap's draws (default 0)")
     p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ptqrepro", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="ptqrepro", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare-model", help="convert/record a model source into a prepared directory")
@@ -440,8 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="draw seeded calibration windows from a corpus's train split")
     p.add_argument("--model", required=True, help="prepared model directory (for its tokenizer)")
     p.add_argument("--corpus", required=True, help="prepared corpus directory")
-    p.add_argument("--nsamples", type=int, required=True)
-    p.add_argument("--seqlen", type=int, required=True)
+    p.add_argument("--nsamples", type=_positive, required=True)
+    p.add_argument("--seqlen", type=_positive, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_calibrate)
@@ -459,14 +510,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--quantized", required=True, help="artifact directory from quantize")
     p.add_argument("--corpus", required=True)
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--max-windows", type=int, help="that many windows spread evenly over the test text")
-    p.add_argument("--nsamples", type=int, default=256, help="windows drawn by the per-document (C4) protocol")
+    p.add_argument("--seqlen", type=_positive, default=2048)
+    p.add_argument("--max-windows", type=_positive, help="that many windows spread evenly over the test text")
+    p.add_argument("--nsamples", type=_positive, default=256, help="windows drawn by the per-document (C4) protocol")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=_positive, default=4)
     p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (see compute_dtype)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=_positive)
     p.add_argument("--placement", default="auto", choices=PLACEMENTS,
                    help="whole: the model on the device; layers: one decoder layer at a time there; auto: whole where it fits")
     p.add_argument("--out", required=True)
@@ -474,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("zeroshot-tasks", help="write the local zero-shot tasks (data and lm-eval YAMLs) from a corpus's test split")
     p.add_argument("--corpus", required=True, help="prepared corpus directory")
-    p.add_argument("--items", type=int, default=200, help="items per task")
+    p.add_argument("--items", type=_positive, default=200, help="items per task")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="task directory (lm-eval include_path)")
     p.set_defaults(func=cmd_zeroshot_tasks)
@@ -484,12 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantized", required=True, help="artifact directory from quantize")
     p.add_argument("--tasks", required=True, nargs="+", help="lm-eval task names (local ones need --include)")
     p.add_argument("--include", help="folder of task YAMLs (from zeroshot-tasks)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--limit", type=int, help="score only the first N items of each task")
+    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--max-length", type=_positive, default=2048)
+    p.add_argument("--limit", type=_positive, help="score only the first N items of each task")
     p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (see compute_dtype)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=_positive)
     p.add_argument("--placement", default="auto", choices=PLACEMENTS,
                    help="whole: the model on the device; layers: one decoder layer at a time there; auto: whole where it fits")
     p.add_argument("--out-dir", required=True, help="writes zeroshot-<task>.json there")

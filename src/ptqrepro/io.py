@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from ptqrepro.errors import PtqError
+from ptqrepro.errors import PtqError, first_line
 
 
 @contextlib.contextmanager
@@ -37,6 +37,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def check_writable(path: str | os.PathLike, option: str) -> None:
+    """A ``PtqError`` now, before a job's work, where ``atomic_path`` could not write ``path`` after
+    it: the nearest existing folder above ``path`` (which ``atomic_path`` creates the rest of) must
+    be a folder this process may write."""
+    folder = Path(path).absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise PtqError(f"{option} {path}: cannot write there ({folder} is not a folder this process may write)")
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

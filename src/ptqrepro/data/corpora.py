@@ -162,8 +162,11 @@ def _read_jsonl_field(path: Path, text_field: str) -> list[str]:
         for number, line in enumerate(stream, start=1):
             if not line.strip():
                 continue
-            record = json.loads(line)
-            if text_field not in record:
+            try:
+                record = json.loads(line)
+            except ValueError as error:
+                raise PtqError(f"{path}:{number}: not a JSON line ({error})") from None
+            if not isinstance(record, dict) or text_field not in record:
                 raise PtqError(f"{path}:{number}: no field {text_field!r}")
             documents.append(record[text_field])
     return documents

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ptqrepro.errors import PtqError
+from ptqrepro.errors import PtqError, first_line
 from ptqrepro.io import atomic_path
 from ptqrepro.provenance import bf16_kernels
 
@@ -148,8 +148,11 @@ def model_location(model_dir: str | Path) -> str:
     manifest_path = model_dir / MANIFEST
     if not manifest_path.is_file():
         raise PtqError(f"{model_dir} is not a prepared model (no {MANIFEST}); run prepare-model")
-    manifest = json.loads(manifest_path.read_text())
-    return str(model_dir) if manifest["source"] == "gguf" else manifest["path"]
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        return str(model_dir) if manifest["source"] == "gguf" else manifest["path"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise PtqError(f"{manifest_path} is broken ({type(error).__name__}: {first_line(error)}); run prepare-model again") from None
 
 
 def load_model(model_dir: str | Path, dtype: str = "float32"):
@@ -169,11 +172,24 @@ def load_model(model_dir: str | Path, dtype: str = "float32"):
 
     logging.disable_progress_bar()
 
+    from safetensors import SafetensorError
+
     location = model_location(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype="auto" if dtype == "auto" else torch_dtype(dtype))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype="auto" if dtype == "auto" else torch_dtype(dtype))
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except (SafetensorError, OSError, ValueError) as error:  # an empty or corrupt weights file, a broken config
+        raise PtqError(f"cannot load the model in {location}: {first_line(error)}") from None
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(location)
     return model, tokenizer
+
+
+def require_finite_weights(model: torch.nn.Module, what: str) -> None:
+    """A ``PtqError`` naming the first parameter with a NaN or infinite entry: such a model quantizes
+    and evaluates without complaint, to a perplexity of NaN."""
+    for name, parameter in model.named_parameters():
+        if not torch.isfinite(parameter).all():
+            raise PtqError(f"{what}: parameter {name} has NaN or infinite entries")
 
 
 def load_tokenizer(model_dir: str | Path):
