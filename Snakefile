@@ -14,10 +14,12 @@ import sys
 from snakemake.utils import min_version, validate
 
 from ptqrepro.cluster import rule_resources, rule_threads
-from ptqrepro.config import calibration_dtype, check_config, check_config_files, check_schema, recipe_entry as job_free_entry, recipe_seeds
+from ptqrepro.config import calibration_dtype, check_config, check_config_files, check_schema, recipe_job_spec, recipe_seeds
 from ptqrepro.errors import PtqError
+from ptqrepro.peers import toolkit
 from ptqrepro.preflight import preflight
-from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
+from ptqrepro.report.claims import claims_from_config
+from ptqrepro.recipes import is_peer, is_reconstruction, recipe_from_config, reconstruction_from_config
 
 min_version("9.0")
 
@@ -74,7 +76,17 @@ def quantized_artifact(path):
 
 
 MODELS = list(config["models"])
-RECIPES = list(config["recipes"])
+# Peer recipes (a toolkit runs one of our recipes: ptqrepro.peers) whose toolkit is installed; the
+# others are left out of the DAG, each with a message.
+PEERS = []
+for name, entry in config["recipes"].items():
+    if is_peer(entry):
+        missing = toolkit(entry["toolkit"]).missing()
+        if missing:
+            print(f"peer recipe {name} skipped: {missing}", file=sys.stderr)
+        else:
+            PEERS.append(name)
+RECIPES = [name for name, entry in config["recipes"].items() if not is_peer(entry) or name in PEERS]
 # A reconstruction recipe (DWR) is made by its own rule from its base recipe's artifact.
 RECONSTRUCTIONS = [name for name, entry in config["recipes"].items() if is_reconstruction(entry)]
 QUANTIZATIONS = [name for name in RECIPES if name not in RECONSTRUCTIONS]
@@ -87,12 +99,13 @@ SEEDED_RUNS = [(model, recipe, seed) for model, recipe in RUNS for seed in SEEDS
 
 
 def recipe_entry(name):
-    """A recipe's entry without the keys that choose its jobs (`models`, `seeds`, `calibration_dtype`)."""
-    return job_free_entry(config["recipes"][name])
+    """A recipe's entry as the quantize/dwr command reads it: without the keys that choose its jobs
+    (`models`, `seeds`, `calibration_dtype`), a peer's with the steps of the recipe it mirrors."""
+    return recipe_job_spec(config, name)
 
 
 def recipe_spec(name):
-    """A recipe's entry as the quantize/dwr command reads it."""
+    """A recipe's entry as the quantize/dwr command reads it, as JSON."""
     return json.dumps(recipe_entry(name))
 
 
@@ -106,6 +119,8 @@ def job_cost(name):
     entry = recipe_entry(name)
     if is_reconstruction(entry):
         return reconstruction_from_config(name, entry).settings.relative_cost(CALIB["nsamples"])
+    if is_peer(entry):
+        return job_cost(entry["mirrors"])
     return recipe_from_config(name, entry).relative_cost()
 
 
@@ -125,13 +140,21 @@ def longest_first(wildcards):
 # cluster"); so do the threads and resources a job gets. `device` is a param: a GPU's arithmetic is
 # not the CPU's.
 PPL = config["eval"]["ppl"]
-# Recipes scored zero-shot: eval.zeroshot.recipes, or every recipe; at each recipe's first seed.
+# The recipes of the report (`snakemake`, rule all): every recipe but the peer recipes, which
+# `snakemake peers` runs (workflow/rules/peers.smk), unless a claim names them.
+CLAIMED = {name for claim in claims_from_config(config["claims"]) for name in claim.recipes}
+REPORTED = [name for name in RECIPES if name not in PEERS or name in CLAIMED]
+REPORTED_RUNS = [(model, recipe, seed) for model, recipe, seed in SEEDED_RUNS if recipe in REPORTED]
+# Recipes scored zero-shot: eval.zeroshot.recipes, or every reported recipe; at each recipe's first seed.
 ZEROSHOT_RUNS = (
-    [(m, r, SEEDS[r][0]) for m, r in RUNS if r in (config["eval"]["zeroshot"].get("recipes") or RECIPES)]
+    [(m, r, SEEDS[r][0]) for m, r in RUNS if r in (config["eval"]["zeroshot"].get("recipes") or REPORTED)]
     if config["eval"].get("zeroshot") else []
 )
 ZEROSHOT_RECIPES = sorted({recipe for _, recipe, _ in ZEROSHOT_RUNS})
-STEP_NAMES = {name: {step.name for step in recipe_from_config(name, recipe_entry(name)).steps} for name in QUANTIZATIONS}
+STEP_NAMES = {
+    name: {step.name for step in recipe_from_config(name, recipe_entry(name)).steps}
+    for name in QUANTIZATIONS if name not in PEERS
+}
 MAGR_RUNS = [(model, recipe) for model, recipe in RUNS if "magr" in STEP_NAMES.get(recipe, ())]
 HAS_LOW_RANK = any(names & {"lqer", "l2qer"} for names in STEP_NAMES.values())
 CALIB = config["calibration"]
@@ -171,6 +194,7 @@ include: "workflow/rules/quantize.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/export.smk"
+include: "workflow/rules/peers.smk"
 
 
 rule all:

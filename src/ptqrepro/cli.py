@@ -141,20 +141,20 @@ def cmd_quantize(args) -> None:
     from ptqrepro.models.sources import compute_dtype, load_model, require_finite_weights, resolve_device, torch_dtype
     from ptqrepro.pipeline import quantize_model
     from ptqrepro.provenance import Provenance
-    from ptqrepro.recipes import recipe_from_config
+    from ptqrepro.recipes import is_peer, recipe_from_config
 
     _set_threads(args.threads)
     provenance = Provenance()
     check_offload(args.offload)
     spec = _spec(args.spec)
+    if is_peer(spec):
+        return _quantize_with_peer(args, spec, provenance)
     recipe = recipe_from_config(args.recipe, spec)
     _check_outputs(args)
     device = resolve_device(args.device)
     dtype = compute_dtype(args.dtype, device)
     calibration = _load_calibration(args.calibration)
-    settings = {"model": Path(args.model).name, "recipe": spec, "calibration": calibration["corpus"], "seed": calibration["seed"],
-                "nsamples": int(calibration["input_ids"].shape[0]), "seqlen": int(calibration["input_ids"].shape[1]),
-                "dtype": dtype}
+    settings = _quantize_settings(args, spec, calibration, dtype)
     with _checkpoints(args.checkpoint_dir, settings) as checkpoints:
         model, _ = load_model(args.model, dtype="auto")
         require_finite_weights(model, args.model)
@@ -162,20 +162,7 @@ def cmd_quantize(args) -> None:
             model, recipe, calibration["input_ids"], device=device, batch_size=args.batch_size, log=print,
             dtype=torch_dtype(dtype), checkpoints=checkpoints, offload=args.offload, release_layers=True,
         )
-        fmt = recipe.weight
-        description = {
-            "model": settings["model"],
-            "recipe": recipe.name,
-            "method": recipe.method,
-            "weight_format": fmt.name if fmt else None,
-            "weight_scheme": (fmt.scheme if fmt else "fp16") + (f" a={recipe.act.name}" if recipe.act else ""),
-            "weight_bits": fmt.bits if fmt else 16,
-            "bits_per_weight": result.bits_per_weight() or 16,
-            "act_format": recipe.act.name if recipe.act else None,
-            # None where the recipe reads no calibration data: the same model at every seed (and dtype)
-            "calibration_seed": settings["seed"] if recipe.needs_stats else None,
-            "calibration_dtype": dtype if recipe.needs_stats else None,
-        }
+        description = _recipe_description(recipe, settings, result)
         record = {**provenance.record(settings, device), "offload": args.offload}
         errors = [r["weight_rel_error"] for r in result.records]
         metrics = {
@@ -198,6 +185,68 @@ def cmd_quantize(args) -> None:
         if checkpoints is not None:
             checkpoints.remove()
     print(f"{recipe.name}: {len(result.quantized)} linears, {description['bits_per_weight']} bits/weight")
+
+
+def _quantize_settings(args, spec: dict, calibration: dict, dtype: str) -> dict:
+    """What a quantize job's result depends on (its provenance's config hash, its checkpoints' fingerprint)."""
+    return {"model": Path(args.model).name, "recipe": spec, "calibration": calibration["corpus"], "seed": calibration["seed"],
+            "nsamples": int(calibration["input_ids"].shape[0]), "seqlen": int(calibration["input_ids"].shape[1]),
+            "dtype": dtype}
+
+
+def _recipe_description(recipe, settings: dict, result) -> dict:
+    """The fields that name a quantized model in every result of it (``tables`` reads them)."""
+    fmt = recipe.weight
+    return {
+        "model": settings["model"],
+        "recipe": recipe.name,
+        "method": recipe.method,
+        "weight_format": fmt.name if fmt else None,
+        "weight_scheme": (fmt.scheme if fmt else "fp16") + (f" a={recipe.act.name}" if recipe.act else ""),
+        "weight_bits": fmt.bits if fmt else 16,
+        "bits_per_weight": result.bits_per_weight() or 16,
+        "act_format": recipe.act.name if recipe.act else None,
+        # None where the recipe reads no calibration data: the same model at every seed (and dtype)
+        "calibration_seed": settings["seed"] if recipe.needs_stats else None,
+        "calibration_dtype": settings["dtype"] if recipe.needs_stats else None,
+    }
+
+
+def _quantize_with_peer(args, spec: dict, provenance) -> None:
+    """A peer recipe's quantize job: the toolkit quantizes the model loaded in float32 (on the CPU,
+    or on CUDA where the toolkit moves it), our artifact and result JSON as for our recipes, plus
+    the toolkit, its version and how it differs from ours (``ptqrepro.peers``). No per-layer
+    checkpoints: a killed job starts over."""
+    from ptqrepro.artifact import save_artifact
+    from ptqrepro.models.sources import load_model, require_finite_weights, resolve_device
+    from ptqrepro.peers import toolkit
+    from ptqrepro.recipes import peer_from_spec
+
+    peer = peer_from_spec(args.recipe, spec)
+    kit = toolkit(peer.toolkit)
+    missing = kit.missing()
+    if missing:
+        raise PtqError(f"recipe {args.recipe!r}: {missing}")
+    _check_outputs(args)
+    device = resolve_device(args.device)
+    calibration = _load_calibration(args.calibration)
+    settings = _quantize_settings(args, spec, calibration, "float32")
+    model, _ = load_model(args.model, dtype="float32")
+    require_finite_weights(model, args.model)
+    outcome = kit.translator().quantize(model, peer.mirrors, calibration["input_ids"])
+    recipe = dataclasses.replace(peer.mirrors, name=peer.name)
+    description = {**_recipe_description(recipe, settings, outcome.result), "toolkit": kit.name,
+                   "toolkit_version": kit.version(), "mirrors": peer.mirrors.name}
+    record = {**provenance.record(settings, device), "offload": args.offload}
+    metrics = {"quantize_time_s": record["wall_time_s"], "toolkit_time_s": round(outcome.seconds, 3),
+               "bits_per_weight": description["bits_per_weight"]}
+    save_artifact(args.out, outcome.result.quantized, outcome.result.float_parameters,
+                  {**description, "config_hash": record["config_hash"]})
+    write_json(args.metrics, {
+        "kind": "quantize", **description, "dataset": calibration["corpus"], "metrics": metrics,
+        "differences": outcome.differences, "settings": settings, "provenance": record, "layers": [],
+    })
+    print(f"{peer.name}: {len(outcome.result.quantized)} linears by {kit.name} {kit.version()}")
 
 
 def cmd_dwr(args) -> None:
@@ -366,6 +415,31 @@ def cmd_tables(args) -> None:
     results = gather_results(args.results)
     paths = write_tables(results, summarize(results, settings), args.out, settings)
     print(" ".join(str(path) for path in paths.values()))
+
+
+def cmd_agreement(args) -> None:
+    from ptqrepro.artifact import load_artifact
+    from ptqrepro.report.peers import grid_agreement
+
+    ours, peer = load_artifact(args.ours), load_artifact(args.peer)
+    agreement = grid_agreement(ours, peer)
+    manifest = peer.manifest
+    write_json(args.out, {"kind": "agreement", "model": manifest["model"], "recipe": manifest["recipe"],
+                          "seed": manifest.get("calibration_seed"), "ours": ours.manifest["recipe"], **agreement})
+    print(f"{manifest['recipe']} vs {ours.manifest['recipe']}: {100 * agreement['same_grid_point']:.2f} % on the same grid point")
+
+
+def cmd_peers(args) -> None:
+    from ptqrepro.report.peers import peers_table, write_peers_table
+    from ptqrepro.report.tables import gather_results
+
+    settings = _bootstrap(args)
+    documents = {path: read_json(path) for path in args.results}
+    agreements = [document for document in documents.values() if document.get("kind") == "agreement"]
+    quantize_results = [document for document in documents.values() if document.get("kind") == "quantize"]
+    results = gather_results([path for path, document in documents.items() if document.get("kind") != "agreement"])
+    table = peers_table(results, quantize_results, agreements, settings)
+    print(" ".join(str(path) for path in write_peers_table(table, args.out, settings).values()))
 
 
 TABLE_FIGURES = ("ppl_vs_bits", "accuracy_vs_bits", "lqer_ranks", "job_costs")
@@ -562,6 +636,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bootstrap_arguments(p)
     p.add_argument("results", nargs="+")
     p.set_defaults(func=cmd_tables)
+
+    p = sub.add_parser("agreement", help="how a peer toolkit's quantized linears agree with ours (same grid points)")
+    p.add_argument("--ours", required=True, help="artifact directory of our recipe")
+    p.add_argument("--peer", required=True, help="artifact directory of the peer recipe that mirrors it")
+    p.add_argument("--out", required=True, help="result JSON")
+    p.set_defaults(func=cmd_agreement)
+
+    p = sub.add_parser("peers", help="the peers table: our recipes beside the same recipes by peer toolkits")
+    p.add_argument("--out", required=True, help="output directory for peers.csv and peers.md")
+    _add_bootstrap_arguments(p)
+    p.add_argument("results", nargs="+", help="quantize, perplexity and agreement JSONs of the peer recipes and the recipes they mirror")
+    p.set_defaults(func=cmd_peers)
 
     p = sub.add_parser("plots", help="a figure of the report (PNG and PDF)")
     source = p.add_mutually_exclusive_group(required=True)

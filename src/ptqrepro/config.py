@@ -18,7 +18,14 @@ from ptqrepro.errors import PtqError
 from ptqrepro.eval.zeroshot import LOCAL_TASKS
 from ptqrepro.io import load_yaml
 from ptqrepro.models.sources import ModelSource
-from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
+from ptqrepro.recipes import (
+    is_peer,
+    is_reconstruction,
+    peer_from_spec,
+    peer_spec,
+    recipe_from_config,
+    reconstruction_from_config,
+)
 from ptqrepro.report.claims import claims_from_config
 
 JOB_KEYS = ("models", "seeds", "calibration_dtype")
@@ -32,9 +39,21 @@ def recipe_entry(entry: dict) -> dict:
     return {key: value for key, value in entry.items() if key not in JOB_KEYS}
 
 
+def recipe_job_spec(config: dict, name: str) -> dict:
+    """What recipe ``name``'s quantize or DWR job reads as its ``--spec``: the entry without
+    ``JOB_KEYS``; a peer recipe's completed with the recipe it mirrors (``recipes.peer_spec``)."""
+    entry = recipe_entry(config["recipes"][name])
+    if is_peer(entry):
+        return peer_spec(name, entry, {key: recipe_entry(value) for key, value in config["recipes"].items()})
+    return entry
+
+
 def calibration_dtype(config: dict, name: str) -> str:
     """The dtype of recipe ``name``'s calibration forward passes: its entry's ``calibration_dtype``,
-    else ``calibration.dtype`` (``auto``: see ``models.sources.compute_dtype``)."""
+    else ``calibration.dtype`` (``auto``: see ``models.sources.compute_dtype``). A peer toolkit
+    calibrates in float32 (``cli._quantize_with_peer``)."""
+    if is_peer(config["recipes"][name]):
+        return "float32"
     return config["recipes"][name].get("calibration_dtype", config["calibration"].get("dtype", "auto"))
 
 
@@ -52,14 +71,19 @@ def recipe_seeds(config: dict, name: str) -> list[int]:
     """The calibration seeds recipe ``name`` runs at, each a job of its own: its entry's ``seeds``,
     else the config's (``calibration_seeds``). A recipe that reads no calibration data (fp16,
     RTN) gives the same model at every seed, so it runs at the first one only; a reconstruction
-    (DWR) runs at seeds its base runs at."""
+    (DWR) runs at seeds its base runs at; a peer recipe at the seeds of the recipe it mirrors,
+    unless it lists its own."""
     entry = config["recipes"][name]
+    if is_peer(entry) and "seeds" not in entry:
+        return recipe_seeds(config, entry["mirrors"])
     seeds = _checked_seeds(entry["seeds"], f"recipe {name!r}: seeds") if "seeds" in entry else calibration_seeds(config)
     if is_reconstruction(entry):
         base_seeds = recipe_seeds(config, entry["base"])
         outside = [seed for seed in seeds if seed not in base_seeds]
         if outside:
             raise PtqError(f"recipe {name!r}: seeds {outside} are not seeds of its base {entry['base']!r} ({base_seeds})")
+        return seeds
+    if is_peer(entry):
         return seeds
     if not recipe_from_config(name, recipe_entry(entry)).needs_stats:
         return seeds[:1]
@@ -117,7 +141,9 @@ def check_config(config: dict) -> None:
         unknown = [model for model in models if model not in config["models"]]
         if unknown:
             raise PtqError(f"recipe {name!r}: models {', '.join(unknown)} are not in the config's models")
-        if is_reconstruction(entry):
+        if is_peer(entry):
+            peer_from_spec(name, recipe_job_spec(config, name))
+        elif is_reconstruction(entry):
             reconstruction_from_config(name, entry, config["recipes"])
             base_models = config["recipes"][entry["base"]].get("models")
             if base_models and set(models or config["models"]) - set(base_models):

@@ -39,7 +39,7 @@ from ptqrepro.formats import GroupedFormat, parse_format
 from ptqrepro.lowrank import fit_reduction
 from ptqrepro.models.shapes import ModelShapes, read_model_config, shapes_of
 from ptqrepro.models.sources import ModelSource
-from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
+from ptqrepro.recipes import is_peer, is_reconstruction, recipe_from_config, reconstruction_from_config
 from ptqrepro.steps import LqerStep, MagrStep
 
 
@@ -130,6 +130,8 @@ def grouping_problem(key: str, value, fmt: GroupedFormat | None, widths: dict[st
 def recipe_problems(name: str, entry: dict, model: str, shapes: ModelShapes) -> list[Problem]:
     """What recipe ``name`` (its config entry) cannot do on ``model``."""
     entry = recipe_entry(entry)
+    if is_peer(entry):
+        return []  # the recipe it mirrors, checked as a recipe of its own, holds its formats and steps
     largest_rank = max(min(shape) for shape in shapes.linears.values())
     if is_reconstruction(entry):
         ranks = reconstruction_from_config(name, entry).settings.ranks

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-PACKAGES = ("ptqrepro", "torch", "transformers", "datasets", "safetensors", "gguf", "snakemake", "lm_eval")
+PACKAGES = ("ptqrepro", "torch", "transformers", "datasets", "safetensors", "gguf", "snakemake", "lm_eval", "llmcompressor", "compressed-tensors")
 
 
 def config_hash(obj) -> str:

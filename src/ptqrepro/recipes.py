@@ -17,6 +17,10 @@ A *reconstruction* recipe names another recipe as its ``base`` and runs DWR's se
 recipe's quantized model (its own job, so the base is quantized once)::
 
     gptq+dwr@int3: {base: gptq@int3, dwr: {space: svd, ranks: [64, 128, 256], windows: 2}}
+
+A *peer* recipe runs another recipe of the config through a peer toolkit (``ptqrepro.peers``)::
+
+    llmc-gptq@int4-g64: {toolkit: llm-compressor, mirrors: gptq@int4-g64}
 """
 
 from __future__ import annotations
@@ -190,3 +194,49 @@ def reconstruction_from_config(name: str, entry: dict, recipes: dict | None = No
         raise PtqError(f"recipe {name!r}: dwr windows must be a positive integer or null, got {windows!r}")
     settings["ranks"] = tuple(sorted(set(ranks)))
     return Reconstruction(name=name, base=base, settings=DwrSettings(**settings))
+
+
+@dataclass(frozen=True)
+class PeerRecipe:
+    """Our recipe ``mirrors`` (its steps, settings and formats) run by the peer ``toolkit``."""
+
+    name: str
+    toolkit: str
+    mirrors: Recipe
+
+
+PEER_KEYS = ("toolkit", "mirrors")
+
+
+def is_peer(entry) -> bool:
+    return isinstance(entry, dict) and "toolkit" in entry
+
+
+def peer_spec(name: str, entry: dict, recipes: dict) -> dict:
+    """A peer recipe's entry ``{toolkit, mirrors}`` completed with the mirrored recipe's
+    ``steps``, ``weight`` and ``act``: what its quantize job reads (``peer_from_spec``), so that a
+    change to the mirrored recipe reruns the peer's job too."""
+    unknown = set(entry) - set(PEER_KEYS)
+    if unknown:
+        raise PtqError(f"recipe {name!r}: a peer recipe has only {' and '.join(PEER_KEYS)}, not {', '.join(sorted(unknown))}")
+    mirrors = entry.get("mirrors")
+    if not isinstance(mirrors, str) or mirrors not in recipes:
+        raise PtqError(f"recipe {name!r}: 'mirrors' must name another recipe of the config, got {mirrors!r}")
+    mirrored = recipes[mirrors]
+    if is_peer(mirrored) or is_reconstruction(mirrored) or not (mirrored.get("steps") or []):
+        raise PtqError(f"recipe {name!r}: mirrors {mirrors!r}, which is not a quantization recipe of ours with steps")
+    return {"toolkit": entry.get("toolkit"), "mirrors": mirrors,
+            **{key: mirrored[key] for key in ("steps", "weight", "act") if key in mirrored}}
+
+
+def peer_from_spec(name: str, spec: dict) -> PeerRecipe:
+    """Validate a peer recipe's spec (``peer_spec``): a known toolkit that can express every step,
+    setting and format of the mirrored recipe (its ``plan``; it need not be installed)."""
+    from ptqrepro.peers import toolkit
+
+    if not RECIPE_NAME.fullmatch(name):
+        raise PtqError(f"recipe name {name!r} may only use letters, digits and _ . + @ = -")
+    peer = toolkit(spec["toolkit"])
+    recipe = recipe_from_config(spec["mirrors"], {key: spec[key] for key in ("steps", "weight", "act") if key in spec})
+    peer.translator().plan(recipe)
+    return PeerRecipe(name=name, toolkit=peer.name, mirrors=recipe)

@@ -4,10 +4,10 @@
 
 rule tables:
     input:
-        [f"results/metrics/{model}/{recipe}/s{seed}/quantize.json" for model, recipe, seed in SEEDED_RUNS],
+        [f"results/metrics/{model}/{recipe}/s{seed}/quantize.json" for model, recipe, seed in REPORTED_RUNS],
         [
             f"results/metrics/{model}/{recipe}/s{seed}/ppl-{dataset}.json"
-            for model, recipe, seed in SEEDED_RUNS
+            for model, recipe, seed in REPORTED_RUNS
             for dataset in PPL["datasets"]
         ],
         [

@@ -1,0 +1,62 @@
+# Stage 5, on demand (`snakemake peers`): the peer recipes (a toolkit runs one of our recipes,
+# ptqrepro.peers) are quantized by the quantize rule and evaluated like ours; here each one's grids
+# are compared with those of the recipe it mirrors, and the peers table laid out.
+
+# (model, peer recipe, seed) runs and the recipe each mirrors (at the same seeds: ptqrepro.config.recipe_seeds)
+PEER_RUNS = [(model, recipe, seed) for model, recipe, seed in SEEDED_RUNS if recipe in PEERS]
+MIRRORED_RUNS = sorted({(model, config["recipes"][recipe]["mirrors"], seed) for model, recipe, seed in PEER_RUNS})
+
+
+rule grid_agreement:
+    wildcard_constraints:
+        recipe=one_of(PEERS),
+    input:
+        peer=f"results/quantized/{RUN_DIR}",
+        ours=lambda w: f"results/quantized/{w.model}/{config['recipes'][w.recipe]['mirrors']}/s{w.seed}",
+    output:
+        f"results/metrics/{RUN_DIR}/agreement.json",
+    resources:
+        **OTHER_RESOURCES,
+    log:
+        f"results/logs/grid_agreement/{RUN_DIR}.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "ptqrepro agreement --ours {input.ours} --peer {input.peer} --out {output} > {log} 2>&1"
+
+
+rule peers_table:
+    input:
+        [f"results/metrics/{model}/{recipe}/s{seed}/quantize.json" for model, recipe, seed in PEER_RUNS + MIRRORED_RUNS],
+        [
+            f"results/metrics/{model}/{recipe}/s{seed}/ppl-{dataset}.json"
+            for model, recipe, seed in PEER_RUNS + MIRRORED_RUNS
+            for dataset in PPL["datasets"]
+        ],
+        [f"results/metrics/{model}/{recipe}/s{seed}/agreement.json" for model, recipe, seed in PEER_RUNS],
+    output:
+        csv=report("results/tables/peers.csv", caption="../report/peers.rst", category="Tables"),
+        md="results/tables/peers.md",
+    params:
+        bootstrap=BOOTSTRAP,
+    resources:
+        **OTHER_RESOURCES,
+    log:
+        "results/logs/peers.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "ptqrepro peers --out results/tables {params.bootstrap} {input} > {log} 2>&1"
+
+
+if PEER_RUNS:
+
+    rule peers:
+        input:
+            rules.peers_table.output,
+
+else:
+
+    rule peers:
+        run:
+            print("snakemake peers: no peer recipe to run (none in the config, or their toolkits are not installed)")
