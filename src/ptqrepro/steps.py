@@ -27,7 +27,7 @@ from ptqrepro.formats import GroupedFormat, QuantizedWeight
 from ptqrepro.methods.awq import apply_clip, search_clip, search_scales
 from ptqrepro.formats.parse import parse_format
 from ptqrepro.lowrank import QuantizedLowRank, quantize_low_rank
-from ptqrepro.methods.gptq import gptq
+from ptqrepro.methods.gptq import GROUP_MODES, gptq
 from ptqrepro.methods.lqer import activation_scale, low_rank_correction
 from ptqrepro.methods.magr import coordinate_descent, magr
 from ptqrepro.methods.rtn import rtn
@@ -166,7 +166,10 @@ class RtnStep(Step):
 @dataclass(frozen=True)
 class GptqStep(Step):
     """GPTQ on each linear with the Gram matrix of its inputs; ``true_sequential`` re-collects the
-    statistics after each of the architecture's sequential groups (q/k/v, o, gate/up, down)."""
+    statistics after each of the architecture's sequential groups (q/k/v, o, gate/up, down).
+    ``groups`` is how group parameters are fitted (``methods.gptq.GROUP_MODES``): None is the
+    reference's way, ``reference``, and ``static`` under ``act_order``, the only mode
+    ``act_order`` allows."""
 
     name: ClassVar[str] = "gptq"
     needs_stats: ClassVar[bool] = True
@@ -176,8 +179,22 @@ class GptqStep(Step):
     blocksize: int = 128
     percdamp: float = 0.01
     act_order: bool = False
-    static_groups: bool = False
+    groups: str | None = None
     true_sequential: bool = False
+
+    def __post_init__(self) -> None:
+        if self.groups is not None and self.groups not in GROUP_MODES:
+            raise PtqError(f"step {self.name}: groups must be one of {', '.join(GROUP_MODES)}, not {self.groups!r}")
+        if self.act_order and self.groups not in (None, "static"):
+            raise PtqError(
+                f"step {self.name}: act_order takes static group parameters (the reference's --act-order "
+                f"--static-groups), not groups: {self.groups}"
+            )
+
+    @property
+    def group_mode(self) -> str:
+        """The ``groups`` mode that runs: ``groups``, or its default."""
+        return self.groups or ("static" if self.act_order else "reference")
 
     def relative_cost(self) -> float:
         return 1.0
@@ -187,7 +204,7 @@ class GptqStep(Step):
             result = gptq(
                 context.linears[name].weight.data, context.stats[name].gram, context.weight_format,
                 blocksize=self.blocksize, percdamp=self.percdamp, act_order=self.act_order,
-                static_groups=self.static_groups, layer=context.qualified(name),
+                groups=self.group_mode, layer=context.qualified(name),
             )
             context.quantized[name] = result.quantized
             context.note(name, damping=result.damping, cholesky_retries=result.retries, dead_columns=result.dead_columns)
