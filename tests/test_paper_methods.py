@@ -210,6 +210,7 @@ def test_relative_costs_order_recipes_by_their_work():
     assert cost(["rtn"]) == 0 < cost(["rtn", {"lqer": {"rank": 8}}]) < cost(["rtn", {"l2qer": {"rank": 8}}])
     assert cost(["rtn"]) < cost(["smoothquant", "rtn"]) < cost(["gptq"]) < cost(["awq", "rtn"]) < cost(["awq", "gptq"])
     assert cost([{"magr": {"iterations": 50}}, "gptq"]) < cost([{"magr": {"iterations": 150}}, "gptq"])
+    assert cost([{"awq": {"loss": "linears"}}, "rtn"]) < cost([{"awq": {"loss": "block"}}, "rtn"])
     dwr = lambda **settings: reconstruction_from_config("d", {"base": "b", "dwr": settings}).settings.relative_cost(16)
     assert dwr(ranks=[16, 32], windows=1) < dwr(ranks=[16, 32, 64], windows=1) < dwr(ranks=[16, 32, 64], windows=4)
     assert dwr(ranks=[16], windows=None) == dwr(ranks=[16], windows=64)

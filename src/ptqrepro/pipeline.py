@@ -23,7 +23,8 @@
 
 Peak device memory is one decoder layer (plus the copies and statistics its steps make)
 plus the calibration activations (one set, and one batch's outputs; two sets for a recipe that
-calibrates on the float model), or, with ``offload="cpu"``, one batch of them: the activations
+calibrates on the float model; AWQ's block loss also keeps the attention and MLP blocks' inputs and
+two sets of a block's outputs, the float one and a candidate's), or, with ``offload="cpu"``, one batch of them: the activations
 then stay on the CPU and each batch visits the device for one layer's forward pass. The loaded
 model is never written (memory-mapped weights stay clean), and nothing but the layer at work, the
 activations and the statistics stays on the device. A recipe whose steps need no statistics (RTN)
@@ -211,7 +212,8 @@ def module_output(
     inputs: LayerInputs, module: str, weights: dict[str, torch.Tensor],
 ) -> list[torch.Tensor]:
     """The float32 outputs of ``layer``'s submodule ``module`` on its recorded calibration calls
-    (``recording_inputs``), one per batch, computed as the calibration forward passes are
+    (``recording_inputs``), one per batch, kept where ``inputs`` keeps its hidden states, computed
+    as the calibration forward passes are
     (``forward_precision``), with the linears named in ``weights`` given those weights for the call
     and restored after it (``steps.LayerContext.module_output``)."""
     submodule = layer.get_submodule(module)
@@ -224,7 +226,7 @@ def module_output(
             with forward_precision(inputs):
                 out = submodule(*(_moved(a, inputs.device) for a in args),
                                 **{k: _moved(v, inputs.device) for k, v in kwargs.items()})
-            outputs.append((out[0] if isinstance(out, tuple) else out).float())
+            outputs.append((out[0] if isinstance(out, tuple) else out).float().to(inputs.home))
     finally:
         for name, weight in saved.items():
             linears[name].weight.data = weight
