@@ -1,5 +1,6 @@
-"""GPTQ: lower layer error than RTN, outputs on the grid, groups/act-order/static groups as in the
-reference, dead columns, damping retries, and independence of the lazy block size."""
+"""GPTQ: lower layer error than RTN, outputs on the grid, group fitting (reference, sweep, static)
+and act-order as in the reference, dead columns, damping retries, and independence of the lazy
+block size."""
 
 from __future__ import annotations
 
@@ -88,11 +89,11 @@ def test_matches_the_unblocked_algorithm():
 
 
 @pytest.mark.parametrize("fmt", ["int2", "int3", "int4", "int8", "int4-g16", "int3-g32-sym"])
-@pytest.mark.parametrize("act_order", [False, True])
-def test_every_output_lies_on_its_grid(fmt, act_order):
+@pytest.mark.parametrize(("act_order", "groups"), [(False, "reference"), (False, "sweep"), (True, "static")])
+def test_every_output_lies_on_its_grid(fmt, act_order, groups):
     x = calibration()
     fmt = parse_format(fmt)
-    result = gptq(layer_weight(), x.T @ x, fmt, act_order=act_order)
+    result = gptq(layer_weight(), x.T @ x, fmt, act_order=act_order, groups=groups)
     assert_on_grid(result, fmt)
     assert (result.retries, result.damping, result.dead_columns) == (0, 0.01, 0)
 
@@ -102,7 +103,7 @@ def test_act_order_changes_the_result(fmt):
     x, w = calibration(), layer_weight()
     fmt = parse_format(fmt)
     plain = gptq(w, x.T @ x, fmt).quantized.dequantize()
-    ordered = gptq(w, x.T @ x, fmt, act_order=True).quantized.dequantize()
+    ordered = gptq(w, x.T @ x, fmt, act_order=True, groups="static").quantized.dequantize()
     assert not torch.equal(plain, ordered)
     assert layer_error(x, w, ordered) < layer_error(x, w, rtn(w, fmt).dequantize())
 
@@ -115,39 +116,107 @@ def test_groups_change_the_result_and_lower_the_error():
     assert layer_error(x, w, grouped.dequantize()) < layer_error(x, w, per_row.dequantize())
 
 
-def test_dynamic_groups_are_fitted_on_the_updated_weight():
-    """The first group sees the original weight; later groups see the error-compensated one."""
+def test_sweep_groups_are_fitted_on_the_updated_weight():
+    """``sweep``: the first group sees the original weight; later groups see the error-compensated
+    one, also those that start inside a lazy block."""
     x, w = calibration(), layer_weight()
     fmt = parse_format("int4-g16")
-    scale = gptq(w, x.T @ x, fmt).quantized.params["scale"]
+    scale = gptq(w, x.T @ x, fmt, groups="sweep").quantized.params["scale"]
     original = rtn(w, fmt).params["scale"]
     assert torch.equal(scale[:, 0], original[:, 0])
     assert not torch.equal(scale[:, 1:], original[:, 1:])
+
+
+def reference_fasterquant(w: torch.Tensor, gram: torch.Tensor, fmt: GroupedFormat, blocksize: int,
+                          percdamp: float = 0.01) -> tuple[torch.Tensor, list[dict]]:
+    """A line-by-line transcription of IST-DASLab/gptq ``GPTQ.fasterquant`` with ``groupsize`` (no
+    act-order, no static groups), float64: ``find_params`` at each group's first column on the full
+    ``W``, which is updated only after each lazy block. Returns Q and each group's parameters."""
+    length = fmt.group_length(w.shape[1])
+    w = w.double().clone()
+    h = gram.double().clone()
+    h.diagonal().add_(percdamp * h.diagonal().mean())
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros_like(w)
+    fitted = []
+    columns = w.shape[1]
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            if (i1 + i) % length == 0:
+                params = fmt.fit(w[:, i1 + i : i1 + i + length].float())
+                fitted.append(params)
+            column = w1[:, i]
+            q[:, i1 + i] = fmt.fake(column[:, None].float(), params)[:, 0].double()
+            err = (column - q[:, i1 + i]) / hinv1[i, i]
+            w1[:, i:] -= torch.outer(err, hinv1[i, i:])
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return q.float(), fitted
+
+
+@pytest.mark.parametrize("fmt", ["int4-g16", "int3-g32", "mxint4-b16"])
+def test_reference_groups_equal_the_reference_loop(fmt):
+    """Groups shorter than the block: ``reference`` fits them as the reference's loop does (on
+    weights without the block's earlier updates), which ``sweep`` does not."""
+    x, w = calibration(), layer_weight()
+    fmt = parse_format(fmt)
+    expected, fitted = reference_fasterquant(w, x.T @ x, fmt, blocksize=64)
+    ours = gptq(w, x.T @ x, fmt, blocksize=64, groups="reference").quantized
+    sweep = gptq(w, x.T @ x, fmt, blocksize=64, groups="sweep").quantized
+    for name in fmt.param_names:
+        reference_params = torch.cat([params[name] for params in fitted], dim=1)
+        assert torch.allclose(ours.params[name], reference_params, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(sweep.params[name], reference_params, rtol=1e-3, atol=1e-4)
+    assert torch.allclose(ours.dequantize(), expected, atol=1e-5)
+    assert not torch.allclose(sweep.dequantize(), expected, atol=1e-3)
+
+
+def test_groups_of_the_block_size_agree_but_static():
+    """With groups as long as the lazy block, no group starts inside a block: ``reference`` and
+    ``sweep`` are the same computation; ``static`` fits on the original weight instead."""
+    x, w = calibration(), layer_weight()
+    fmt = parse_format("int4-g32")
+    modes = {mode: gptq(w, x.T @ x, fmt, blocksize=32, groups=mode).quantized for mode in ("reference", "sweep", "static")}
+    assert torch.equal(modes["reference"].codes, modes["sweep"].codes)
+    assert torch.equal(modes["reference"].params["scale"], modes["sweep"].params["scale"])
+    assert not torch.equal(modes["static"].params["scale"], modes["reference"].params["scale"])
 
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_static_groups_are_fitted_on_the_original_weight(act_order):
     x, w = calibration(), layer_weight()
     fmt = parse_format("int4-g16")
-    static = gptq(w, x.T @ x, fmt, static_groups=True, act_order=act_order).quantized
+    static = gptq(w, x.T @ x, fmt, groups="static", act_order=act_order).quantized
     original = rtn(w, fmt)
     for name in fmt.param_names:
         assert torch.equal(static.params[name], original.params[name])
 
 
-def test_act_order_with_groups_uses_static_groups():
+@pytest.mark.parametrize("groups", ["reference", "sweep"])
+def test_act_order_with_groups_needs_static_groups(groups):
+    """The stored layout has groups of consecutive columns: act-order can only use static ones."""
     x, w = calibration(), layer_weight()
-    fmt = parse_format("int4-g16")
-    implied = gptq(w, x.T @ x, fmt, act_order=True).quantized
-    explicit = gptq(w, x.T @ x, fmt, act_order=True, static_groups=True).quantized
-    assert torch.equal(implied.codes, explicit.codes)
+    with pytest.raises(PtqError, match="act_order on a format with groups needs groups: static"):
+        gptq(w, x.T @ x, parse_format("int4-g16"), act_order=True, groups=groups, layer="q")
+    per_row = gptq(w, x.T @ x, parse_format("int4"), act_order=True, groups=groups).quantized
+    assert torch.equal(per_row.codes, gptq(w, x.T @ x, parse_format("int4"), act_order=True, groups="static").quantized.codes)
+
+
+def test_unknown_group_mode_names_the_layer():
+    x, w = calibration(), layer_weight()
+    with pytest.raises(PtqError, match="layer q: groups must be one of reference, sweep, static, not 'dynamic'"):
+        gptq(w, x.T @ x, parse_format("int4-g16"), groups="dynamic", layer="q")
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int4-g16"])
 def test_dead_column_gives_zero_weights(fmt):
     x, w = calibration(), layer_weight()
     x[:, 10] = 0
-    result = gptq(w, x.T @ x, parse_format(fmt), act_order=True)
+    result = gptq(w, x.T @ x, parse_format(fmt), act_order=True, groups="static")
     values = result.quantized.dequantize()
     assert result.dead_columns == 1
     assert torch.all(values[:, 10] == 0)
@@ -178,15 +247,18 @@ def test_negative_gram_reports_the_last_damping():
         gptq(layer_weight(), -(x.T @ x), parse_format("int4"), max_retries=3, layer="q")
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int3-g16", "int4-g32"])
+@pytest.mark.parametrize(("fmt", "groups"), [("int4", "reference"), ("int3-g16", "sweep"), ("int4-g32", "sweep"),
+                                             ("int3-g16", "static")])
 @pytest.mark.parametrize("blocksize", [1, 7, 32])
-def test_blocksize_does_not_change_the_result(fmt, blocksize):
+def test_blocksize_does_not_change_the_result(fmt, groups, blocksize):
     """Lazy batch updates are a reordering of the same arithmetic (7 also puts group starts mid-block
-    and groups across block ends)."""
+    and groups across block ends), where no group is fitted on a block's stale columns: per-row
+    parameters, ``sweep`` and ``static`` groups (``reference`` groups depend on the block size, as
+    in the reference)."""
     x, w = calibration(), layer_weight()
     fmt = parse_format(fmt)
-    reference = gptq(w, x.T @ x, fmt, blocksize=128).quantized.dequantize()
-    blocked = gptq(w, x.T @ x, fmt, blocksize=blocksize).quantized.dequantize()
+    reference = gptq(w, x.T @ x, fmt, blocksize=128, groups=groups).quantized.dequantize()
+    blocked = gptq(w, x.T @ x, fmt, blocksize=blocksize, groups=groups).quantized.dequantize()
     assert torch.allclose(blocked, reference, atol=1e-5)
 
 
@@ -226,11 +298,11 @@ class PowerOfTwoFormat(GroupedFormat):
 def test_works_for_any_grouped_format():
     x, w = calibration(), layer_weight()
     fmt = PowerOfTwoFormat()
-    result = gptq(w, x.T @ x, fmt)
+    result = gptq(w, x.T @ x, fmt, groups="sweep")
     values = result.quantized.dequantize()
     assert result.quantized.codes.dtype == torch.int8
     assert layer_error(x, w, values) < 0.8 * layer_error(x, w, rtn(w, fmt).dequantize())
-    assert torch.equal(gptq(w, x.T @ x, fmt, blocksize=5).quantized.codes, result.quantized.codes)
+    assert torch.equal(gptq(w, x.T @ x, fmt, blocksize=5, groups="sweep").quantized.codes, result.quantized.codes)
 
 
 @pytest.mark.parametrize("fmt", ["mxint4", "mxfp4", "mxint8-b16"])

@@ -193,6 +193,28 @@ def test_all_zero_block_stays_zero(element):
     assert deq[0, :32].abs().max() > 0
 
 
+@pytest.mark.parametrize("element", ELEMENTS)
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")])
+def test_block_with_inf_or_nan_is_nan_throughout_as_microxcaling(element, bad):
+    """microxcaling's shared exponent of such a block overflows E8M0 (inf) or is NaN, and becomes
+    NaN, so every element of the block is NaN; the row's other blocks are quantized as alone."""
+    fmt = MXFormat(element)
+    w = weights(2, 96)
+    w[0, 40] = bad
+    params = fmt.fit(w.reshape(-1, 32))
+    assert params["exponent"].reshape(2, 3)[0, 1].isnan() and not params["exponent"].reshape(2, 3)[:, [0, 2]].isnan().any()
+    fake = fmt.fake(w.reshape(-1, 32), params).reshape(2, 96)
+    assert fake[0, 32:64].isnan().all()
+    clean = w.clone()
+    clean[0, 32:64] = 0
+    assert torch.equal(torch.cat([fake[0, :32], fake[0, 64:], fake[1]]),
+                       torch.cat([rtn(clean, fmt).dequantize()[0, :32], rtn(clean, fmt).dequantize()[0, 64:],
+                                  rtn(clean, fmt).dequantize()[1]]))
+    assert rtn(w, fmt).dequantize()[0, 32:64].isnan().all()
+    activation = quantize_activation(w[None], fmt)[0]
+    assert activation[0, 32:64].isnan().all() and activation[:, 64:].isfinite().all()
+
+
 def test_shared_exponent_saturates_at_e8m0_range():
     fmt = MXFormat("int8")
     tiny = torch.full((1, 32), 2.0**-140)

@@ -36,11 +36,48 @@ def quantize(model, entry, **kwargs):
         ([{"lqer": {"rank": 4, "factor_format": "fp16"}}], "factor_format must be a quantized format"),
         ([{"magr": {"precision": "float16"}}, "rtn"], "precision must be float32, bfloat16 or auto, not 'float16'"),
         ([{"awq": {"precision": "fp8"}}, "rtn"], "step awq: precision must be float32, bfloat16 or auto, not 'fp8'"),
+        ([{"awq": {"loss": "mse"}}, "rtn"], "step awq: loss must be one of block, linears, not 'mse'"),
+        ([{"gptq": {"groups": "dynamic"}}], "step gptq: groups must be one of reference, sweep, static, not 'dynamic'"),
+        ([{"gptq": {"act_order": True, "groups": "reference"}}], "step gptq: act_order takes static group parameters"),
+        ([{"gptq": {"static_groups": True}}], "step 'gptq' has no setting.s. static_groups"),
     ],
 )
 def test_step_order_and_settings_are_checked(steps, message):
     with pytest.raises(PtqError, match=message):
         recipe_from_config("bad", {"steps": steps, "weight": "int4"})
+
+
+@pytest.mark.parametrize(
+    "settings, mode",
+    [({}, "reference"), ({"act_order": True}, "static"), ({"groups": "sweep"}, "sweep"),
+     ({"act_order": True, "groups": "static"}, "static")],
+)
+def test_gptq_group_mode_defaults_to_the_references(settings, mode):
+    """``groups`` left out: the reference's fitting, and static groups under act-order (the only
+    mode it takes)."""
+    assert recipe_from_config("r", {"steps": [{"gptq": settings}], "weight": "int4-g16"}).quantizer.group_mode == mode
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [({"gptq": {"groups": "dynamic"}}, "'dynamic' is not one of \\['reference', 'sweep', 'static'\\]"),
+     ({"awq": {"loss": "mse"}}, "'mse' is not one of \\['block', 'linears'\\]"),
+     ({"gptq": {"act_order": "yes"}}, "'yes' is not of type 'boolean'")],
+)
+def test_schema_types_the_gptq_and_awq_settings(entry, message):
+    from pathlib import Path
+
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    config = {"models": {"m": {"hub": "x"}}, "calibration": {"corpus": "c"}, "eval": {"ppl": {"datasets": ["c"]}},
+              "recipes": {"r": {"steps": [entry], "weight": "int4"}}}
+    schema = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+    with pytest.raises(WorkflowError, match=message):
+        validate(config, str(schema))
+    config["recipes"]["r"]["steps"] = [{"gptq": {"act_order": True, "groups": "static"}}]
+    validate(config, str(schema))
+    assert config["recipes"]["r"]["steps"] == [{"gptq": {"act_order": True, "groups": "static"}}]
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
@@ -173,6 +210,7 @@ def test_relative_costs_order_recipes_by_their_work():
     assert cost(["rtn"]) == 0 < cost(["rtn", {"lqer": {"rank": 8}}]) < cost(["rtn", {"l2qer": {"rank": 8}}])
     assert cost(["rtn"]) < cost(["smoothquant", "rtn"]) < cost(["gptq"]) < cost(["awq", "rtn"]) < cost(["awq", "gptq"])
     assert cost([{"magr": {"iterations": 50}}, "gptq"]) < cost([{"magr": {"iterations": 150}}, "gptq"])
+    assert cost([{"awq": {"loss": "linears"}}, "rtn"]) < cost([{"awq": {"loss": "block"}}, "rtn"])
     dwr = lambda **settings: reconstruction_from_config("d", {"base": "b", "dwr": settings}).settings.relative_cost(16)
     assert dwr(ranks=[16, 32], windows=1) < dwr(ranks=[16, 32, 64], windows=1) < dwr(ranks=[16, 32, 64], windows=4)
     assert dwr(ranks=[16], windows=None) == dwr(ranks=[16], windows=64)

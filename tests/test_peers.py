@@ -48,7 +48,7 @@ def test_gptq_translates_with_its_settings_and_names_the_group_difference():
     assert weights == {"num_bits": 4, "type": "int", "symmetric": True, "observer": "minmax", "strategy": "group",
                        "group_size": 32}
     assert arguments["ignore"] == ["lm_head"]
-    assert any("group parameters" in difference for difference in steps.differences)
+    assert any("group parameters" in difference and "groups reference" in difference for difference in steps.differences)
     static = plan(recipe_from_config("r", {"steps": [{"gptq": {"act_order": True}}], "weight": "int4-g32"}))
     assert static.modifiers[0][1]["actorder"] == "static" and static.differences == []
 
@@ -64,7 +64,10 @@ def test_transforms_come_before_the_quantizer_and_activations_are_per_token():
                                            "dynamic": True}
     awq = plan(recipe_from_config("r", {"steps": ["awq", "rtn"], "weight": "int4-g32"}))
     assert awq.modifiers[0] == ("AWQModifier", {"n_grid": 20, "duo_scaling": False})
-    assert any("clip" in difference for difference in awq.differences)
+    assert [difference.split(":")[0] for difference in awq.differences] == ["AWQ"]
+    assert "clip" in awq.differences[0]
+    linears = plan(recipe_from_config("r", {"steps": [{"awq": {"loss": "linears", "clip": False}}, "rtn"], "weight": "int4-g32"}))
+    assert len(linears.differences) == 1 and "loss linears" in linears.differences[0]
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -192,12 +195,12 @@ def _float_grams(prepared) -> dict[str, torch.Tensor]:
 
 @needs_llmcompressor
 @pytest.mark.slow
-@pytest.mark.parametrize("gptq", [{"static_groups": True}, {"act_order": True}])
+@pytest.mark.parametrize("gptq", [{"groups": "static"}, {"act_order": True}])
 def test_llm_compressor_gptq_lands_on_our_grid_points(prepared, gptq):
     """Same settings (static group parameters, as llm-compressor fits them): at least 95 % of the
     weights on the same grid point and every linear's layer error ||X(W - Ŵ)ᵀ||² within 1 %."""
     mirrored = {"steps": [{"gptq": gptq}], "weight": "int4-g32"}
-    name = "gptq-" + "-".join(gptq)
+    name = "gptq-" + "-".join(f"{key}-{value}" for key, value in gptq.items())
     ours = load_artifact(_quantize(prepared, name, mirrored))
     peer = load_artifact(_quantize(prepared, f"llmc-{name}", {"toolkit": "llm-compressor", "mirrors": name, **mirrored}))
     assert peer.manifest["toolkit"] == "llm-compressor" and peer.manifest["mirrors"] == name

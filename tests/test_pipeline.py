@@ -270,3 +270,45 @@ def test_the_gram_matrix_is_collected_only_for_steps_that_need_it(model):
     gptq = quantize_model(copy.deepcopy(model), recipe_from_config("g", {"steps": ["gptq"], "weight": "int8"}), calibration())
     assert not any("output_rel_error" in r for r in smooth.records)
     assert all("output_rel_error" in r for r in gptq.records)
+
+
+def test_module_output_reruns_the_inspected_module_on_its_calibration_inputs(model):
+    """The plumbing of AWQ's block loss: the recorded calls of self_attn and mlp, run again, give
+    the outputs the statistics pass saw; given weights replace the linears' for that call only."""
+    from ptqrepro.models.adapters import decoder_layers, layer_linears
+    from ptqrepro.pipeline import capture_layer_inputs, module_output, recording_inputs, run_layer
+
+    arch = architecture_of(model)
+    inputs = capture_layer_inputs(model, arch, calibration(), "cpu", batch_size=2)
+    layer = decoder_layers(model, arch)[0]
+    linears = layer_linears(layer, arch)
+    calls, seen = {"self_attn": [], "mlp": []}, {"self_attn": [], "mlp": []}
+    handles = [layer.get_submodule(name).register_forward_hook(
+        lambda _m, _args, out, name=name: seen[name].append(out[0] if isinstance(out, tuple) else out)) for name in seen]
+    with recording_inputs(layer, calls, "cpu"):
+        run_layer(layer, inputs)
+    for handle in handles:
+        handle.remove()
+    for name in calls:
+        assert len(calls[name]) == 3  # 5 windows in batches of 2
+        again = module_output(layer, linears, calls, inputs, name, {})
+        assert all(torch.equal(a, b) for a, b in zip(again, seen[name], strict=True))
+    up = linears["mlp.up_proj"].weight.data.clone()
+    silenced = module_output(layer, linears, calls, inputs, "mlp", {"mlp.up_proj": torch.zeros_like(up)})
+    assert all(not out.any() for out in silenced)  # down_proj(silu(gate) * 0) = 0
+    assert torch.equal(linears["mlp.up_proj"].weight.data, up) and up.any()
+
+
+def test_awq_block_loss_runs_in_the_pipeline_and_differs_from_linears(model):
+    """AWQ's reference loss through the whole pipeline: both losses quantize every linear, and on
+    this model they pick different scales for some group."""
+    import copy
+
+    results = {
+        loss: quantize_model(copy.deepcopy(model), recipe_from_config("a", {"steps": [{"awq": {"loss": loss, "clip": False}}, "rtn"],
+                                                                        "weight": "int3"}), calibration(), batch_size=2)
+        for loss in ("block", "linears")
+    }
+    ratios = {loss: [r["awq_ratio"] for r in result.records if "awq_ratio" in r] for loss, result in results.items()}
+    assert len(ratios["block"]) == len(ratios["linears"]) > 0
+    assert ratios["block"] != ratios["linears"]

@@ -5,7 +5,9 @@
 2. For each decoder layer: give it a copy on the device, in float32 where it was loaded in
    float16 or bfloat16 (``placement.fetch``); if a step needs statistics, run the captured inputs
    through it once and accumulate each linear's input statistics (channel abs-max and abs-means,
-   and the Gram matrix X^T X when a step needs it); apply the recipe's transform steps in order,
+   and the Gram matrix X^T X when a step needs it), recording the calls of the submodules a step
+   runs again (``Step.inspected_modules``: AWQ's block loss reruns the attention and MLP blocks,
+   ``module_output``); apply the recipe's transform steps in order,
    then its quantizer and refinements (with GPTQ's ``true_sequential``, group by group,
    re-collecting the statistics of each group on the partly quantized layer); write the quantized
    weights (plus any low-rank correction, merged) into the layer; move its codes and records to
@@ -21,7 +23,8 @@
 
 Peak device memory is one decoder layer (plus the copies and statistics its steps make)
 plus the calibration activations (one set, and one batch's outputs; two sets for a recipe that
-calibrates on the float model), or, with ``offload="cpu"``, one batch of them: the activations
+calibrates on the float model; AWQ's block loss also keeps the attention and MLP blocks' inputs and
+two sets of a block's outputs, the float one and a candidate's), or, with ``offload="cpu"``, one batch of them: the activations
 then stay on the CPU and each batch visits the device for one layer's forward pass. The loaded
 model is never written (memory-mapped weights stay clean), and nothing but the layer at work, the
 activations and the statistics stays on the device. A recipe whose steps need no statistics (RTN)
@@ -39,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -176,6 +180,59 @@ def observe(layer: nn.Module, inputs: LayerInputs, outputs: list[torch.Tensor] |
             outputs.append(out.to(inputs.home))
 
 
+@contextlib.contextmanager
+def recording_inputs(layer: nn.Module, calls: dict[str, list[tuple[tuple, dict]]], home: str):
+    """While inside, append the ``(args, kwargs)`` of every call of each submodule of ``layer``
+    named in ``calls`` to its list, their tensors kept on ``home`` (the calibration activations'
+    place)."""
+
+    def hook_for(recorded):
+        def hook(_module, args, kwargs):
+            recorded.append((tuple(_moved(a, home) for a in args), {k: _moved(v, home) for k, v in kwargs.items()}))
+
+        return hook
+
+    handles = [layer.get_submodule(name).register_forward_pre_hook(hook_for(recorded), with_kwargs=True)
+               for name, recorded in calls.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _moved(value, device: str):
+    """``value`` on ``device`` if it is a tensor, else itself."""
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+@torch.no_grad()
+def module_output(
+    layer: nn.Module, linears: dict[str, nn.Linear], calls: dict[str, list[tuple[tuple, dict]]],
+    inputs: LayerInputs, module: str, weights: dict[str, torch.Tensor],
+) -> list[torch.Tensor]:
+    """The float32 outputs of ``layer``'s submodule ``module`` on its recorded calibration calls
+    (``recording_inputs``), one per batch, kept where ``inputs`` keeps its hidden states, computed
+    as the calibration forward passes are
+    (``forward_precision``), with the linears named in ``weights`` given those weights for the call
+    and restored after it (``steps.LayerContext.module_output``)."""
+    submodule = layer.get_submodule(module)
+    saved = {name: linears[name].weight.data for name in weights}
+    outputs = []
+    try:
+        for name, weight in weights.items():
+            linears[name].weight.data = weight.to(saved[name].device, saved[name].dtype)
+        for args, kwargs in calls[module]:
+            with forward_precision(inputs):
+                out = submodule(*(_moved(a, inputs.device) for a in args),
+                                **{k: _moved(v, inputs.device) for k, v in kwargs.items()})
+            outputs.append((out[0] if isinstance(out, tuple) else out).float().to(inputs.home))
+    finally:
+        for name, weight in saved.items():
+            linears[name].weight.data = weight
+    return outputs
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -265,12 +322,20 @@ def _quantize_layer(
     ``float_outputs`` if given."""
     done = QuantizationResult()
     linears = layer_linears(layer, arch)
+    module_inputs: dict[str, list[tuple[tuple, dict]]] = {
+        module: [] for module in (recipe.inspected_modules(arch) if inputs else ())
+    }
+
+    def statistics_pass() -> None:
+        with recording_inputs(layer, module_inputs, inputs.home):
+            observe(layer, inputs, float_outputs)
+
     context = LayerContext(
         index=index, prefix=f"{arch.layers}.{index}", layer=layer, arch=arch, linears=linears,
         weight_format=recipe.weight,
-        stats=collect_input_statistics(lambda: observe(layer, inputs, float_outputs), linears, recipe.needs_gram)
-        if inputs else None,
+        stats=collect_input_statistics(statistics_pass, linears, recipe.needs_gram) if inputs else None,
         original={name: linear.weight.data.float().clone() for name, linear in linears.items()},
+        module_output=partial(module_output, layer, linears, module_inputs, inputs) if module_inputs else None,
     )
     for step in recipe.transforms:
         step.apply(context)

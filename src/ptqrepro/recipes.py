@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, fields
 
 from ptqrepro.errors import PtqError
 from ptqrepro.formats import GroupedFormat, parse_format
+from ptqrepro.models.adapters import Architecture
 from ptqrepro.steps import STEPS, Step
 
 RECIPE_NAME = re.compile(r"[A-Za-z0-9_.+@=-]+")
@@ -60,6 +61,11 @@ class Recipe:
         """Calibrate each layer on the outputs of the quantized earlier layers (``Step.sequential``:
         any step of the recipe asks for it), else on the float model's activations."""
         return any(step.sequential for step in self.steps)
+
+    def inspected_modules(self, arch: Architecture) -> tuple[str, ...]:
+        """The decoder-layer submodules whose calibration inputs a step runs again
+        (``Step.inspected_modules``), each once."""
+        return tuple(dict.fromkeys(module for step in self.steps for module in step.inspected_modules(arch)))
 
     def relative_cost(self) -> float:
         """The job's rough run time in calibration passes (``Step.relative_cost``), for scheduling."""

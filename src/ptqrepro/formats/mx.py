@@ -27,6 +27,14 @@ Where this differs from microxcaling, only at the last bit: ``floor(log2 ·)`` i
 (``frexp``) where microxcaling rounds ``log2`` in float32 (so e.g. ``2^k (1 - 2^-24)`` gets its
 true exponent ``k - 1``), and ties are detected exactly where microxcaling's
 ``floor(|v| + 0.5)`` rounds ``0.5 - 2^-25`` up. An all-zero block gets ``e = -127`` and stays zero.
+
+A block holding an inf or a NaN becomes NaN throughout, as in microxcaling: its ``max|x|`` is inf
+or NaN, so ``floor(log2 max|x|) - emax`` is above the E8M0 range or NaN, and ``_quantize_mx``
+sets the shared exponent to NaN (E8M0's NaN code), which ``x / 2^e`` and ``Q(v) · 2^e`` carry into
+every element. Here ``fit`` gives such a block the exponent NaN and ``encode``/``decode``/``fake``
+follow it (stored integer codes of such a block are meaningless; they decode to NaN). Other blocks
+of the same row are unaffected. A finite float32 block never overflows the E8M0 range
+(``floor(log2 max|x|) <= 127``).
 """
 
 from __future__ import annotations
@@ -166,11 +174,12 @@ class MXFormat(GroupedFormat):
 
     def fit(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """Shared exponent ``clamp(floor(log2 max|w|) - emax, -127, 127)`` of each row of ``w``
-        [rows, block], float32 [rows, 1]; -127 for an all-zero row."""
+        [rows, block], float32 [rows, 1]; -127 for an all-zero row, NaN for a row holding an inf or
+        a NaN (microxcaling's NaN block; module docstring)."""
         absmax = w.float().abs().amax(dim=1, keepdim=True)
-        exponent = (floor_log2(absmax) - self.spec.emax).clamp(-SCALE_EXPONENT_LIMIT, SCALE_EXPONENT_LIMIT)
+        exponent = (floor_log2(absmax) - self.spec.emax).clamp(-SCALE_EXPONENT_LIMIT, SCALE_EXPONENT_LIMIT).float()
         exponent = torch.where(absmax == 0, -SCALE_EXPONENT_LIMIT, exponent)
-        return {"exponent": exponent.float()}
+        return {"exponent": torch.where(absmax.isfinite(), exponent, float("nan"))}
 
     def encode(self, w: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Codes of ``Q(w / 2^e)`` as float32: integers ``k`` (element ``k · 2^-(b-2)``) for integer

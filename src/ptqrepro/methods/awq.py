@@ -4,11 +4,21 @@
 Scale search: for ratio r in {0, 1/n, ..., (n-1)/n},
 
     s = clamp(s_x^r, 1e-4),  s <- s / sqrt(max(s) min(s)),   s_x = mean_t |X_tj|,
-    loss(s) = sum_fc || X W^T - X (Q(W diag(s)) diag(1/s))^T ||_F^2,
+    Ŵ_fc(s) = Q(W_fc diag(s)) diag(1/s)   for each linear fc of the scaling group,
 
-and the best s is kept. The reference measures the loss on the output of the whole inspected
-module (e.g. attention); here it is the sum of the linears' output errors, computed exactly from
-the Gram matrix G = X^T X as tr(D G D^T) with D the effective weight error.
+and the s of the smallest loss is kept. Two losses:
+
+* ``block``, the reference's (``auto_scale.py`` ``_search_module_scale``): the mean squared error
+  of the inspected module's output, ``mean((F(X; W) - F(X; Ŵ(s)))^2)`` over every output element,
+  where F is the module the reference inspects (``module2inspect``: the attention block for
+  q/k/v, the MLP for gate/up), run on the calibration inputs with the group's linears replaced
+  by Ŵ(s) and everything else float (``BlockOutput``). Where the reference inspects the scaled
+  linear itself (v -> o, up -> down), F(X; W) = X W^T and the MSE is the ``linears`` loss divided
+  by (tokens x outputs), so the same ratio wins: that loss is used there;
+* ``linears``: the sum of the group's linears' output errors, sum_fc || X W_fc^T - X Ŵ_fc(s)^T ||_F^2,
+  computed exactly from the Gram matrix G = X^T X as tr(D G D^T) with D = W_fc - Ŵ_fc(s). It
+  ignores what follows the linears (attention's softmax, the MLP's gating), and weighs q, k and v
+  (or gate and up) alike.
 
 Clip search: for each (row, group), the clipping threshold t = (1 - i/n) max|w| for
 i < n * max_shrink minimising that group's output error d^T G_gg d, where d = w - Q(clamp(w, -t, t)).
@@ -30,20 +40,38 @@ from ptqrepro.statistics import output_error
 Quantizer = Callable[[torch.Tensor], torch.Tensor]
 """Fake-quantizes a weight [out, in] with the recipe's format (RTN)."""
 
+BlockOutput = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+"""The inspected module's output on the calibration inputs, one tensor per calibration batch, with
+the scaling group's linears given these weights [out, in] (in the group's order)."""
+
+
+def block_mse(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """``mean((outputs - reference)^2)`` over every element of every batch, accumulated in float64
+    (the reference's ``(org_out - out).float().pow(2).mean()`` on the concatenated batches)."""
+    total = sum(float((out.double() - ref.double()).pow(2).sum()) for out, ref in zip(outputs, reference, strict=True))
+    return total / sum(ref.numel() for ref in reference)
+
 
 def search_scales(
     weights: list[torch.Tensor], gram: torch.Tensor, act_absmean: torch.Tensor, quantize: Quantizer, n_grid: int = 20,
-    product_dtype: torch.dtype = torch.float32,
+    product_dtype: torch.dtype = torch.float32, block: BlockOutput | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
-    """The scale s [in] minimising the group's quantized output error, and the loss per ratio."""
+    """The scale s [in] minimising the group's loss, and the loss per ratio: the ``block`` loss
+    (the MSE of ``block``'s output against its output with the float ``weights``) when ``block``
+    is given, else the ``linears`` loss from ``gram`` (module docstring)."""
     weights = [w.float() for w in weights]
     gram = gram.to(product_dtype)
     s_x = act_absmean.float()
+    reference = block(weights) if block is not None else None
     losses, best, best_loss = [], None, float("inf")
     for step in range(n_grid):
         s = s_x.pow(step / n_grid).clamp(min=1e-4)
         s = s / torch.sqrt(s.max() * s.min())
-        loss = sum(float(output_error(w - quantize(w * s) / s, gram)) for w in weights)
+        scaled = [quantize(w * s) / s for w in weights]
+        if block is not None:
+            loss = block_mse(block(scaled), reference)
+        else:
+            loss = sum(float(output_error(w - q, gram)) for w, q in zip(weights, scaled))
         losses.append(loss)
         if loss < best_loss:
             best, best_loss = s, loss

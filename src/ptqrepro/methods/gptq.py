@@ -24,12 +24,21 @@ How this implementation differs from the reference's code (not its results):
   ``U_jk e_j = R_jk d_j``;
 * it computes ``U`` with one Cholesky factorisation and one triangular inverse instead of
   Cholesky, inverse and Cholesky again (``inverse_hessian_factor``);
-* a block also ends where a group begins, so that a group fitted during the sweep sees columns
-  that carry every earlier column's update (the reference fits it on its full weight matrix,
-  which lacks the updates from the earlier columns of the same block when groups are shorter
-  than ``blocksize``; with groups of ``blocksize`` or a multiple, the two agree);
 * per column it does the format's encode/decode and three in-place operations on views made
   once per block (the reference's loop allocates an outer product per column).
+
+Group parameters (``groups``), for formats with groups (``int4-g64``, MX blocks):
+
+* ``reference`` (default): as the reference's ``--groupsize``: a group's parameters are fitted
+  when the sweep reaches its first column ``g0``, on ``W[:, g0:g0+length]`` as it stands at the
+  start of the current lazy block. Inside a block the reference updates only its copy of the
+  block, so a group that starts mid-block (groups shorter than ``blocksize``) is fitted on
+  weights that lack the updates of the block's earlier columns;
+* ``sweep``: a block also ends where a group begins, so that every group is fitted on columns
+  that carry every earlier column's update. With groups of ``blocksize`` or a multiple, no group
+  starts mid-block and ``sweep`` equals ``reference``;
+* ``static``: every group is fitted on the original weight before the sweep (the reference's
+  ``--static-groups``).
 """
 
 from __future__ import annotations
@@ -43,6 +52,9 @@ from ptqrepro.errors import PtqError
 from ptqrepro.formats.base import GroupedFormat, QuantizedWeight
 
 Params = dict[str, torch.Tensor]
+
+GROUP_MODES = ("reference", "sweep", "static")
+"""How ``gptq`` fits group parameters (module docstring)."""
 
 
 @dataclass
@@ -66,7 +78,7 @@ def gptq(
     blocksize: int = 128,
     percdamp: float = 0.01,
     act_order: bool = False,
-    static_groups: bool = False,
+    groups: str = "reference",
     layer: str = "weight",
     max_retries: int = 5,
 ) -> GptqResult:
@@ -84,32 +96,31 @@ def gptq(
     * Damping: ``H + percdamp · mean(diag H) · I``; if the Cholesky factorisation fails or is not
       finite, ``percdamp`` is multiplied by 10, up to ``max_retries`` times; then a PtqError names
       ``layer`` and the last damping tried.
-    * Groups (``fmt.group_length``): a group's parameters are fitted when the sweep reaches its
-      first column, on the current, already error-compensated ``W[:, g0:g0+length]`` (reference
-      ``--groupsize``). Formats without groups fit one set per row on the incoming weight before
-      the sweep, as the reference does (before zeroing dead columns). ``static_groups``: every
-      group is fitted on the original weight up front (reference ``--static-groups``).
+    * Groups (``fmt.group_length``): fitted as ``groups`` says, one of ``GROUP_MODES``
+      (``reference``, ``sweep``, ``static``; module docstring). Formats without groups fit one
+      set per row on the incoming weight before the sweep, as the reference does (before zeroing
+      dead columns), whatever ``groups`` says.
     * ``act_order``: columns are quantized in order of decreasing diag H (reference
       ``--act-order``) and put back in their order at the end. The stored layout has groups of
-      consecutive original columns, so with a group length ``act_order`` always uses static
-      group parameters fitted on the original weight (the reference's ``--act-order
-      --static-groups``; its ``--act-order`` alone would make groups of permuted columns).
+      consecutive original columns, so a format with groups needs ``groups="static"`` with it
+      (the reference's ``--act-order --static-groups``; its ``--act-order`` alone would make
+      groups of permuted columns); anything else is a PtqError.
 
     The returned codes are the ones ``fmt.encode`` chose for each column under its group's
     parameters, so ``quantized.dequantize()`` is exactly the GPTQ result.
     """
     _check_inputs(weight, gram, blocksize, percdamp, layer)
     in_features = weight.shape[1]
-    groups = fmt.groups(in_features, layer)
+    count = fmt.groups(in_features, layer)
+    _check_groups(groups, act_order and count > 1, layer)
     length = fmt.group_length(in_features) or in_features
     w = weight.detach().to(torch.float32, copy=True)
     hessian = gram.detach().to(torch.float32, copy=True)
-    fit_during_sweep = groups > 1 and not (static_groups or act_order)
-    params: list[Params | None] = [fmt.fit(w)] if groups == 1 else [None] * groups
+    params: list[Params | None] = [fmt.fit(w)] if count == 1 else [None] * count
     dead = hessian.diagonal() == 0
     hessian.diagonal()[dead] = 1
     w[:, dead] = 0
-    if groups > 1 and not fit_during_sweep:
+    if count > 1 and groups == "static":
         params = [fmt.fit(w[:, start : start + length]) for start in range(0, in_features, length)]
 
     order = torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order else None
@@ -122,7 +133,7 @@ def gptq(
 
     columns = order.tolist() if order is not None else range(in_features)
     group_of_column = [column // length for column in columns]
-    group_starts = range(0, in_features, length) if fit_during_sweep else ()
+    group_starts = range(0, in_features, length) if count > 1 and groups == "sweep" else ()
     bounds = _block_bounds(in_features, blocksize, group_starts)
     codes = _sweep(w, ratios, fmt, params, group_of_column, length, bounds)
     if order is not None:
@@ -154,6 +165,18 @@ def _check_inputs(
         raise PtqError(f"GPTQ: layer {layer}: weight has non-finite entries")
     if not _all_finite(gram):
         raise PtqError(f"GPTQ: layer {layer}: gram (XᵀX) has non-finite entries; no damping can fix it")
+
+
+def _check_groups(groups: str, permuted_groups: bool, layer: str) -> None:
+    """``groups`` is one of ``GROUP_MODES``, and ``static`` where ``act_order`` permutes a grouped
+    format's columns (``gptq``'s docstring)."""
+    if groups not in GROUP_MODES:
+        raise PtqError(f"GPTQ: layer {layer}: groups must be one of {', '.join(GROUP_MODES)}, not {groups!r}")
+    if permuted_groups and groups != "static":
+        raise PtqError(
+            f"GPTQ: layer {layer}: act_order on a format with groups needs groups: static "
+            f"(the reference's --act-order --static-groups), not {groups!r}"
+        )
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -214,8 +237,9 @@ def invert_lower_triangular_(lower: torch.Tensor, leaf: int = 256) -> torch.Tens
 
 
 def _block_bounds(columns: int, blocksize: int, group_starts: range | tuple) -> list[tuple[int, int]]:
-    """``[start, stop)`` of the lazy blocks: every ``blocksize`` columns, and also at every group
-    that is fitted during the sweep, so that its columns are up to date when it is fitted."""
+    """``[start, stop)`` of the lazy blocks: every ``blocksize`` columns, and also at
+    ``group_starts`` (``groups="sweep"``), so that a group's columns are up to date when it is
+    fitted."""
     cuts = sorted(set(range(0, columns, blocksize)) | set(group_starts) | {columns})
     return list(zip(cuts[:-1], cuts[1:]))
 
@@ -232,10 +256,13 @@ def _sweep(
     """The GPTQ sweep over ``w`` [out, in], updated in place, with ``ratios`` ``R = diag(U)⁻¹ U``.
     Returns the codes, [out, in].
 
-    Per block: fit the group starting there if its ``params`` entry is still None; copy the block
-    transposed into a buffer (a column becomes a contiguous vector) and quantize its columns
-    (``_quantize_block``); then ``W[:, after] -= D[:, block] R[block, after]`` with ``D`` the
-    block's residuals ``w_j - q_j``, one in-place matrix product.
+    Per block: fit every group that starts inside it and whose ``params`` entry is still None on
+    ``w`` as it stands at the block's start (the reference's ``find_params`` on its full ``W``,
+    which it updates only after each block); copy the block transposed into a buffer (a column
+    becomes a contiguous vector) and quantize its columns (``_quantize_block``); then
+    ``W[:, after] -= D[:, block] R[block, after]`` with ``D`` the block's residuals ``w_j - q_j``,
+    one in-place matrix product. (Entries are None only for groups of consecutive columns:
+    ``act_order`` comes with every group fitted up front.)
     """
     out_features, columns = w.shape
     codes = torch.empty((out_features, columns), dtype=fmt.code_dtype, device=w.device)
@@ -244,9 +271,9 @@ def _sweep(
     residual_buffer = torch.empty((widest, out_features), device=w.device)
     code_buffer = torch.empty((widest, out_features), dtype=fmt.code_dtype, device=w.device)
     for start, stop in bounds:
-        group = group_of_column[start]
-        if params[group] is None:
-            params[group] = fmt.fit(w[:, start : start + length])
+        for first in range(-(-start // length) * length, stop, length):
+            if params[first // length] is None:
+                params[first // length] = fmt.fit(w[:, first : first + length])
         width = stop - start
         block = block_buffer[:width].copy_(w[:, start:stop].T)
         residuals = residual_buffer[:width]

@@ -8,6 +8,9 @@ Everything model-specific that the pipeline needs lives here; methods never see 
 * ``scale_pairs``: AWQ's scaling groups, the smooth pairs plus (linear, linears it feeds
   linearly), e.g. v_proj -> o_proj (only when their shapes match: not under grouped-query
   attention) and up_proj -> down_proj (the product act(gate) * up is linear in up);
+* ``inspected``: (scaling source, module) for the AWQ scaling groups whose reference loss is the
+  output of a module around the linears (llm-awq's ``module2inspect``: the attention block for
+  q/k/v, the MLP for gate/up); the other groups' loss is the output of their linears;
 * ``clip_skip``: linears AWQ's clip search leaves alone (q/k: their error is amplified by the
   attention softmax, which a per-linear output error does not see);
 * ``before_layers`` / ``after_layers``: the modules that make layer 0's inputs, and those that
@@ -33,6 +36,7 @@ class Architecture:
     sequential_groups: tuple[tuple[str, ...], ...]
     smooth_pairs: tuple[tuple[str, tuple[str, ...]], ...]
     linear_pairs: tuple[tuple[str, tuple[str, ...]], ...]
+    inspected: tuple[tuple[str, str], ...]
     clip_skip: tuple[str, ...]
 
     @property
@@ -68,6 +72,7 @@ LLAMA = Architecture(
         ("self_attn.v_proj", ("self_attn.o_proj",)),
         ("mlp.up_proj", ("mlp.down_proj",)),
     ),
+    inspected=(("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp")),
     clip_skip=("self_attn.q_proj", "self_attn.k_proj"),
 )
 
@@ -93,6 +98,7 @@ OPT = Architecture(
         ("self_attn.v_proj", ("self_attn.out_proj",)),
         ("fc1", ("fc2",)),
     ),
+    inspected=(("self_attn_layer_norm", "self_attn"),),  # llm-awq inspects fc1 itself for final_layer_norm -> fc1
     clip_skip=("self_attn.q_proj", "self_attn.k_proj"),
 )
 

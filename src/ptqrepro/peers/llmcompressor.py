@@ -20,7 +20,8 @@ Translation (``plan``), step by step, with the mirrored recipe's settings:
 What the toolkit cannot express (MX formats, MagR, LQER, coordinate descent, MagR's β, true
 sequential GPTQ) is a ``PtqError`` at planning time; what it does differently is listed in
 ``PeerPlan.differences``: GPTQ group parameters are always fitted on the original weight before
-the sweep (our ``static_groups``), and its AWQ has no clip search.
+the sweep (our ``groups: static``), its AWQ ranks scales by the block output's MSE (our ``loss:
+block``) and has no clip search, its SmoothQuant measures each channel's activation range.
 
 ``quantize`` converts the result to our grid: llm-compressor keeps ``weight_scale`` and a signed
 ``weight_zero_point`` per (row, group) and, after GPTQ, the dequantized weight (after RTN or AWQ,
@@ -91,6 +92,8 @@ def plan(recipe: Recipe) -> PeerPlan:
                                "(ours and the reference: max|x|^α / max|w|^(1-α))")
         elif step.name == "awq":
             modifiers.append(("AWQModifier", {"n_grid": step.n_grid, "duo_scaling": False}))
+            if step.loss != "block":
+                differences.append("AWQ: scales ranked by the inspected block's output MSE (ours: loss linears)")
             if step.clip:
                 differences.append("AWQ: no clip search in llm-compressor (ours searches clipping thresholds)")
         elif step.name == "rtn":
@@ -100,9 +103,9 @@ def plan(recipe: Recipe) -> PeerPlan:
                 raise PtqError(f"llm-compressor: recipe {recipe.name!r}: true-sequential GPTQ has no llm-compressor equivalent")
             modifiers.append(("GPTQModifier", {**scheme, "block_size": step.blocksize, "dampening_frac": step.percdamp,
                                                "actorder": "static" if step.act_order else None}))
-            if recipe.weight.group_size and not (step.static_groups or step.act_order):
+            if recipe.weight.group_size and step.group_mode != "static":
                 differences.append("GPTQ: group parameters fitted on the original weight before the sweep "
-                                   "(ours: during the sweep, on the updated weight)")
+                                   f"(ours: groups {step.group_mode}, on the weight the sweep has updated)")
         else:
             raise PtqError(f"llm-compressor: recipe {recipe.name!r}: step {step.name!r} has no llm-compressor equivalent "
                            "(rtn, gptq, awq and smoothquant have)")
