@@ -87,6 +87,20 @@ def tiny_model_dir(tmp_path_factory, tiny_corpus) -> Path:
     return folder
 
 
+def prepare_tiny_run(root: Path, model_dir: Path, corpus: Path, nsamples: int, seqlen: int) -> Path:
+    """What the DAG's first jobs make, by the command line: ``root/model`` and ``root/corpus``
+    prepared, ``root/calib.pt`` drawn (seed 0)."""
+    from ptqrepro.cli import main
+
+    assert main(["prepare-model", "--name", "tiny", "--spec", json.dumps({"hub": str(model_dir)}),
+                 "--out", str(root / "model")]) == 0
+    assert main(["prepare-corpus", "--name", "tiny", "--spec", f"{{source: local, path: {corpus}}}",
+                 "--out", str(root / "corpus")]) == 0
+    assert main(["calibrate", "--model", str(root / "model"), "--corpus", str(root / "corpus"), "--nsamples",
+                 str(nsamples), "--seqlen", str(seqlen), "--out", str(root / "calib.pt")]) == 0
+    return root
+
+
 @pytest.fixture()
 def model():
     return tiny_llama(vocab_size=96)

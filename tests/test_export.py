@@ -15,19 +15,13 @@ from safetensors.torch import load_file
 from ptqrepro.artifact import apply_artifact, load_artifact
 from ptqrepro.cli import main
 from ptqrepro.models.sources import load_model
+from conftest import prepare_tiny_run
 from test_dag import REPO, SNAKEMAKE, tiny_config, write_config
 
 
 @pytest.fixture(scope="module")
 def prepared(tiny_model_dir, tiny_corpus, tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    assert main(["prepare-model", "--name", "tiny", "--spec", json.dumps({"hub": str(tiny_model_dir)}),
-                 "--out", str(root / "model")]) == 0
-    assert main(["prepare-corpus", "--name", "tiny", "--spec", f"{{source: local, path: {tiny_corpus}}}",
-                 "--out", str(root / "corpus")]) == 0
-    assert main(["calibrate", "--model", str(root / "model"), "--corpus", str(root / "corpus"), "--nsamples", "4",
-                 "--seqlen", "32", "--out", str(root / "calib.pt")]) == 0
-    return root
+    return prepare_tiny_run(tmp_path_factory.mktemp("export"), tiny_model_dir, tiny_corpus, nsamples=4, seqlen=32)
 
 
 def quantize(prepared, recipe: str, spec: str):

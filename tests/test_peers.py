@@ -27,6 +27,7 @@ from ptqrepro.report.peers import grid_agreement, peers_table
 from ptqrepro.report.tables import gather_results
 from ptqrepro.report.uncertainty import BootstrapSettings
 from ptqrepro.statistics import output_error
+from conftest import prepare_tiny_run
 from test_dag import SNAKEMAKE, snakemake, tiny_config, write_config
 
 LLMC = TOOLKITS["llm-compressor"]
@@ -160,14 +161,7 @@ def test_grid_agreement_counts_codes_and_parameters():
 
 @pytest.fixture(scope="module")
 def prepared(tiny_model_dir, tiny_corpus, tmp_path_factory):
-    root = tmp_path_factory.mktemp("peers")
-    assert main(["prepare-model", "--name", "tiny", "--spec", json.dumps({"hub": str(tiny_model_dir)}),
-                 "--out", str(root / "model")]) == 0
-    assert main(["prepare-corpus", "--name", "tiny", "--spec", f"{{source: local, path: {tiny_corpus}}}",
-                 "--out", str(root / "corpus")]) == 0
-    assert main(["calibrate", "--model", str(root / "model"), "--corpus", str(root / "corpus"), "--nsamples", "8",
-                 "--seqlen", "64", "--out", str(root / "calib.pt")]) == 0
-    return root
+    return prepare_tiny_run(tmp_path_factory.mktemp("peers"), tiny_model_dir, tiny_corpus, nsamples=8, seqlen=64)
 
 
 def _quantize(prepared, recipe: str, spec: dict):
@@ -250,9 +244,9 @@ def test_the_peers_table_pairs_each_peer_with_the_recipe_it_mirrors(tmp_path):
     documents = []
     for seed in (0, 1):
         documents += [
-            _result("gptq@int4-g64", "quantize", seed, 40.0),
+            _result("gptq@int4-g64", "quantize", seed, 40.0, calibration_dtype="bfloat16"),
             _result("llmc-gptq@int4-g64", "quantize", seed, 200.0, toolkit="llm-compressor", toolkit_version="0.14.0.1",
-                    mirrors="gptq@int4-g64", differences=["GPTQ: groups"]),
+                    mirrors="gptq@int4-g64", differences=["GPTQ: groups"], calibration_dtype="float32"),
             _result("gptq@int4-g64", "perplexity", seed, float(np.exp(ours_nll.mean())), list(ours_nll)),
             _result("llmc-gptq@int4-g64", "perplexity", seed, float(np.exp(ours_nll.mean() + 0.1)), list(ours_nll + 0.1)),
         ]
@@ -268,7 +262,8 @@ def test_the_peers_table_pairs_each_peer_with_the_recipe_it_mirrors(tmp_path):
     ours, peer = table.iloc[0], table.iloc[1]
     assert pd.isna(ours["change"]) and ours["quantize_time_s"] == 40.0 and ours["peak_rss_mb"] == 1040.0
     assert peer["change"] == pytest.approx(np.expm1(0.1)) and peer["change_low"] == pytest.approx(peer["change_high"])
-    assert peer["same_grid_point"] == pytest.approx(0.85) and peer["differences"] == "GPTQ: groups"
+    assert peer["same_grid_point"] == pytest.approx(0.85)
+    assert peer["differences"] == "calibration forward passes in float32 (ours: bfloat16); GPTQ: groups"
     assert peer["seeds"] == "0 1"
 
 
@@ -309,7 +304,10 @@ def test_without_the_toolkit_the_peer_recipes_are_skipped_with_a_message(tmp_pat
 @needs_llmcompressor
 @pytest.mark.slow
 def test_snakemake_peers_runs_the_peer_recipes_into_the_peers_table(tmp_path, tiny_model_dir, tiny_corpus):
-    write_config(tmp_path, tiny_config(tiny_model_dir, tiny_corpus, recipes=PEER_RECIPES))
+    """The peer calibrates in float32, as ours here: the two land on the same grid points."""
+    config = tiny_config(tiny_model_dir, tiny_corpus, recipes=PEER_RECIPES)
+    config["calibration"]["dtype"] = "float32"
+    write_config(tmp_path, config)
     planned = snakemake(tmp_path, "-n")
     assert planned.returncode == 0 and "llmc-gptq" not in planned.stdout  # the default target runs no peer
     run = snakemake(tmp_path, "peers")

@@ -289,7 +289,7 @@ def test_the_config_puts_the_placement_on_the_evaluations(tmp_path, tiny_model_d
 
     config = tiny_config(tiny_model_dir, tiny_corpus, recipes={"r": {"steps": ["rtn"], "weight": "int4"}})
     config["eval"]["placement"] = "layers"
-    config["eval"]["zeroshot"] = {"tasks": ["ptq_lastword"], "corpus": "tiny", "items": 4}
+    config["eval"]["zeroshot"] = {"tasks": ["ptq_lastword"], "corpus": "tiny", "items": 4, "max_length": 256}
     write_config(tmp_path, config)
     run = snakemake(tmp_path, "-n", "-p")
     assert run.returncode == 0, run.stderr[-2000:]

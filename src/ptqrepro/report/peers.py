@@ -12,7 +12,8 @@ Per (model, mirrored recipe, dataset), one row for ptqrepro and one per peer rec
 * for a peer, how its grids agree with ours (``grid_agreement``, mean over seeds): the share of
   weights on the same grid point (same code and same group parameters), the share with the same
   code, and ``||Ŵ_peer - Ŵ_ours|| / ||Ŵ_ours||`` over all quantized linears;
-* what the peer does differently (``PeerPlan.differences``).
+* what the peer does differently (``PeerPlan.differences``, and the dtype of its calibration
+  forward passes where it is not ours: llm-compressor calibrates in float32).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from ptqrepro.io import atomic_path
 from ptqrepro.report.tables import PERPLEXITY_KIND, PERPLEXITY_METRIC, Results, recipe_losses, summarize
 from ptqrepro.report.uncertainty import BootstrapSettings, pair_by_seed, paired_difference
 
-PEER_COLUMNS = ("model", "recipe", "method", "weight_scheme", "implementation", "dataset", "ppl", "ci_low", "ci_high",
+PEER_COLUMNS = ("model", "recipe", "method", "weight_scheme", "implementation", "calibration_dtype", "dataset", "ppl",
+                "ci_low", "ci_high",
                 "change", "change_low", "change_high", "quantize_time_s", "peak_rss_mb", "same_grid_point",
                 "same_code", "weight_rel_diff", "seeds", "windows", "differences")
 
@@ -87,6 +89,10 @@ def peers_table(results: Results, quantize_results: list[dict], agreements: list
             rows.append(ours)
             for recipe in group["recipe"]:
                 row = _row(ppl, jobs, model, recipe, dataset)
+                if row["calibration_dtype"] != ours["calibration_dtype"]:
+                    row["differences"] = "; ".join(filter(None, [
+                        f"calibration forward passes in {row['calibration_dtype']} (ours: {ours['calibration_dtype']})",
+                        row["differences"]]))
                 row |= _change(results, model, recipe, mirrored, dataset, settings)
                 row |= agreement[(agreement["model"] == model) & (agreement["recipe"] == recipe)][
                     ["same_grid_point", "same_code", "weight_rel_diff"]].mean().to_dict()
@@ -101,6 +107,7 @@ def _job_row(result: dict) -> dict:
             "weight_scheme": result["weight_scheme"], "mirrors": result.get("mirrors"),
             "implementation": f"{toolkit} {result.get('toolkit_version')}" if toolkit else
             f"{OURS} {(provenance.get('packages') or {}).get('ptqrepro')}",
+            "calibration_dtype": result.get("calibration_dtype"),
             "quantize_time_s": provenance.get("wall_time_s"), "peak_rss_mb": provenance.get("peak_rss_mb"),
             "differences": "; ".join(result.get("differences") or [])}
 
@@ -115,7 +122,8 @@ def _row(ppl: pd.DataFrame, jobs: pd.DataFrame, model: str, recipe: str, dataset
     measured = selected.iloc[0]
     first = job.iloc[0]
     return {"model": model, "recipe": recipe, "method": first["method"], "weight_scheme": first["weight_scheme"],
-            "implementation": first["implementation"], "dataset": dataset, "ppl": measured["value"],
+            "implementation": first["implementation"], "calibration_dtype": first["calibration_dtype"],
+            "dataset": dataset, "ppl": measured["value"],
             "ci_low": measured["ci_low"], "ci_high": measured["ci_high"],
             "quantize_time_s": job["quantize_time_s"].mean(), "peak_rss_mb": job["peak_rss_mb"].mean(),
             "seeds": measured["seeds"], "windows": measured["windows"], "differences": first["differences"]}
@@ -147,7 +155,7 @@ def write_peers_table(table: pd.DataFrame, out_dir: str | os.PathLike, settings:
 def render_peers_markdown(table: pd.DataFrame, settings: BootstrapSettings) -> str:
     shown = pd.DataFrame({
         "model": table["model"], "recipe": table["recipe"], "implementation": table["implementation"],
-        "dataset": table["dataset"],
+        "calibrated in": table["calibration_dtype"].fillna("—"), "dataset": table["dataset"],
         "perplexity": [f"{v:.2f} [{lo:.2f}, {hi:.2f}]" for v, lo, hi in table[["ppl", "ci_low", "ci_high"]].itertuples(index=False)],
         "vs ours": [_percent(c, lo, hi) for c, lo, hi in table[["change", "change_low", "change_high"]].itertuples(index=False)],
         "quantize s": table["quantize_time_s"].map(lambda v: f"{v:.0f}"),
