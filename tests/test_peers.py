@@ -318,3 +318,13 @@ def test_snakemake_peers_runs_the_peer_recipes_into_the_peers_table(tmp_path, ti
     assert table["same_grid_point"].iloc[1] >= 0.95
     assert table["ci_low"].iloc[1] <= table["ppl"].iloc[1] <= table["ci_high"].iloc[1]
     assert "| llmc-gptq@int4-g16 |" in (tmp_path / "results" / "tables" / "peers.md").read_text()
+
+
+@needs_llmcompressor
+def test_a_claim_naming_a_peer_recipe_brings_it_into_the_report(tmp_path, tiny_model_dir, tiny_corpus):
+    claims = [{"paper": "peers", "claim": "llm-compressor's GPTQ within 1 % of ours",
+               "within": {"recipe": "llmc-gptq@int4-g16", "of": "gptq@int4-g16", "relative": 0.01}}]
+    write_config(tmp_path, tiny_config(tiny_model_dir, tiny_corpus, recipes=PEER_RECIPES, claims=claims))
+    planned = snakemake(tmp_path, "-n")
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    assert "recipe=llmc-gptq@int4-g16" in planned.stdout and "rule tables" in planned.stdout
