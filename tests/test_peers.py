@@ -157,6 +157,18 @@ def test_grid_agreement_counts_codes_and_parameters():
     assert scaled["same_code"] == 63 / 64 and scaled["same_grid_point"] == 55 / 64
 
 
+def test_grid_agreement_by_decoder_layer_in_their_order():
+    torch.manual_seed(0)
+    weights = {f"model.layers.{index}.{linear}": torch.randn(4, 16) for index in (0, 2, 10) for linear in ("q", "o")}
+    artifacts = [_artifact(weights[name]) for name in weights]
+    ours = Artifact({name: a.quantized["layer.linear"] for name, a in zip(weights, artifacts)}, {}, {}, {})
+    peer = Artifact({name: _artifact(a.quantized["layer.linear"].dequantize()).quantized["layer.linear"]
+                     for name, a in zip(weights, artifacts)}, {}, {}, {})
+    peer.quantized["model.layers.10.o"].codes[:, :8] += 1  # half of layer 10's "o": a quarter of the layer
+    agreement = grid_agreement(ours, peer)
+    assert agreement["same_grid_point_by_layer"] == [1.0, 1.0, 0.75]
+
+
 # --- llm-compressor against ours on a tiny random LLaMA ----------------------------------------
 
 @pytest.fixture(scope="module")
@@ -256,13 +268,15 @@ def test_the_peers_table_pairs_each_peer_with_the_recipe_it_mirrors(tmp_path):
         paths[-1].write_text(json.dumps(document))
     quantize_results = [d for d in documents if d["kind"] == "quantize"]
     agreements = [{"model": "m", "recipe": "llmc-gptq@int4-g64", "seed": seed, "same_grid_point": share, "same_code": 1.0,
-                   "weight_rel_diff": 0.01} for seed, share in ((0, 0.9), (1, 0.8))]
+                   "weight_rel_diff": 0.01, "same_grid_point_by_layer": [1.0, share, share - 0.1]}
+                  for seed, share in ((0, 0.9), (1, 0.8))]
     table = peers_table(gather_results(paths), quantize_results, agreements, BootstrapSettings())
     assert list(table["implementation"]) == ["ptqrepro 0.1.0", "llm-compressor 0.14.0.1"]
     ours, peer = table.iloc[0], table.iloc[1]
     assert pd.isna(ours["change"]) and ours["quantize_time_s"] == 40.0 and ours["peak_rss_mb"] == 1040.0
     assert peer["change"] == pytest.approx(np.expm1(0.1)) and peer["change_low"] == pytest.approx(peer["change_high"])
     assert peer["same_grid_point"] == pytest.approx(0.85)
+    assert peer["same_grid_point_first_layer"] == 1.0 and peer["same_grid_point_last_layer"] == pytest.approx(0.75)
     assert peer["differences"] == "calibration forward passes in float32 (ours: bfloat16); GPTQ: groups"
     assert peer["seeds"] == "0 1"
 

@@ -10,8 +10,9 @@ Per (model, mirrored recipe, dataset), one row for ptqrepro and one per peer rec
 * the quantize job's wall time and peak resident memory (mean over seeds; the job loads the
   model, calibrates and writes the artifact: the same work for both);
 * for a peer, how its grids agree with ours (``grid_agreement``, mean over seeds): the share of
-  weights on the same grid point (same code and same group parameters), the share with the same
-  code, and ``||Ŵ_peer - Ŵ_ours|| / ||Ŵ_ours||`` over all quantized linears;
+  weights on the same grid point (same code and same group parameters), in all and in the first
+  and last decoder layer, the share with the same code, and ``||Ŵ_peer - Ŵ_ours|| / ||Ŵ_ours||``
+  over all quantized linears;
 * what the peer does differently (``PeerPlan.differences``, and the dtype of its calibration
   forward passes where it is not ours: llm-compressor calibrates in float32).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -34,9 +36,16 @@ from ptqrepro.report.uncertainty import BootstrapSettings, pair_by_seed, paired_
 PEER_COLUMNS = ("model", "recipe", "method", "weight_scheme", "implementation", "calibration_dtype", "dataset", "ppl",
                 "ci_low", "ci_high",
                 "change", "change_low", "change_high", "quantize_time_s", "peak_rss_mb", "same_grid_point",
-                "same_code", "weight_rel_diff", "seeds", "windows", "differences")
+                "same_grid_point_first_layer", "same_grid_point_last_layer", "same_code", "weight_rel_diff", "seeds", "windows", "differences")
 
 OURS = "ptqrepro"
+
+AGREEMENT_COLUMNS = ("model", "recipe", "seed", "same_grid_point", "same_grid_point_first_layer",
+                     "same_grid_point_last_layer", "same_code", "weight_rel_diff")
+"""What the peers table reads of each agreement result (``grid_agreement``), per seed."""
+
+DECODER_LAYER = re.compile(r"^(.*\.\d+)\.")
+"""A linear's decoder layer: its name up to the last ``.<index>.``."""
 
 RELATIVE_TOLERANCE = 1e-6
 """Group parameters (float32) closer than this, relatively, count as the same."""
@@ -46,12 +55,16 @@ def grid_agreement(ours: Artifact, peer: Artifact) -> dict:
     """How two artifacts' quantized linears agree, over every linear both hold: ``same_grid_point``,
     the share of weights with the same code whose group's parameters agree (``RELATIVE_TOLERANCE``);
     ``same_code``, the share with the same code; ``weight_rel_diff``, ``||Ŵ_peer - Ŵ_ours||_F /
-    ||Ŵ_ours||_F`` of the dequantized weights."""
-    names = sorted(set(ours.quantized) & set(peer.quantized))
+    ||Ŵ_ours||_F`` of the dequantized weights; ``same_grid_point_by_layer``, the first share per
+    decoder layer (the linears named ``<layers>.<index>.<linear>``), in order: where both
+    calibrate each layer on the outputs of the quantized ones before it, the first layer sees
+    identical inputs and later layers inputs that differ by float rounding, which GPTQ amplifies."""
+    names = [name for name in ours.quantized if name in peer.quantized]
     if not names:
         raise PtqError("grid agreement: the two artifacts share no quantized linear")
     weights = same_point = same_code = 0
     difference = norm = 0.0
+    by_layer: dict[str, list[int]] = {}
     for name in names:
         a, b = ours.quantized[name], peer.quantized[name]
         if a.codes.shape != b.codes.shape or a.groups != b.groups:
@@ -65,11 +78,21 @@ def grid_agreement(ours: Artifact, peer: Artifact) -> dict:
         weights += a.codes.numel()
         same_code += int(codes_equal.sum())
         same_point += int((codes_equal & per_weight).sum())
+        layer = by_layer.setdefault(_decoder_layer(name), [0, 0])
+        layer[0] += int((codes_equal & per_weight).sum())
+        layer[1] += a.codes.numel()
         dequantized = a.dequantize()
         difference += float((b.dequantize() - dequantized).square().sum())
         norm += float(dequantized.square().sum())
     return {"linears": len(names), "weights": weights, "same_grid_point": same_point / weights,
-            "same_code": same_code / weights, "weight_rel_diff": math.sqrt(difference / norm)}
+            "same_code": same_code / weights, "weight_rel_diff": math.sqrt(difference / norm),
+            "same_grid_point_by_layer": [same / count for same, count in by_layer.values()]}
+
+
+def _decoder_layer(linear: str) -> str:
+    """The decoder layer a linear's name belongs to (``DECODER_LAYER``), or the name itself."""
+    match = DECODER_LAYER.match(linear)
+    return match.group(1) if match else linear
 
 
 def peers_table(results: Results, quantize_results: list[dict], agreements: list[dict],
@@ -79,8 +102,11 @@ def peers_table(results: Results, quantize_results: list[dict], agreements: list
     summary = summarize(results, settings)
     ppl = summary[(summary["kind"] == PERPLEXITY_KIND) & (summary["metric"] == PERPLEXITY_METRIC)]
     jobs = pd.DataFrame([_job_row(result) for result in quantize_results])
-    agreement = pd.DataFrame(agreements, columns=["model", "recipe", "seed", "same_grid_point", "same_code",
-                                                  "weight_rel_diff"])
+    agreement = pd.DataFrame([
+        {**{key: entry.get(key) for key in ("model", "recipe", "seed", "same_grid_point", "same_code", "weight_rel_diff")},
+         "same_grid_point_first_layer": (entry.get("same_grid_point_by_layer") or [math.nan])[0],
+         "same_grid_point_last_layer": (entry.get("same_grid_point_by_layer") or [math.nan])[-1]}
+        for entry in agreements], columns=list(AGREEMENT_COLUMNS))
     peers = jobs[jobs["mirrors"].notna()][["model", "recipe", "mirrors"]].drop_duplicates()
     rows = []
     for (model, mirrored), group in peers.groupby(["model", "mirrors"], sort=False):
@@ -95,7 +121,7 @@ def peers_table(results: Results, quantize_results: list[dict], agreements: list
                         row["differences"]]))
                 row |= _change(results, model, recipe, mirrored, dataset, settings)
                 row |= agreement[(agreement["model"] == model) & (agreement["recipe"] == recipe)][
-                    ["same_grid_point", "same_code", "weight_rel_diff"]].mean().to_dict()
+                    list(AGREEMENT_COLUMNS[3:])].mean().to_dict()
                 rows.append(row)
     return pd.DataFrame(rows, columns=list(PEER_COLUMNS))
 
@@ -161,6 +187,8 @@ def render_peers_markdown(table: pd.DataFrame, settings: BootstrapSettings) -> s
         "quantize s": table["quantize_time_s"].map(lambda v: f"{v:.0f}"),
         "peak RSS MB": table["peak_rss_mb"].map(lambda v: f"{v:.0f}"),
         "same grid point": table["same_grid_point"].map(lambda v: "" if pd.isna(v) else f"{100 * v:.1f} %"),
+        "first / last layer": [_layer_shares(first, last) for first, last in
+                               table[["same_grid_point_first_layer", "same_grid_point_last_layer"]].itertuples(index=False)],
         "same code": table["same_code"].map(lambda v: "" if pd.isna(v) else f"{100 * v:.1f} %"),
         "‖Ŵ−Ŵ_ours‖/‖Ŵ_ours‖": table["weight_rel_diff"].map(lambda v: "" if pd.isna(v) else f"{v:.2e}"),
         "seeds": table["seeds"],
@@ -173,6 +201,10 @@ def render_peers_markdown(table: pd.DataFrame, settings: BootstrapSettings) -> s
             "over the same windows and seeds; * where its interval excludes 0. Quantize: the job's wall time and peak "
             "resident memory (load, calibrate, quantize, write), mean over seeds, on the machine of the run.\n\n"
             f"How the peers differ from ours:\n{notes}\n")
+
+
+def _layer_shares(first: float, last: float) -> str:
+    return "" if pd.isna(first) else f"{100 * first:.1f} / {100 * last:.1f} %"
 
 
 def _percent(change: float, low: float, high: float) -> str:
