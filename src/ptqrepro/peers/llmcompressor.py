@@ -138,7 +138,11 @@ def quantize(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor) -> PeerR
 
     steps = plan(recipe)
     arch = architecture_of(model)
-    before = {name: value.detach().clone() for name, value in model.named_parameters()}
+    linears = {f"{arch.layers}.{index}.{name}": linear for index, layer in enumerate(decoder_layers(model, arch))
+               for name, linear in layer_linears(layer, arch).items()}
+    # the parameters outside the quantized linears, to find those a transform changed (smoothed norms)
+    before = {name: value.detach().clone() for name, value in model.named_parameters()
+              if name.rsplit(".", 1)[0] not in linears}
     batches = [{"input_ids": row[None], "attention_mask": torch.ones_like(row)[None]} for row in input_ids]
     started = time.perf_counter()
     with _without_pinned_memory():
@@ -150,14 +154,10 @@ def quantize(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor) -> PeerR
         )
     seconds = time.perf_counter() - started
     with torch.no_grad():
-        quantized = {
-            f"{arch.layers}.{index}.{name}": quantized_weight(linear, recipe.weight)
-            for index, layer in enumerate(decoder_layers(model, arch))
-            for name, linear in layer_linears(layer, arch).items()
-        }
+        quantized = {name: quantized_weight(linear, recipe.weight) for name, linear in linears.items()}
         float_parameters = {
             name: value.detach().clone() for name, value in model.named_parameters()
-            if name.rsplit(".", 1)[0] not in quantized and name in before and not torch.equal(value, before[name])
+            if name in before and not torch.equal(value, before[name])
         }
     return PeerResult(QuantizationResult(quantized=quantized, float_parameters=float_parameters), steps.differences, seconds)
 

@@ -30,8 +30,9 @@ import torch
 from ptqrepro.artifact import Artifact
 from ptqrepro.errors import PtqError
 from ptqrepro.io import atomic_path
-from ptqrepro.report.tables import PERPLEXITY_KIND, PERPLEXITY_METRIC, Results, recipe_losses, summarize
-from ptqrepro.report.uncertainty import BootstrapSettings, pair_by_seed, paired_difference
+from ptqrepro.report.claims import paired_losses
+from ptqrepro.report.tables import PERPLEXITY_KIND, PERPLEXITY_METRIC, Results, summarize
+from ptqrepro.report.uncertainty import BootstrapSettings, paired_difference
 
 PEER_COLUMNS = ("model", "recipe", "method", "weight_scheme", "implementation", "calibration_dtype", "dataset", "ppl",
                 "ci_low", "ci_high",
@@ -75,11 +76,12 @@ def grid_agreement(ours: Artifact, peer: Artifact) -> dict:
         for key in a.params:
             params_equal &= torch.isclose(a.params[key], b.params[key], rtol=RELATIVE_TOLERANCE, atol=0)
         per_weight = params_equal.repeat_interleave(a.codes.shape[1] // a.groups, dim=1)
+        on_point = int((codes_equal & per_weight).sum())
         weights += a.codes.numel()
         same_code += int(codes_equal.sum())
-        same_point += int((codes_equal & per_weight).sum())
+        same_point += on_point
         layer = by_layer.setdefault(_decoder_layer(name), [0, 0])
-        layer[0] += int((codes_equal & per_weight).sum())
+        layer[0] += on_point
         layer[1] += a.codes.numel()
         dequantized = a.dequantize()
         difference += float((b.dequantize() - dequantized).square().sum())
@@ -158,10 +160,7 @@ def _row(ppl: pd.DataFrame, jobs: pd.DataFrame, model: str, recipe: str, dataset
 def _change(results: Results, model: str, recipe: str, mirrored: str, dataset: str,
             settings: BootstrapSettings) -> dict:
     """ppl_peer / ppl_ours - 1 with its paired interval over the shared windows and seeds."""
-    peer, ours = (recipe_losses(results.windows, model, name, dataset) for name in (recipe, mirrored))
-    if peer.fingerprint != ours.fingerprint:
-        raise PtqError(f"peers table: {recipe} and {mirrored} on {dataset} ({model}) scored different test windows")
-    nll_peer, nll_ours = pair_by_seed(peer.seeds, peer.nll, ours.seeds, ours.nll, f"{recipe} and {mirrored}")
+    nll_peer, nll_ours = paired_losses(results.windows, model, dataset, recipe, mirrored)
     change = paired_difference(nll_peer, nll_ours, settings)
     return {"change": math.expm1(change.value), "change_low": math.expm1(change.low),
             "change_high": math.expm1(change.high)}
