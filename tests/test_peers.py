@@ -1,6 +1,6 @@
-"""Peer toolkits: llm-compressor runs our recipes on the same data and lands on the same grids; the
-translation refuses what it cannot express; the grid agreement and the peers table measure what
-they say."""
+"""Peer toolkits: llm-compressor and Brevitas run our recipes on the same data and land on the same
+grids; the translations refuse what they cannot express; the grid agreement and the peers table
+measure what they say."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from ptqrepro.errors import PtqError
 from ptqrepro.formats import QuantizedWeight, parse_format
 from ptqrepro.models.sources import load_model
 from ptqrepro.peers import TOOLKITS, Toolkit, toolkit
+from ptqrepro.peers import brevitas
 from ptqrepro.peers.llmcompressor import plan
 from ptqrepro.recipes import peer_from_spec, peer_spec, recipe_from_config
 from ptqrepro.report.peers import grid_agreement, peers_table
@@ -31,10 +32,17 @@ from conftest import prepare_tiny_run
 from test_dag import SNAKEMAKE, snakemake, tiny_config, write_config
 
 LLMC = TOOLKITS["llm-compressor"]
-needs_llmcompressor = pytest.mark.skipif(
-    LLMC.missing() is not None and not os.environ.get("PTQ_REQUIRE_PEERS"),
-    reason=f"peer tests need llm-compressor: {LLMC.missing()}",
-)
+BREVITAS = TOOLKITS["brevitas"]
+
+
+def needs(kit: Toolkit):
+    """Skip without the toolkit, unless CI requires the peers (PTQ_REQUIRE_PEERS): then its absence fails."""
+    return pytest.mark.skipif(kit.missing() is not None and not os.environ.get("PTQ_REQUIRE_PEERS"),
+                              reason=f"peer tests need {kit.name}: {kit.missing()}")
+
+
+needs_llmcompressor = needs(LLMC)
+needs_brevitas = needs(BREVITAS)
 
 
 # --- translation ------------------------------------------------------------------------------
@@ -42,7 +50,7 @@ needs_llmcompressor = pytest.mark.skipif(
 def test_gptq_translates_with_its_settings_and_names_the_group_difference():
     recipe = recipe_from_config("r", {"steps": [{"gptq": {"blocksize": 64, "percdamp": 0.05}}], "weight": "int4-g32-sym"})
     steps = plan(recipe)
-    (name, arguments), = steps.modifiers
+    (name, arguments), = steps.steps
     assert name == "GPTQModifier"
     assert (arguments["block_size"], arguments["dampening_frac"], arguments["actorder"]) == (64, 0.05, None)
     weights = arguments["config_groups"]["group_0"]["weights"]
@@ -51,20 +59,20 @@ def test_gptq_translates_with_its_settings_and_names_the_group_difference():
     assert arguments["ignore"] == ["lm_head"]
     assert any("group parameters" in difference and "groups reference" in difference for difference in steps.differences)
     static = plan(recipe_from_config("r", {"steps": [{"gptq": {"act_order": True}}], "weight": "int4-g32"}))
-    assert static.modifiers[0][1]["actorder"] == "static" and static.differences == []
+    assert static.steps[0][1]["actorder"] == "static" and static.differences == []
 
 
 def test_transforms_come_before_the_quantizer_and_activations_are_per_token():
     recipe = recipe_from_config("r", {"steps": [{"smoothquant": {"alpha": 0.7}}, "rtn"], "weight": "int8", "act": "int8"})
     steps = plan(recipe)
-    assert [name for name, _ in steps.modifiers] == ["SmoothQuantModifier", "QuantizationModifier"]
-    assert steps.modifiers[0][1] == {"smoothing_strength": 0.7}
-    scheme = steps.modifiers[1][1]["config_groups"]["group_0"]
+    assert [name for name, _ in steps.steps] == ["SmoothQuantModifier", "QuantizationModifier"]
+    assert steps.steps[0][1] == {"smoothing_strength": 0.7}
+    scheme = steps.steps[1][1]["config_groups"]["group_0"]
     assert scheme["weights"]["strategy"] == "channel" and "group_size" not in scheme["weights"]
     assert scheme["input_activations"] == {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
                                            "dynamic": True}
     awq = plan(recipe_from_config("r", {"steps": ["awq", "rtn"], "weight": "int4-g32"}))
-    assert awq.modifiers[0] == ("AWQModifier", {"n_grid": 20, "duo_scaling": False})
+    assert awq.steps[0] == ("AWQModifier", {"n_grid": 20, "duo_scaling": False})
     assert [difference.split(":")[0] for difference in awq.differences] == ["AWQ"]
     assert "clip" in awq.differences[0]
     linears = plan(recipe_from_config("r", {"steps": [{"awq": {"loss": "linears", "clip": False}}, "rtn"], "weight": "int4-g32"}))
@@ -81,6 +89,47 @@ def test_transforms_come_before_the_quantizer_and_activations_are_per_token():
 def test_what_llm_compressor_cannot_express_is_refused(spec, message):
     with pytest.raises(PtqError, match=message):
         plan(recipe_from_config("r", spec))
+
+
+def test_brevitas_runs_gptq_on_its_quantizers_with_their_settings():
+    recipe = recipe_from_config("r", {"steps": [{"gptq": {"act_order": True}}], "weight": "int4-g32"})
+    steps = brevitas.plan(recipe)
+    assert [name for name, _ in steps.steps] == ["quantize", "gptq"]
+    quantizers, gptq = steps.steps[0][1], steps.steps[1][1]
+    assert gptq == {"act_order": True}
+    assert {key: quantizers[key] for key in ("weight_bit_width", "weight_quant_type", "weight_quant_granularity",
+                                              "weight_group_size", "quantize_weight_zero_point")} == {
+        "weight_bit_width": 4, "weight_quant_type": "asym", "weight_quant_granularity": "per_group",
+        "weight_group_size": 32, "quantize_weight_zero_point": True}
+    assert "weight_kwargs" not in quantizers
+    assert [difference.split(",")[0] for difference in steps.differences] == ["GPTQ: true-sequential"]
+    exact = brevitas.plan(recipe_from_config("r", {"steps": [{"gptq": {"true_sequential": True, "groups": "static"}}],
+                                                   "weight": "int4-g32"}))
+    assert exact.differences == []
+
+
+def test_brevitas_runs_magr_first_on_a_shrunk_grid_and_names_its_penalty():
+    recipe = recipe_from_config("r", {"steps": [{"magr": {"iterations": 20}}, "gptq"], "weight": "int3-beta0.9"})
+    steps = brevitas.plan(recipe)
+    assert steps.steps[0] == ("magr", {"alpha": 1e-3, "num_steps": 20})
+    quantizers = steps.steps[1][1]
+    assert quantizers["weight_quant_granularity"] == "per_channel"
+    assert quantizers["weight_kwargs"] == {"scaling_affine_rescaling_init": 0.9}
+    assert sum(difference.startswith("MagR") for difference in steps.differences) == 2
+    symmetric = brevitas.plan(recipe_from_config("r", {"steps": ["rtn"], "weight": "int4-sym"}))
+    assert symmetric.steps[0][1]["weight_quant_type"] == "sym" and "symmetric grid" in symmetric.differences[0]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"steps": ["awq", "rtn"], "weight": "int4"}, "step 'awq' has no Brevitas equivalent"),
+    ({"steps": ["rtn"], "weight": "mxint4"}, "weight format mxint4"),
+    ({"steps": ["rtn"], "weight": "int8", "act": "int8"}, "activation quantization"),
+    ({"steps": [{"gptq": {"percdamp": 0.05}}], "weight": "int4"}, "damps by 0.01"),
+    ({"steps": ["magr", "gptq"], "weight": "int3-g64"}, "per-group MagR"),
+])
+def test_what_brevitas_cannot_express_is_refused(spec, message):
+    with pytest.raises(PtqError, match=message):
+        brevitas.plan(recipe_from_config("r", spec))
 
 
 # --- peer recipes in a config -----------------------------------------------------------------
@@ -104,7 +153,7 @@ def test_a_peer_recipe_runs_the_mirrored_recipe_at_its_seeds(tmp_path):
 @pytest.mark.parametrize("peer, mirrored, message", [
     ({"toolkit": "llm-compressor", "mirrors": "nope"}, None, "'mirrors' must name another recipe"),
     ({"toolkit": "llm-compressor"}, None, "'mirrors' must name another recipe"),
-    ({"toolkit": "brevitas", "mirrors": "gptq@int4-g32"}, None, "unknown peer toolkit 'brevitas'"),
+    ({"toolkit": "optimum", "mirrors": "gptq@int4-g32"}, None, "toolkit"),
     ({"toolkit": "llm-compressor", "mirrors": "gptq@int4-g32", "steps": ["rtn"]}, None, "only toolkit and mirrors"),
     ({"toolkit": "llm-compressor", "mirrors": "gptq@int4-g32"}, {"steps": ["magr", "gptq"], "weight": "int3"},
      "step 'magr' has no llm-compressor equivalent"),
@@ -199,17 +248,15 @@ def _float_grams(prepared) -> dict[str, torch.Tensor]:
     return {name: gram.float() for name, gram in grams.items()}
 
 
-@needs_llmcompressor
-@pytest.mark.slow
-@pytest.mark.parametrize("gptq", [{"groups": "static"}, {"act_order": True}])
-def test_llm_compressor_gptq_lands_on_our_grid_points(prepared, gptq):
-    """Same settings (static group parameters, as llm-compressor fits them): at least 95 % of the
-    weights on the same grid point and every linear's layer error ||X(W - Ŵ)ᵀ||² within 1 %."""
-    mirrored = {"steps": [{"gptq": gptq}], "weight": "int4-g32"}
+def _same_grid_as_ours(prepared, kit: Toolkit, prefix: str, gptq: dict, weight: str = "int4-g32"):
+    """Our recipe and the peer with the same settings: at least 95 % of the weights on the same grid
+    point and every linear's layer error ||X(W - Ŵ)ᵀ||² within 1 %; the peer's result names its
+    version and no difference."""
+    mirrored = {"steps": [{"gptq": gptq}], "weight": weight}
     name = "gptq-" + "-".join(f"{key}-{value}" for key, value in gptq.items())
     ours = load_artifact(_quantize(prepared, name, mirrored))
-    peer = load_artifact(_quantize(prepared, f"llmc-{name}", {"toolkit": "llm-compressor", "mirrors": name, **mirrored}))
-    assert peer.manifest["toolkit"] == "llm-compressor" and peer.manifest["mirrors"] == name
+    peer = load_artifact(_quantize(prepared, f"{prefix}-{name}", {"toolkit": kit.name, "mirrors": name, **mirrored}))
+    assert peer.manifest["toolkit"] == kit.name and peer.manifest["mirrors"] == name
     assert grid_agreement(ours, peer)["same_grid_point"] >= 0.95
     model, _ = load_model(prepared / "model", dtype="float32")
     for linear, gram in _float_grams(prepared).items():
@@ -217,8 +264,43 @@ def test_llm_compressor_gptq_lands_on_our_grid_points(prepared, gptq):
         error_ours = float(output_error(weight - ours.quantized[linear].dequantize(), gram))
         error_peer = float(output_error(weight - peer.quantized[linear].dequantize(), gram))
         assert error_peer == pytest.approx(error_ours, rel=0.01), linear
-    result = json.loads((prepared / "metrics" / f"llmc-{name}" / "quantize.json").read_text())
-    assert result["toolkit_version"] == LLMC.version() and result["differences"] == []
+    result = json.loads((prepared / "metrics" / f"{prefix}-{name}" / "quantize.json").read_text())
+    assert result["toolkit_version"] == kit.version() and result["differences"] == []
+
+
+@needs_llmcompressor
+@pytest.mark.slow
+@pytest.mark.parametrize("gptq", [{"groups": "static"}, {"act_order": True}])
+def test_llm_compressor_gptq_lands_on_our_grid_points(prepared, gptq):
+    """Static group parameters, as llm-compressor fits them."""
+    _same_grid_as_ours(prepared, LLMC, "llmc", gptq)
+
+
+@needs_brevitas
+@pytest.mark.slow
+@pytest.mark.parametrize("gptq, weight", [({"groups": "static", "true_sequential": True}, "int4-g32"),
+                                          ({"act_order": True, "true_sequential": True}, "int3-beta0.9")])
+def test_brevitas_gptq_lands_on_our_grid_points(prepared, gptq, weight):
+    """True-sequential with static group parameters, as Brevitas quantizes; MagR's shrunk grid."""
+    _same_grid_as_ours(prepared, BREVITAS, "brv", gptq, weight)
+
+
+@needs_brevitas
+@pytest.mark.slow
+def test_brevitas_magr_lowers_the_largest_weights_that_gptq_then_quantizes(prepared):
+    """MagR before GPTQ: a grid of smaller steps than the same GPTQ without it (MagR shrank each
+    row's largest magnitudes), and the differences it names in the result."""
+    plain = {"steps": [{"gptq": {"true_sequential": True}}], "weight": "int3"}
+    with_magr = {"steps": [{"magr": {"iterations": 30}}, {"gptq": {"true_sequential": True}}], "weight": "int3"}
+    without = load_artifact(_quantize(prepared, "brv-gptq", {"toolkit": "brevitas", "mirrors": "gptq", **plain}))
+    magr = load_artifact(_quantize(prepared, "brv-magr", {"toolkit": "brevitas", "mirrors": "magr", **with_magr}))
+    for linear, quantized in magr.quantized.items():
+        assert bool((quantized.params["scale"] <= without.quantized[linear].params["scale"] * (1 + 1e-6)).all()), linear
+    smaller = [float((quantized.params["scale"] < without.quantized[linear].params["scale"]).float().mean())
+               for linear, quantized in magr.quantized.items()]
+    assert min(smaller) > 0.5
+    result = json.loads((prepared / "metrics" / "brv-magr" / "quantize.json").read_text())
+    assert [difference.split(":")[0] for difference in result["differences"]] == ["MagR", "MagR"]
 
 
 @needs_llmcompressor

@@ -6,7 +6,8 @@ A *peer recipe* names a toolkit and the recipe of ours it mirrors::
     llmc-gptq@int4-g64: {toolkit: llm-compressor, mirrors: gptq@int4-g64}
 
 The toolkit runs the mirrored recipe's steps with the same settings and formats, translated by its
-module (``plan``); whatever the toolkit cannot express is an error at planning time, whatever it
+module (``plan``, which imports nothing of the toolkit, so a config is checked without it);
+whatever the toolkit cannot express is an error at planning time, whatever it
 does differently is listed in the plan's ``differences`` (and in the job's result). The toolkit's
 quantized model is stored as our artifact (codes and parameters on our grids), so perplexity,
 zero-shot and export read it like any other. Toolkits are optional dependencies (``pip install -e
@@ -17,10 +18,27 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 
 from ptqrepro.errors import PtqError
+from ptqrepro.pipeline import QuantizationResult
+
+
+@dataclass
+class PeerPlan:
+    """A toolkit's steps as (its name for the step, keyword arguments), and how they differ from ours."""
+
+    steps: list[tuple[str, dict]]
+    differences: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PeerResult:
+    result: QuantizationResult
+    differences: list[str]
+    seconds: float
+    """The toolkit's own calls alone."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +70,7 @@ class Toolkit:
 
 TOOLKITS = {
     "llm-compressor": Toolkit("llm-compressor", "llmcompressor", "llmcompressor", "ptqrepro.peers.llmcompressor"),
+    "brevitas": Toolkit("brevitas", "brevitas", "brevitas", "ptqrepro.peers.brevitas"),
 }
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
 from unittest import mock
 
 import torch
@@ -43,18 +42,11 @@ from ptqrepro.errors import PtqError
 from ptqrepro.formats import QuantizedWeight
 from ptqrepro.formats.integer import IntFormat
 from ptqrepro.models.adapters import architecture_of, decoder_layers, layer_linears
+from ptqrepro.peers import PeerPlan, PeerResult
 from ptqrepro.pipeline import QuantizationResult
 from ptqrepro.recipes import Recipe
 
 IGNORED = ["lm_head"]
-
-
-@dataclass
-class PeerPlan:
-    """llm-compressor modifiers as (class name, keyword arguments), and how they differ from ours."""
-
-    modifiers: list[tuple[str, dict]]
-    differences: list[str] = field(default_factory=list)
 
 
 def scheme_arguments(recipe: Recipe) -> dict:
@@ -109,7 +101,7 @@ def plan(recipe: Recipe) -> PeerPlan:
         else:
             raise PtqError(f"llm-compressor: recipe {recipe.name!r}: step {step.name!r} has no llm-compressor equivalent "
                            "(rtn, gptq, awq and smoothquant have)")
-    return PeerPlan(modifiers=modifiers, differences=differences)
+    return PeerPlan(steps=modifiers, differences=differences)
 
 
 def _modifier(name: str, arguments: dict):
@@ -120,14 +112,6 @@ def _modifier(name: str, arguments: dict):
         if hasattr(namespace, name):
             return getattr(namespace, name)(**arguments)
     raise PtqError(f"llm-compressor has no modifier {name}")
-
-
-@dataclass
-class PeerResult:
-    result: QuantizationResult
-    differences: list[str]
-    seconds: float
-    """The toolkit's ``oneshot`` alone."""
 
 
 def quantize(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor) -> PeerResult:
@@ -148,7 +132,7 @@ def quantize(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor) -> PeerR
     with _without_pinned_memory():
         oneshot(
             model=model, processor=_NoProcessor(), dataset=torch.utils.data.DataLoader(batches, batch_size=None),
-            recipe=[_modifier(name, arguments) for name, arguments in steps.modifiers],
+            recipe=[_modifier(name, arguments) for name, arguments in steps.steps],
             num_calibration_samples=len(batches), max_seq_length=input_ids.shape[1],
             shuffle_calibration_samples=False, pipeline="sequential",
         )
