@@ -33,6 +33,7 @@ asymmetric codes are ours as they are, signed symmetric ones are shifted by ``2^
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from unittest import mock
 
@@ -162,10 +163,12 @@ def quantize(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor) -> PeerR
 @contextlib.contextmanager
 def _on_device(gpxq, device: torch.device):
     """Brevitas's decoder-layer loop (``block_optimization``) moves each cached input to "cuda";
-    send them to the model's device instead, so that it also runs on a CPU."""
+    send them to the model's device instead, so that it also runs on a CPU. Its progress bars (one
+    per linear and step) are turned off: the job's log keeps our lines."""
     from accelerate.utils.operations import send_to_device
 
-    with mock.patch.object(gpxq, "send_to_device", lambda tensors, _device: send_to_device(tensors, device)):
+    with mock.patch.object(gpxq, "send_to_device", lambda tensors, _device: send_to_device(tensors, device)), \
+            mock.patch.dict(os.environ, {"TQDM_DISABLE": "1"}):
         yield
 
 
