@@ -12,9 +12,8 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from ptqrepro.cluster import check_resources, job_request, rule_resources, rule_threads, slurm_target
+from ptqrepro.cluster import job_request, resource_errors, rule_resources, rule_threads, slurm_target
 from ptqrepro.config import recipe_seeds
-from ptqrepro.errors import PtqError
 
 from test_dag import REPO
 
@@ -93,15 +92,26 @@ def test_rule_resources_are_functions_of_the_jobs_model():
 def test_a_bad_resources_entry_is_one_clear_error(change, message):
     bad = config()
     change(bad)
-    with pytest.raises(PtqError, match=re.escape(message)):
-        check_resources(bad)
+    errors = resource_errors(bad)
+    assert any(message in error for error in errors), errors
+
+
+def test_every_bad_resources_entry_is_an_error_of_its_own():
+    bad = config()
+    bad["resources"]["by_model"].update(huge={"quantize": {"mem_mb": 1}})
+    bad["resources"]["by_model"]["large"].update(eval_ppl={"runtime": 60, "mem_mb": 4000})
+    assert resource_errors(bad) == [
+        "resources.by_model: huge not in the config's models",
+        "resources.by_model.large.eval_ppl.mem_mb: set resources.eval_ppl.mem_mb too, the value for the other models",
+        "resources.by_model.large.eval_ppl.runtime: set resources.eval_ppl.runtime too, the value for the other models",
+    ]
 
 
 def test_grouped_evaluations_with_one_gpu_model_pass():
     good = config()
     good["eval"]["zeroshot"] = {"tasks": ["piqa"]}
     good["resources"]["eval_zeroshot"] = {"gpu_model": "a100", "runtime": 30}
-    check_resources(good)
+    assert resource_errors(good) == []
 
 
 @pytest.mark.parametrize(
