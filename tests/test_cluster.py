@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -175,13 +176,14 @@ def test_the_default_config_keeps_its_artifacts():
     assert "Would remove temporary output" not in shown
 
 
-GPU_SLOT = REPO / "workflow" / "scripts" / "gpu-slot"
+GPU_SLOT = Path(sys.executable).parent / "ptqrepro-gpu-slot"
+"""The command the rules start their GPU jobs through (ptqrepro.gpuslot), as pip installed it."""
 SHOW = ["sh", "-c", 'echo "$(date +%s.%N) ${CUDA_VISIBLE_DEVICES-unset}"; sleep 1']
 """A job's stand-in: when it started and the GPUs it sees (then it holds them for a second)."""
 
 
 def gpu_slot(gpus, device, environ, slots):
-    """workflow/scripts/gpu-slot started on SHOW, without waiting."""
+    """ptqrepro-gpu-slot started on SHOW, without waiting."""
     env = {key: value for key, value in os.environ.items() if key not in ("SLURM_JOB_ID", "CUDA_VISIBLE_DEVICES")}
     return subprocess.Popen([GPU_SLOT, str(gpus), device, *SHOW], stdout=subprocess.PIPE, text=True,
                             env={**env, "PTQ_GPU_SLOTS": str(slots), **environ})

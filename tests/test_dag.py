@@ -241,6 +241,22 @@ def test_where_jobs_keep_their_data_and_their_threads_rerun_nothing(rerun_workdi
     assert dry_run_jobs(rerun_workdir) == {}
 
 
+def test_where_jobs_keep_their_data_reaches_their_commands(tmp_path, tiny_model_dir, tiny_corpus):
+    """calibration.offload and eval.placement, passed as the resources `offload` and `placement`
+    (no rerun trigger), are what the quantize and evaluation commands get."""
+    config = tiny_config(tiny_model_dir, tiny_corpus)
+    config["calibration"]["offload"] = "cpu"
+    config["eval"]["placement"] = "whole"
+    write_config(tmp_path, config)
+    run = snakemake(tmp_path, "-n", "-p")
+    assert run.returncode == 0, run.stderr[-3000:]
+    commands = {rule: [line for line in run.stdout.splitlines() if f"ptqrepro {rule} " in line]
+                for rule in ("quantize", "eval-ppl", "eval-zeroshot")}
+    assert all(commands.values()), commands
+    assert all("--offload cpu " in line for line in commands["quantize"])
+    assert all("--placement whole " in line for line in commands["eval-ppl"] + commands["eval-zeroshot"])
+
+
 CHROMIUM_REQUIRED = os.environ.get("PTQ_REQUIRE_CHROMIUM") == "1"
 """Set by .ci/run, which installs Chromium: there a missing browser fails the report test."""
 def headless_chromium():
