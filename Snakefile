@@ -5,16 +5,20 @@
 #
 # Every job calls the `ptqrepro` command line, so each one can also be run by hand.
 
-import json
 import os
-import re
-import shlex
 import sys
 
 from snakemake.utils import min_version, validate
 
 from ptqrepro.cluster import rule_resources, rule_threads
-from ptqrepro.config import calibration_dtype, check_config, check_config_files, check_schema, recipe_job_spec, recipe_seeds
+from ptqrepro.config import (
+    calibration_dtype,
+    check_config,
+    check_config_files,
+    check_schema,
+    recipe_job_spec,
+    recipe_seeds,
+)
 from ptqrepro.errors import PtqError
 from ptqrepro.peers import toolkit
 from ptqrepro.preflight import preflight
@@ -31,6 +35,9 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
+# Each check lists every error it finds, one line each, and the next runs once it passes: it reads
+# what the one before checked (duplicate keys, the schema, the config's consistency, then the models'
+# shapes and this machine). Nothing is run, written or deleted before they all pass.
 try:
     check_config_files(workflow.configfiles)
     check_schema(config, os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml"))
@@ -43,9 +50,12 @@ try:
 except PtqError as error:
     sys.exit(f"config error: {error}")
 
+# Offline (the default config): no job's hub library reaches the network. Set here, not asked of the
+# user, so not `envvars:` (which stops where one is unset): online, what the user set stays and
+# nothing else is set (HF_DATASETS_OFFLINE=0 would override a user's HF_HUB_OFFLINE for datasets).
+# A job's Snakemake on a cluster node reads the config and sets them again.
 if config["offline"]:
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
 # glibc hands every freed block over 32 MB back to the kernel and faults in fresh zeroed pages on
 # the next allocation; the jobs allocate and free such tensors (activations, logits) by the
@@ -53,6 +63,7 @@ if config["offline"]:
 # SmolLM2 at a 8 % higher peak RSS. A value already in the environment wins.
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 30))
 os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 34))
+
 
 # GPUs are a per-node pool: on a cluster each submission (one job, or one group of evaluations) gets
 # its own `--resources gpu=N`, and only SLURM counts them across jobs; locally it bounds the whole run.
@@ -63,17 +74,6 @@ resource_scopes:
 # Every rule other than quantize, dwr and the evaluations: no GPU; memory and wall time from
 # `resources.other`, partition and account as every job (ptqrepro.cluster).
 OTHER_RESOURCES = rule_resources(config, "other")
-
-# `{GPU_SLOT} GPUS DEVICE COMMAND`: a GPU job on a GPU of its own where several run on one machine
-# (profiles/local); the command as it is without a GPU, on a pinned cuda:N, or under SLURM.
-GPU_SLOT = shlex.quote(os.path.join(workflow.basedir, "workflow", "scripts", "gpu-slot"))
-
-
-def quantized_artifact(path):
-    """A quantized model's folder: temp() under storage.temporary_artifacts, so Snakemake deletes it
-    once every job that reads it (its evaluations, a DWR search on it) has finished."""
-    return temp(directory(path)) if config["storage"]["temporary_artifacts"] else directory(path)
-
 
 MODELS = list(config["models"])
 # Peer recipes (a toolkit runs one of our recipes: ptqrepro.peers) whose toolkit is installed; the
@@ -98,47 +98,14 @@ SEEDS = {recipe: recipe_seeds(config, recipe) for recipe in RECIPES}
 SEEDED_RUNS = [(model, recipe, seed) for model, recipe in RUNS for seed in SEEDS[recipe]]
 
 
-def recipe_entry(name):
-    """A recipe's entry as the quantize/dwr command reads it: without the keys that choose its jobs
-    (`models`, `seeds`, `calibration_dtype`), a peer's with the steps of the recipe it mirrors."""
-    return recipe_job_spec(config, name)
-
-
-def recipe_spec(name):
-    """A recipe's entry as the quantize/dwr command reads it, as JSON."""
-    return json.dumps(recipe_entry(name))
-
-
-def one_of(names):
-    """A wildcard pattern matching exactly these names (none: matches nothing)."""
-    return "|".join(re.escape(name) for name in names) or "(?!)"
-
-
-def job_cost(name):
-    """A recipe job's rough run time in calibration passes (Recipe/DwrSettings.relative_cost)."""
-    entry = recipe_entry(name)
-    if is_reconstruction(entry):
-        return reconstruction_from_config(name, entry).settings.relative_cost(CALIB["nsamples"])
-    if is_peer(entry):
-        return job_cost(entry["mirrors"])
-    return recipe_from_config(name, entry).relative_cost()
-
-
-def longest_first(wildcards):
-    """Priority of a quantize or dwr job: its cost plus that of the DWR searches waiting on it, so
-    that the longest chains start first and the short evaluations (priority 0) fill the end."""
-    waiting = [name for name in RECONSTRUCTIONS if config["recipes"][name]["base"] == wildcards.recipe]
-    return 1 + round(10 * sum(job_cost(name) for name in [wildcards.recipe, *waiting]))
-
-
 # Every setting that changes a result reaches its jobs through the rule's `params:` (or the output
 # path), so that changing it reruns exactly the jobs it affects (Snakemake's default rerun triggers:
 # params, code, input, mtime); Snakemake records a param's value without its name, so a rule's
-# evaluation settings form one mapping (`protocol`) whose record names each. The shell commands read
-# calibration.offload and eval.placement from the config, outside `params:`, so that changing them
-# reruns nothing: where a job keeps its data gives the same results (config/README.md, README "On a
-# cluster"); so do the threads and resources a job gets. `device` is a param: a GPU's arithmetic is
-# not the CPU's.
+# evaluation settings form one mapping (`protocol`) whose record names each. Where a job keeps its
+# data (calibration.offload, eval.placement) gives the same results (config/README.md, README "On a
+# cluster"), so the rules pass it as a resource (`offload`, `placement`), which is no rerun trigger:
+# changing it reruns nothing; nor do the threads and the other resources a job gets. `device` is a
+# param: a GPU's arithmetic is not the CPU's.
 PPL = config["eval"]["ppl"]
 # The recipes of the report (`snakemake`, rule all): every recipe but the peer recipes, which
 # `snakemake peers` runs (workflow/rules/peers.smk), unless a claim names them.
@@ -148,12 +115,14 @@ REPORTED_RUNS = [(model, recipe, seed) for model, recipe, seed in SEEDED_RUNS if
 # Recipes scored zero-shot: eval.zeroshot.recipes, or every reported recipe; at each recipe's first seed.
 ZEROSHOT_RUNS = (
     [(m, r, SEEDS[r][0]) for m, r in RUNS if r in (config["eval"]["zeroshot"].get("recipes") or REPORTED)]
-    if config["eval"].get("zeroshot") else []
+    if config["eval"].get("zeroshot")
+    else []
 )
 ZEROSHOT_RECIPES = sorted({recipe for _, recipe, _ in ZEROSHOT_RUNS})
 STEP_NAMES = {
-    name: {step.name for step in recipe_from_config(name, recipe_entry(name)).steps}
-    for name in QUANTIZATIONS if name not in PEERS
+    name: {step.name for step in recipe_from_config(name, recipe_job_spec(config, name)).steps}
+    for name in QUANTIZATIONS
+    if name not in PEERS
 }
 MAGR_RUNS = [(model, recipe) for model, recipe in RUNS if "magr" in STEP_NAMES.get(recipe, ())]
 HAS_LOW_RANK = any(names & {"lqer", "l2qer"} for names in STEP_NAMES.values())
@@ -163,7 +132,9 @@ CALIBRATION_FILE = "results/calibration/{model}/" + "{corpus}-n{nsamples}-l{seql
 RUN_DIR = "{model}/{recipe}/s{seed}"
 # How the tables' and claims' intervals are computed (ptqrepro.report.uncertainty; the schema
 # fills in its defaults).
-BOOTSTRAP = "--bootstrap-samples {bootstrap_samples} --bootstrap-seed {seed} --level {level}".format(**config["uncertainty"])
+BOOTSTRAP = "--bootstrap-samples {bootstrap_samples} --bootstrap-seed {seed} --level {level}".format(
+    **config["uncertainty"]
+)
 
 
 wildcard_constraints:
@@ -189,6 +160,7 @@ TABLE_FIGURES = [
 CONDA_ENV = "../../envs/ptqrepro.yaml"
 
 
+include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/quantize.smk"
 include: "workflow/rules/evaluate.smk"

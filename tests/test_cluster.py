@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,9 +13,8 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from ptqrepro.cluster import check_resources, job_request, rule_resources, rule_threads, slurm_target
+from ptqrepro.cluster import job_request, resource_errors, rule_resources, rule_threads, slurm_target
 from ptqrepro.config import recipe_seeds
-from ptqrepro.errors import PtqError
 
 from test_dag import REPO
 
@@ -93,15 +93,26 @@ def test_rule_resources_are_functions_of_the_jobs_model():
 def test_a_bad_resources_entry_is_one_clear_error(change, message):
     bad = config()
     change(bad)
-    with pytest.raises(PtqError, match=re.escape(message)):
-        check_resources(bad)
+    errors = resource_errors(bad)
+    assert any(message in error for error in errors), errors
+
+
+def test_every_bad_resources_entry_is_an_error_of_its_own():
+    bad = config()
+    bad["resources"]["by_model"].update(huge={"quantize": {"mem_mb": 1}})
+    bad["resources"]["by_model"]["large"].update(eval_ppl={"runtime": 60, "mem_mb": 4000})
+    assert resource_errors(bad) == [
+        "resources.by_model: huge not in the config's models",
+        "resources.by_model.large.eval_ppl.mem_mb: set resources.eval_ppl.mem_mb too, the value for the other models",
+        "resources.by_model.large.eval_ppl.runtime: set resources.eval_ppl.runtime too, the value for the other models",
+    ]
 
 
 def test_grouped_evaluations_with_one_gpu_model_pass():
     good = config()
     good["eval"]["zeroshot"] = {"tasks": ["piqa"]}
     good["resources"]["eval_zeroshot"] = {"gpu_model": "a100", "runtime": 30}
-    check_resources(good)
+    assert resource_errors(good) == []
 
 
 @pytest.mark.parametrize(
@@ -165,13 +176,14 @@ def test_the_default_config_keeps_its_artifacts():
     assert "Would remove temporary output" not in shown
 
 
-GPU_SLOT = REPO / "workflow" / "scripts" / "gpu-slot"
+GPU_SLOT = Path(sys.executable).parent / "ptqrepro-gpu-slot"
+"""The command the rules start their GPU jobs through (ptqrepro.gpuslot), as pip installed it."""
 SHOW = ["sh", "-c", 'echo "$(date +%s.%N) ${CUDA_VISIBLE_DEVICES-unset}"; sleep 1']
 """A job's stand-in: when it started and the GPUs it sees (then it holds them for a second)."""
 
 
 def gpu_slot(gpus, device, environ, slots):
-    """workflow/scripts/gpu-slot started on SHOW, without waiting."""
+    """ptqrepro-gpu-slot started on SHOW, without waiting."""
     env = {key: value for key, value in os.environ.items() if key not in ("SLURM_JOB_ID", "CUDA_VISIBLE_DEVICES")}
     return subprocess.Popen([GPU_SLOT, str(gpus), device, *SHOW], stdout=subprocess.PIPE, text=True,
                             env={**env, "PTQ_GPU_SLOTS": str(slots), **environ})

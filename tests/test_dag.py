@@ -241,6 +241,22 @@ def test_where_jobs_keep_their_data_and_their_threads_rerun_nothing(rerun_workdi
     assert dry_run_jobs(rerun_workdir) == {}
 
 
+def test_where_jobs_keep_their_data_reaches_their_commands(tmp_path, tiny_model_dir, tiny_corpus):
+    """calibration.offload and eval.placement, passed as the resources `offload` and `placement`
+    (no rerun trigger), are what the quantize and evaluation commands get."""
+    config = tiny_config(tiny_model_dir, tiny_corpus)
+    config["calibration"]["offload"] = "cpu"
+    config["eval"]["placement"] = "whole"
+    write_config(tmp_path, config)
+    run = snakemake(tmp_path, "-n", "-p")
+    assert run.returncode == 0, run.stderr[-3000:]
+    commands = {rule: [line for line in run.stdout.splitlines() if f"ptqrepro {rule} " in line]
+                for rule in ("quantize", "eval-ppl", "eval-zeroshot")}
+    assert all(commands.values()), commands
+    assert all("--offload cpu " in line for line in commands["quantize"])
+    assert all("--placement whole " in line for line in commands["eval-ppl"] + commands["eval-zeroshot"])
+
+
 CHROMIUM_REQUIRED = os.environ.get("PTQ_REQUIRE_CHROMIUM") == "1"
 """Set by .ci/run, which installs Chromium: there a missing browser fails the report test."""
 def headless_chromium():
@@ -281,8 +297,34 @@ def test_bad_config_stops_before_any_job(tmp_path, tiny_model_dir, tiny_corpus, 
     write_config(tmp_path, tiny_config(tiny_model_dir, tiny_corpus, None if recipes == "claims" else recipes, claims))
     run = snakemake(tmp_path, "-n")
     assert run.returncode != 0
-    assert f"config error: {message}" in run.stdout + run.stderr
+    assert f"config error: 1 error(s) in the config:\n  {message}" in run.stdout + run.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_every_error_of_a_config_stops_the_dry_run_at_once(tmp_path, tiny_model_dir, tiny_corpus):
+    """Independent errors of one config (an unknown step, an unparsable format, a recipe on a model
+    the config lacks, a claim and the zero-shot recipes naming recipes it lacks): one refusal of
+    `snakemake -n` lists each in a line of its own, before any job; results/ is left as it was."""
+    config = tiny_config(tiny_model_dir, tiny_corpus)
+    config["recipes"] |= {"bad": {"steps": ["rtn", "warp"], "weight": "int4"},
+                          "fmt": {"steps": ["rtn"], "weight": "int4-gx"},
+                          "elsewhere": {"steps": ["rtn"], "weight": "int4", "models": ["huge"]}}
+    config["claims"].append({"paper": "X", "claim": "c", "below": ["fp16", "gone"]})
+    config["eval"]["zeroshot"]["recipes"] = ["rtn@int4-g16", "missing"]
+    write_config(tmp_path, config)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "kept.json").write_text("{}")
+    run = snakemake(tmp_path, "-n")
+    assert run.returncode != 0
+    lines = run.stderr.splitlines()
+    heading = lines.index("config error: 5 error(s) in the config:")
+    listed = lines[heading + 1:heading + 6]
+    for expected in ["recipe 'bad': unknown step 'warp'", "cannot parse format 'int4-gx'",
+                     "recipe 'elsewhere': models huge are not in the config's models",
+                     "claim 3 ('c'): recipe(s) gone not in the config's recipes",
+                     "eval.zeroshot.recipes: missing not in the config's recipes"]:
+        assert sum(line.startswith("  ") and expected in line for line in listed) == 1, (expected, listed)
+    assert [path.name for path in (tmp_path / "results").rglob("*")] == ["kept.json"]
 
 
 def test_a_key_given_twice_in_a_config_file_stops_before_any_job(tmp_path, tiny_model_dir, tiny_corpus):
@@ -311,7 +353,7 @@ def test_one_seed_or_a_list_of_seeds_not_both(tmp_path, tiny_model_dir, tiny_cor
     config["calibration"]["seeds"] = [0, 1]
     write_config(tmp_path, config)
     run = snakemake(tmp_path, "-n")
-    assert run.returncode != 0 and "config error: calibration: give 'seeds' (a list) or 'seed' (one), not both" in run.stdout + run.stderr
+    assert run.returncode != 0 and "  calibration: give 'seeds' (a list) or 'seed' (one), not both\n" in run.stdout + run.stderr
     del config["calibration"]["seed"]
     write_config(tmp_path, config)
     run = snakemake(tmp_path, "-n")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 
-from ptqrepro.errors import PtqError
 
 GPU_RULES = ("quantize", "dwr", "eval_ppl", "eval_zeroshot")
 """The rules that compute on the model (on ``device``); every other rule asks for no GPU."""
@@ -84,30 +83,29 @@ def rule_threads(config: dict, rule: str) -> Callable:
     return lambda wildcards: job_request(config, rule, getattr(wildcards, "model", None))["cpus"]
 
 
-def check_resources(config: dict) -> None:
-    """Stop on what the schema cannot see: ``resources.by_model`` naming a model the config does not
-    have, or setting a size or time that its rule's own entry leaves unset; and the evaluations of
-    one quantized model (one submission) asking for different GPU models."""
+def resource_errors(config: dict) -> list[str]:
+    """What the schema cannot see, one message each: ``resources.by_model`` naming a model the config
+    does not have, or setting a size or time that its rule's own entry leaves unset; and the
+    evaluations of one quantized model (one submission) asking for different GPU models."""
     by_model = _by_model(config)
     unknown = sorted(set(by_model) - set(config["models"]))
-    if unknown:
-        raise PtqError(f"resources.by_model: {', '.join(unknown)} not in the config's models")
-    for model, rules in by_model.items():
-        for rule, entry in rules.items():
-            for key in SIZED:
-                if key in (entry or {}) and key not in _entry(config, rule):
-                    raise PtqError(f"resources.by_model.{model}.{rule}.{key}: set resources.{rule}.{key} "
-                                   "too, the value for the other models")
+    errors = [f"resources.by_model: {', '.join(unknown)} not in the config's models"] if unknown else []
+    errors += [
+        f"resources.by_model.{model}.{rule}.{key}: set resources.{rule}.{key} too, the value for the other models"
+        for model, rules in by_model.items() for rule, entry in rules.items()
+        for key in SIZED if key in (entry or {}) and key not in _entry(config, rule)
+    ]
     if not config["eval"].get("zeroshot"):
-        return
+        return errors
     for model in config["models"]:
         gpu_models = {rule: job_request(config, rule, model)["gpu_model"] for rule in GROUPED_EVALUATIONS}
         if len(set(gpu_models.values())) > 1:
-            raise PtqError(
+            errors.append(
                 f"resources: eval_ppl and eval_zeroshot of model {model!r} ask for GPU models "
                 f"{gpu_models['eval_ppl']!r} and {gpu_models['eval_zeroshot']!r}, but the evaluations "
                 "of one quantized model run as one submission: give them the same gpu_model"
             )
+    return errors
 
 
 def _entry(config: dict, rule: str) -> dict:

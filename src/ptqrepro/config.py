@@ -4,15 +4,16 @@ The Snakefile re-reads each config file with ``check_config_files`` first (Snake
 keeps the last of a key given twice), validates the config against
 ``workflow/schemas/config.schema.yaml`` (``check_schema``: every violation at once), then calls
 ``check_config`` so that a bad model source, an unknown corpus, a recipe naming a missing step or
-an unparsable format string stops the DAG before any job runs, in one line; what needs the
-models' shapes or the machine follows (``ptqrepro.preflight``).
+an unparsable format string stops the DAG before any job runs: every such error at once, one line
+each; what needs the models' shapes or the machine follows (``ptqrepro.preflight``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-from ptqrepro.cluster import check_resources
+from ptqrepro.cluster import resource_errors
 from ptqrepro.data.corpora import corpus_spec
 from ptqrepro.errors import PtqError
 from ptqrepro.eval.zeroshot import LOCAL_TASKS
@@ -104,9 +105,15 @@ def _checked_seeds(seeds, key: str) -> list[int]:
 def check_config_files(paths: list[str]) -> None:
     """Re-read each config file with ``io.load_yaml``, which refuses a key given twice in a mapping
     at any depth: Snakemake's loader keeps the last, so a recipe defined twice would silently be
-    the second one."""
+    the second one. One ``PtqError`` names every such key of every file, one line each."""
+    errors = []
     for path in paths:
-        load_yaml(Path(path).read_text(), str(path))
+        try:
+            load_yaml(Path(path).read_text(), str(path))
+        except PtqError as error:
+            errors.append(str(error))
+    if errors:
+        raise PtqError("\n".join(errors))
 
 
 def check_schema(config: dict, schema_path: str | Path) -> None:
@@ -126,43 +133,91 @@ def _key(path) -> str:
     return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
 
 
+class ConfigError(PtqError):
+    """Every error ``check_config`` found in a config, one per line."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        lines = "\n".join(f"  {error}" for error in errors)
+        super().__init__(f"{len(errors)} error(s) in the config:\n{lines}")
+
+
 def check_config(config: dict) -> None:
+    """The consistency of a schema-validated config: model sources, corpora, calibration seeds, each
+    recipe (the models it names; its steps and formats, then its seeds), the claims, zero-shot and
+    the resources. Every check runs whatever the others found; one ``ConfigError`` lists each error
+    once (a recipe's seeds are checked only where its steps passed: they read them)."""
+    errors: list[str] = []
+
+    def passes(check: Callable, *args) -> bool:
+        """``check(*args)``; a ``PtqError`` it raises is one more error."""
+        try:
+            check(*args)
+        except PtqError as error:
+            errors.append(str(error))
+            return False
+        return True
+
     for name, entry in config["models"].items():
-        ModelSource.from_config(name, entry)
+        passes(ModelSource.from_config, name, entry)
+    for name in _corpora(config):
+        passes(corpus_spec, name, config.get("corpora", {}).get(name))
+    passes(calibration_seeds, config)
+    if not config["recipes"]:
+        errors.append("config key 'recipes' is empty: name at least one recipe")
+    for name in config["recipes"]:
+        passes(_check_recipe_models, config, name)
+        if passes(_check_recipe_steps, config, name):
+            passes(recipe_seeds, config, name)
+    passes(claims_from_config, config.get("claims", []), config["recipes"])
+    zeroshot = config["eval"].get("zeroshot") or {}
+    passes(_check_zeroshot_recipes, zeroshot, config["recipes"])
+    passes(_check_local_tasks, zeroshot)
+    errors += resource_errors(config)
+    if errors:
+        raise ConfigError(list(dict.fromkeys(errors)))
+
+
+def _corpora(config: dict) -> set[str]:
+    """Every corpus the config names: defined under ``corpora``, calibrated on, evaluated on, or the
+    source of the local zero-shot tasks."""
     zeroshot = config["eval"].get("zeroshot") or {}
     corpora = set(config.get("corpora", {})) | {config["calibration"]["corpus"], *config["eval"]["ppl"]["datasets"]}
-    corpora |= {zeroshot["corpus"]} if zeroshot.get("corpus") else set()
-    for name in corpora:
-        corpus_spec(name, config.get("corpora", {}).get(name))
-    calibration_seeds(config)
-    for name, entry in config["recipes"].items():
-        models = entry.get("models") or []
-        entry = recipe_entry(entry)
-        unknown = [model for model in models if model not in config["models"]]
-        if unknown:
-            raise PtqError(f"recipe {name!r}: models {', '.join(unknown)} are not in the config's models")
-        if is_peer(entry):
-            peer_from_spec(name, recipe_job_spec(config, name))
-        elif is_reconstruction(entry):
-            reconstruction_from_config(name, entry, config["recipes"])
-            base_models = config["recipes"][entry["base"]].get("models")
-            if base_models and set(models or config["models"]) - set(base_models):
-                raise PtqError(f"recipe {name!r}: runs on models its base {entry['base']!r} does not")
-        else:
-            recipe_from_config(name, entry)
-    for name in config["recipes"]:
-        recipe_seeds(config, name)
-    if not config["recipes"]:
-        raise PtqError("config key 'recipes' is empty: name at least one recipe")
-    claims_from_config(config.get("claims", []), config["recipes"])
-    _check_zeroshot(zeroshot, config["recipes"])
-    check_resources(config)
+    return corpora | ({zeroshot["corpus"]} if zeroshot.get("corpus") else set())
 
 
-def _check_zeroshot(zeroshot: dict, recipes: dict) -> None:
+def _check_recipe_models(config: dict, name: str) -> None:
+    """Recipe ``name``'s ``models`` are models of the config."""
+    unknown = [model for model in config["recipes"][name].get("models") or [] if model not in config["models"]]
+    if unknown:
+        raise PtqError(f"recipe {name!r}: models {', '.join(unknown)} are not in the config's models")
+
+
+def _check_recipe_steps(config: dict, name: str) -> None:
+    """Recipe ``name`` parses: its steps and formats; a peer's toolkit and the recipe it mirrors; a
+    reconstruction's base and settings, and no model its base does not run on."""
+    entry = recipe_entry(config["recipes"][name])
+    if is_peer(entry):
+        peer_from_spec(name, recipe_job_spec(config, name))
+    elif is_reconstruction(entry):
+        reconstruction_from_config(name, entry, config["recipes"])
+        models = config["recipes"][name].get("models") or config["models"]
+        base_models = config["recipes"][entry["base"]].get("models")
+        if base_models and set(models) - set(base_models):
+            raise PtqError(f"recipe {name!r}: runs on models its base {entry['base']!r} does not")
+    else:
+        recipe_from_config(name, entry)
+
+
+def _check_zeroshot_recipes(zeroshot: dict, recipes: dict) -> None:
+    """``eval.zeroshot.recipes`` are recipes of the config."""
     unknown = [name for name in zeroshot.get("recipes") or [] if name not in recipes]
     if unknown:
         raise PtqError(f"eval.zeroshot.recipes: {', '.join(unknown)} not in the config's recipes")
+
+
+def _check_local_tasks(zeroshot: dict) -> None:
+    """The local zero-shot tasks have a corpus to be generated from."""
     local = [task for task in zeroshot.get("tasks", []) if task in LOCAL_TASKS]
     if local and not zeroshot.get("corpus"):
         raise PtqError(f"eval.zeroshot: the local tasks {', '.join(local)} are generated from a corpus's test split: set eval.zeroshot.corpus")

@@ -60,13 +60,13 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
-class _DuplicateKey(Exception):
-    """A mapping names a key twice; the message says which and where."""
-
-
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a mapping naming a key twice is an error (the safe loader
-    keeps the last value): a recipe defined twice, or a key repeated inside one."""
+    """PyYAML's safe loader that notes, in ``duplicates``, every key a mapping names twice (the safe
+    loader keeps the last value): a recipe defined twice, or a key repeated inside one."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self.duplicates: list[str] = []
 
     def construct_mapping(self, node, deep=False):
         first_at = {}
@@ -79,7 +79,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             except TypeError:
                 continue  # an unhashable key: the safe loader's own error follows
             if first is not key_node.start_mark:
-                raise _DuplicateKey(f"duplicate key {key!r} ({_positions(first, key_node.start_mark)})")
+                self.duplicates.append(f"duplicate key {key!r} ({_positions(first, key_node.start_mark)})")
         return super().construct_mapping(node, deep)
 
 
@@ -92,10 +92,15 @@ def _positions(first, second) -> str:
 
 def load_yaml(text: str, source: str) -> Any:
     """Parse YAML (or JSON) ``text``, refusing a key given twice in any mapping at any depth. Bad
-    text is a one-line ``PtqError`` that names ``source`` (a file, a command-line option)."""
+    text is a ``PtqError`` that names ``source`` (a file, a command-line option): one line, or one
+    line for each key given twice."""
+    loader = _UniqueKeyLoader(text)
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)
-    except _DuplicateKey as error:
-        raise PtqError(f"{source}: {error}") from None
+        value = loader.get_single_data()
     except yaml.YAMLError as error:
         raise PtqError(f"cannot parse {source}: {getattr(error, 'problem', error)}") from None
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise PtqError("\n".join(f"{source}: {duplicate}" for duplicate in loader.duplicates))
+    return value

@@ -6,14 +6,14 @@ import json
 rule prepare_model:
     output:
         directory("results/models/{model}"),
-    params:
-        spec=lambda w: json.dumps(config["models"][w.model]),
-    resources:
-        **OTHER_RESOURCES,
     log:
         "results/logs/prepare_model/{model}.log",
     conda:
         CONDA_ENV
+    resources:
+        **OTHER_RESOURCES,
+    params:
+        spec=lambda w: json.dumps(config["models"][w.model]),
     shell:
         "ptqrepro prepare-model --name {wildcards.model} --spec {params.spec:q} --out {output} > {log} 2>&1"
 
@@ -21,14 +21,14 @@ rule prepare_model:
 rule prepare_corpus:
     output:
         directory("results/corpora/{corpus}"),
-    params:
-        spec=lambda w: json.dumps(config.get("corpora", {}).get(w.corpus) or {}),
-    resources:
-        **OTHER_RESOURCES,
     log:
         "results/logs/prepare_corpus/{corpus}.log",
     conda:
         CONDA_ENV
+    resources:
+        **OTHER_RESOURCES,
+    params:
+        spec=lambda w: json.dumps(config.get("corpora", {}).get(w.corpus) or {}),
     shell:
         "ptqrepro prepare-corpus --name {wildcards.corpus} --spec {params.spec:q} --out {output} > {log} 2>&1"
 
@@ -39,12 +39,12 @@ rule calibrate:
         corpus="results/corpora/{corpus}",
     output:
         "results/calibration/{model}/{corpus}-n{nsamples}-l{seqlen}-s{seed}.pt",
-    resources:
-        **OTHER_RESOURCES,
     log:
         "results/logs/calibrate/{model}/{corpus}-n{nsamples}-l{seqlen}-s{seed}.log",
     conda:
         CONDA_ENV
+    resources:
+        **OTHER_RESOURCES,
     shell:
         "ptqrepro calibrate --model {input.model} --corpus {input.corpus} --nsamples {wildcards.nsamples}"
         " --seqlen {wildcards.seqlen} --seed {wildcards.seed} --out {output} > {log} 2>&1"

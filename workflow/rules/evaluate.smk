@@ -13,23 +13,25 @@ rule eval_ppl:
         corpus="results/corpora/{dataset}",
     output:
         f"results/metrics/{RUN_DIR}/ppl-{{dataset}}.json",
+    log:
+        f"results/logs/eval_ppl/{RUN_DIR}/{{dataset}}.log",
+    group:
+        EVALUATION_GROUP
+    conda:
+        CONDA_ENV
+    threads: rule_threads(config, "eval_ppl")
+    resources:
+        **rule_resources(config, "eval_ppl"),
+        # a resource, not a param: where the layers are changes no result (the Snakefile)
+        placement=config["eval"]["placement"],
     params:
         max_windows=f"--max-windows {PPL['max_windows']}" if PPL.get("max_windows") else "",
         protocol={key: PPL[key] for key in ("seqlen", "nsamples", "seed", "batch_size", "dtype")},
         device=config["device"],
-    threads: rule_threads(config, "eval_ppl")
-    resources:
-        **rule_resources(config, "eval_ppl"),
-    group:
-        EVALUATION_GROUP
-    log:
-        f"results/logs/eval_ppl/{RUN_DIR}/{{dataset}}.log",
-    conda:
-        CONDA_ENV
     shell:
-        "{GPU_SLOT} {resources.gpu} {params.device} ptqrepro eval-ppl --model {input.model} --quantized {input.quantized} --corpus {input.corpus}"
+        "ptqrepro-gpu-slot {resources.gpu} {params.device} ptqrepro eval-ppl --model {input.model} --quantized {input.quantized} --corpus {input.corpus}"
         " --seqlen {params.protocol[seqlen]} {params.max_windows} --nsamples {params.protocol[nsamples]} --seed {params.protocol[seed]}"
-        " --batch-size {params.protocol[batch_size]} --dtype {params.protocol[dtype]} --device {params.device} --placement {config[eval][placement]}"
+        " --batch-size {params.protocol[batch_size]} --dtype {params.protocol[dtype]} --device {params.device} --placement {resources.placement}"
         " --threads {threads}"
         " --out {output} > {log} 2>&1"
 
@@ -47,12 +49,12 @@ rule zeroshot_tasks:
         corpus="results/corpora/{corpus}",
     output:
         directory("results/zeroshot/{corpus}-n{nitems}-s{seed}"),
-    resources:
-        **OTHER_RESOURCES,
     log:
         "results/logs/zeroshot_tasks/{corpus}-n{nitems}-s{seed}.log",
     conda:
         CONDA_ENV
+    resources:
+        **OTHER_RESOURCES,
     shell:
         "ptqrepro zeroshot-tasks --corpus {input.corpus} --items {wildcards.nitems} --seed {wildcards.seed}"
         " --out {output} > {log} 2>&1"
@@ -61,14 +63,25 @@ rule zeroshot_tasks:
 if ZEROSHOT:
 
     rule eval_zeroshot:
-        wildcard_constraints:
-            recipe=one_of(ZEROSHOT_RECIPES),
         input:
             model="results/models/{model}",
             quantized=f"results/quantized/{RUN_DIR}",
             tasks=[LOCAL_TASKS_DIR] if LOCAL_TASKS_DIR else [],
         output:
             [f"results/metrics/{RUN_DIR}/zeroshot-{task}.json" for task in ZEROSHOT["tasks"]],
+        log:
+            f"results/logs/eval_zeroshot/{RUN_DIR}.log",
+        wildcard_constraints:
+            recipe=one_of(ZEROSHOT_RECIPES),
+        group:
+            EVALUATION_GROUP
+        conda:
+            CONDA_ENV
+        threads: rule_threads(config, "eval_zeroshot")
+        resources:
+            **rule_resources(config, "eval_zeroshot"),
+            # a resource, not a param: where the layers are changes no result (the Snakefile)
+            placement=config["eval"]["placement"],
         params:
             include=f"--include {LOCAL_TASKS_DIR}" if LOCAL_TASKS_DIR else "",
             tasks=" ".join(ZEROSHOT["tasks"]),
@@ -76,17 +89,8 @@ if ZEROSHOT:
             protocol={key: ZEROSHOT[key] for key in ("batch_size", "max_length", "dtype")},
             device=config["device"],
             out_dir=lambda w, output: os.path.dirname(output[0]),
-        threads: rule_threads(config, "eval_zeroshot")
-        resources:
-            **rule_resources(config, "eval_zeroshot"),
-        group:
-            EVALUATION_GROUP
-        log:
-            f"results/logs/eval_zeroshot/{RUN_DIR}.log",
-        conda:
-            CONDA_ENV
         shell:
-            "{GPU_SLOT} {resources.gpu} {params.device} ptqrepro eval-zeroshot --model {input.model} --quantized {input.quantized} --tasks {params.tasks}"
+            "ptqrepro-gpu-slot {resources.gpu} {params.device} ptqrepro eval-zeroshot --model {input.model} --quantized {input.quantized} --tasks {params.tasks}"
             " {params.include} {params.limit} --batch-size {params.protocol[batch_size]} --max-length {params.protocol[max_length]}"
-            " --dtype {params.protocol[dtype]} --device {params.device} --placement {config[eval][placement]} --threads {threads}"
+            " --dtype {params.protocol[dtype]} --device {params.device} --placement {resources.placement} --threads {threads}"
             " --out-dir {params.out_dir} > {log} 2>&1"

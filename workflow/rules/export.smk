@@ -10,19 +10,19 @@
 
 
 rule export:
-    wildcard_constraints:
-        format="compressed-tensors|dequantized",
     input:
         model="results/models/{model}",
         quantized=f"results/quantized/{RUN_DIR}",
     output:
         directory(f"results/export/{RUN_DIR}/{{format}}"),
-    resources:
-        **OTHER_RESOURCES,
     log:
         f"results/logs/export/{RUN_DIR}/{{format}}.log",
+    wildcard_constraints:
+        format="compressed-tensors|dequantized",
     conda:
         CONDA_ENV
+    resources:
+        **OTHER_RESOURCES,
     shell:
         "ptqrepro export --model {input.model} --quantized {input.quantized} --format {wildcards.format}"
         " --out {output} > {log} 2>&1"

@@ -8,19 +8,19 @@ MIRRORED_RUNS = sorted({(model, config["recipes"][recipe]["mirrors"], seed) for 
 
 
 rule grid_agreement:
-    wildcard_constraints:
-        recipe=one_of(PEERS),
     input:
         peer=f"results/quantized/{RUN_DIR}",
         ours=lambda w: f"results/quantized/{w.model}/{config['recipes'][w.recipe]['mirrors']}/s{w.seed}",
     output:
         f"results/metrics/{RUN_DIR}/agreement.json",
-    resources:
-        **OTHER_RESOURCES,
     log:
         f"results/logs/grid_agreement/{RUN_DIR}.log",
+    wildcard_constraints:
+        recipe=one_of(PEERS),
     conda:
         CONDA_ENV
+    resources:
+        **OTHER_RESOURCES,
     shell:
         "ptqrepro agreement --ours {input.ours} --peer {input.peer} --out {output} > {log} 2>&1"
 
@@ -37,14 +37,14 @@ rule peers_table:
     output:
         csv=report("results/tables/peers.csv", caption="../report/peers.rst", category="Tables"),
         md="results/tables/peers.md",
-    params:
-        bootstrap=BOOTSTRAP,
-    resources:
-        **OTHER_RESOURCES,
     log:
         "results/logs/peers.log",
     conda:
         CONDA_ENV
+    resources:
+        **OTHER_RESOURCES,
+    params:
+        bootstrap=BOOTSTRAP,
     shell:
         "ptqrepro peers --out results/tables {params.bootstrap} {input} > {log} 2>&1"
 

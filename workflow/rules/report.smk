@@ -1,6 +1,8 @@
 # Stage 4: every result JSON gathered into one tidy table and a Markdown table; the claims, the
 # papers' tables and the figures.
 
+import json
+
 
 rule tables:
     input:
@@ -20,14 +22,14 @@ rule tables:
         md="results/tables/all.md",
         replicates="results/tables/replicates.csv",
         windows="results/tables/windows.csv",
-    params:
-        bootstrap=BOOTSTRAP,
-    resources:
-        **OTHER_RESOURCES,
     log:
         "results/logs/tables.log",
     conda:
         CONDA_ENV
+    resources:
+        **OTHER_RESOURCES,
+    params:
+        bootstrap=BOOTSTRAP,
     shell:
         "ptqrepro tables --out results/tables {params.bootstrap} {input} > {log} 2>&1"
 
@@ -39,14 +41,14 @@ rule plot_table_figure:
     output:
         png=report("results/plots/{figure}.png", caption="../report/table_figure.rst", category="Figures"),
         pdf="results/plots/{figure}.pdf",
-    wildcard_constraints:
-        figure=one_of(TABLE_FIGURES),
-    resources:
-        **OTHER_RESOURCES,
     log:
         "results/logs/plot_{figure}.log",
+    wildcard_constraints:
+        figure=one_of(TABLE_FIGURES),
     conda:
         CONDA_ENV
+    resources:
+        **OTHER_RESOURCES,
     shell:
         "ptqrepro plots --table {input} --figure {wildcards.figure} --out results/plots/{wildcards.figure} > {log} 2>&1"
 
@@ -58,15 +60,15 @@ rule claims:
     output:
         csv=report("results/tables/claims.csv", caption="../report/claims.rst", category="Tables"),
         md="results/tables/claims.md",
-    params:
-        claims=json.dumps(config["claims"]),
-        bootstrap=BOOTSTRAP,
-    resources:
-        **OTHER_RESOURCES,
     log:
         "results/logs/claims.log",
     conda:
         CONDA_ENV
+    resources:
+        **OTHER_RESOURCES,
+    params:
+        claims=json.dumps(config["claims"]),
+        bootstrap=BOOTSTRAP,
     shell:
         "ptqrepro claims --table {input.table} --windows {input.windows} --claims {params.claims:q} {params.bootstrap}"
         " --out results/tables > {log} 2>&1"
@@ -77,14 +79,18 @@ rule paper_tables:
         table="results/tables/all.csv",
         reference=config["reference"],
     output:
-        report(directory("results/tables/papers"), caption="../report/paper_tables.rst", category="Tables",
-               patterns=["{paper}.md"]),
-    resources:
-        **OTHER_RESOURCES,
+        report(
+            directory("results/tables/papers"),
+            caption="../report/paper_tables.rst",
+            category="Tables",
+            patterns=["{paper}.md"],
+        ),
     log:
         "results/logs/paper_tables.log",
     conda:
         CONDA_ENV
+    resources:
+        **OTHER_RESOURCES,
     shell:
         "ptqrepro paper-tables --table {input.table} --reference {input.reference} --out {output} > {log} 2>&1"
 
@@ -96,14 +102,14 @@ rule plot_dwr:
     output:
         png=report("results/plots/dwr/{model}/{recipe}.png", caption="../report/dwr.rst", category="Figures"),
         pdf="results/plots/dwr/{model}/{recipe}.pdf",
-    wildcard_constraints:
-        recipe=one_of(RECONSTRUCTIONS),
-    resources:
-        **OTHER_RESOURCES,
     log:
         "results/logs/plot_dwr/{model}/{recipe}.log",
+    wildcard_constraints:
+        recipe=one_of(RECONSTRUCTIONS),
     conda:
         CONDA_ENV
+    resources:
+        **OTHER_RESOURCES,
     shell:
         "ptqrepro plots --dwr {input} --out results/plots/dwr/{wildcards.model}/{wildcards.recipe} > {log} 2>&1"
 
@@ -115,13 +121,13 @@ rule plot_magr:
     output:
         png=report("results/plots/magr/{model}/{recipe}.png", caption="../report/magr.rst", category="Figures"),
         pdf="results/plots/magr/{model}/{recipe}.pdf",
-    wildcard_constraints:
-        recipe=one_of([recipe for _, recipe in MAGR_RUNS]),
-    resources:
-        **OTHER_RESOURCES,
     log:
         "results/logs/plot_magr/{model}/{recipe}.log",
+    wildcard_constraints:
+        recipe=one_of([recipe for _, recipe in MAGR_RUNS]),
     conda:
         CONDA_ENV
+    resources:
+        **OTHER_RESOURCES,
     shell:
         "ptqrepro plots --magr {input} --out results/plots/magr/{wildcards.model}/{wildcards.recipe} > {log} 2>&1"

@@ -1,0 +1,74 @@
+"""The config's own checks (ptqrepro.config): every error of a config in one refusal, each once."""
+
+from __future__ import annotations
+
+import pytest
+
+from ptqrepro.config import ConfigError, check_config, check_config_files
+from ptqrepro.errors import PtqError
+
+from test_dag import tiny_config
+
+
+def config_errors(config: dict) -> list[str]:
+    """The errors ``check_config`` lists for ``config`` (it must refuse it)."""
+    with pytest.raises(ConfigError) as refused:
+        check_config(config)
+    assert str(refused.value).splitlines()[1:] == [f"  {error}" for error in refused.value.errors]
+    return refused.value.errors
+
+
+def test_every_independent_error_is_listed(tmp_path):
+    """A recipe with an unknown model and an unknown step, one with a bad format, a claim and the
+    zero-shot recipes naming recipes the config lacks, both `seed` and `seeds`: six errors, each in
+    its own line, in the order of the config's sections."""
+    config = tiny_config(tmp_path / "model", tmp_path / "corpus")
+    config["recipes"]["bad"] = {"steps": ["rtn", "warp"], "weight": "int4", "models": ["huge"]}
+    config["recipes"]["fmt"] = {"steps": ["rtn"], "weight": "int4-gx"}
+    config["claims"].append({"paper": "X", "claim": "c", "below": ["fp16", "gone"]})
+    config["eval"]["zeroshot"]["recipes"] = ["rtn@int4-g16", "missing"]
+    config["calibration"]["seeds"] = [0, 1]
+    errors = config_errors(config)
+    expected = [
+        "calibration: give 'seeds' (a list) or 'seed' (one), not both",
+        "recipe 'bad': models huge are not in the config's models",
+        "recipe 'bad': unknown step 'warp'",
+        "cannot parse format 'int4-gx'",
+        "claim 3 ('c'): recipe(s) gone not in the config's recipes",
+        "eval.zeroshot.recipes: missing not in the config's recipes",
+    ]
+    assert len(errors) == len(expected), errors
+    for error, start in zip(errors, expected):
+        assert start in error, (start, error)
+
+
+def test_an_error_read_by_several_checks_is_listed_once(tmp_path):
+    """Each recipe's seeds read the calibration seeds, and a DWR recipe's those of its base: a bad
+    calibration entry and a base with a bad step are one error each, and the DWR recipe on that base
+    is checked without failing on it."""
+    config = tiny_config(tmp_path / "model", tmp_path / "corpus", {
+        "gptq": {"steps": ["gptq", "warp"], "weight": "int3"},
+        "dwr": {"base": "gptq"},
+        "rtn": {"steps": ["rtn"], "weight": "int4"},
+    })
+    config["calibration"]["seed"] = -1
+    calibration, step = config_errors(config)
+    assert calibration == "calibration.seeds must be a non-empty list of integers >= 0, got [-1]"
+    assert step.startswith("recipe 'gptq': unknown step 'warp' (known: ")
+
+
+def test_a_good_config_passes(tmp_path):
+    check_config(tiny_config(tmp_path / "model", tmp_path / "corpus"))
+
+
+def test_every_key_given_twice_in_every_file_is_listed(tmp_path):
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text("a: 1\nb: {c: 1, c: 2}\na: 3\n")
+    second.write_text("recipes:\n  r: {steps: []}\n  r: {steps: [rtn]}\n")
+    with pytest.raises(PtqError) as refused:
+        check_config_files([str(first), str(second)])
+    assert str(refused.value).splitlines() == [
+        f"{first}: duplicate key 'a' (line 1 and line 3)",
+        f"{first}: duplicate key 'c' (line 2, columns 5 and 11)",
+        f"{second}: duplicate key 'r' (line 2 and line 3)",
+    ]
