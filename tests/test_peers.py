@@ -156,7 +156,7 @@ def test_a_peer_recipe_runs_the_mirrored_recipe_at_its_seeds(tmp_path):
     ({"toolkit": "optimum", "mirrors": "gptq@int4-g32"}, None, "toolkit"),
     ({"toolkit": "llm-compressor", "mirrors": "gptq@int4-g32", "steps": ["rtn"]}, None, "only toolkit and mirrors"),
     ({"toolkit": "llm-compressor", "mirrors": "gptq@int4-g32"}, {"steps": ["magr", "gptq"], "weight": "int3"},
-     "step 'magr' has no llm-compressor equivalent"),
+     "peer recipe 'llmc-gptq@int4-g32': llm-compressor: .*step 'magr' has no llm-compressor equivalent"),
     ({"toolkit": "llm-compressor", "mirrors": "gptq@int4-g32"}, {"steps": []}, "not a quantization recipe"),
 ])
 def test_a_bad_peer_recipe_is_a_config_error(tmp_path, peer, mirrored, message):

@@ -244,5 +244,8 @@ def peer_from_spec(name: str, spec: dict) -> PeerRecipe:
         raise PtqError(f"recipe name {name!r} may only use letters, digits and _ . + @ = -")
     peer = toolkit(spec["toolkit"])
     recipe = recipe_from_config(spec["mirrors"], {key: spec[key] for key in ("steps", "weight", "act") if key in spec})
-    peer.translator().plan(recipe)
+    try:
+        peer.translator().plan(recipe)
+    except PtqError as error:
+        raise PtqError(f"peer recipe {name!r}: {error}") from None
     return PeerRecipe(name=name, toolkit=peer.name, mirrors=recipe)
