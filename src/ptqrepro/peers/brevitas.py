@@ -4,8 +4,10 @@ MagR), stored as our artifact.
 The steps are those of ``brevitas_examples.llm.main`` with the flags a user would pass for the
 mirrored recipe (``plan``), called on our model and calibration windows instead of hub data:
 
-* ``magr``: ``apply_magr(alpha, num_steps=iterations)`` on the float model, before quantization
-  (``--magr``), decoder layer by decoder layer;
+* ``magr``: ``apply_magr(alpha, num_steps=iterations, block_name=<the decoder layers>)`` on the
+  float model, before quantization (``--magr``): decoder layer by decoder layer, each on the
+  outputs of the layers before it after their MagR (``main.py`` passes no block name, which hooks
+  every linear of the model at once: the same order, but all Hessians in memory together);
 * the weight format ``int<b>[-g<n>][-sym][-beta<β>]`` becomes the quantizers of
   ``generate_quantizers(weight_bit_width=b, weight_param_method="stats", weight_scale_precision=
   "float_scale", weight_quant_type="asym" | "sym", weight_quant_granularity="per_group" |
@@ -124,8 +126,8 @@ def magr_differences() -> list[str]:
     with ``η = 1 / λmax(H)`` and ``α' = α λmax(H) / ||H||₁``: in our units (``Ĝ = H / λmax``,
     ``η = 1``) its penalty is ``α λmax / ||H||₁ <= α`` (ours and the authors': ``α``)."""
     return ["MagR: penalty α·λmax(H)/‖H‖₁ per layer, at most α (ours and the authors': α)",
-            "MagR: every layer before any quantization, on the float model's activations (ours: each layer "
-            "just before its GPTQ, on the outputs of the layers already quantized)"]
+            "MagR: every layer before any quantization, on the outputs of the layers before it after their "
+            "MagR (ours: each layer just before its GPTQ, on the outputs of the layers already quantized)"]
 
 
 def quantize(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor) -> PeerResult:
