@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 
-
 GPU_RULES = ("quantize", "dwr", "eval_ppl", "eval_zeroshot")
 """The rules that compute on the model (on ``device``); every other rule asks for no GPU."""
 

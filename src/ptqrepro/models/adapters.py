@@ -126,6 +126,13 @@ def layer_linears(layer: nn.Module, arch: Architecture) -> dict[str, nn.Linear]:
     return {name: layer.get_submodule(name) for name in arch.linears}
 
 
+def decoder_linears(model: nn.Module, arch: Architecture) -> dict[str, nn.Linear]:
+    """Every linear of the decoder layers by its name in the model (``<layers>.<index>.<linear>``),
+    in execution order: the linears a recipe quantizes."""
+    return {f"{arch.layers}.{index}.{name}": linear for index, layer in enumerate(decoder_layers(model, arch))
+            for name, linear in layer_linears(layer, arch).items()}
+
+
 def modules_before_layers(model: nn.Module, arch: Architecture) -> list[nn.Module]:
     """The modules that produce layer 0's inputs (those an architecture variant lacks are skipped)."""
     return _present(model, arch.before_layers)

@@ -24,6 +24,9 @@ from importlib import metadata
 from ptqrepro.errors import PtqError
 from ptqrepro.pipeline import QuantizationResult
 
+UNQUANTIZED = ["lm_head"]
+"""The linears outside the decoder layers, which a peer leaves in float as our recipes do."""
+
 
 @dataclass
 class PeerPlan:

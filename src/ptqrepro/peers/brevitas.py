@@ -45,12 +45,11 @@ from torch import nn
 from ptqrepro.errors import PtqError
 from ptqrepro.formats import QuantizedWeight
 from ptqrepro.formats.integer import IntFormat
-from ptqrepro.models.adapters import architecture_of, decoder_layers, layer_linears
-from ptqrepro.peers import PeerPlan, PeerResult
+from ptqrepro.models.adapters import architecture_of, decoder_linears
+from ptqrepro.peers import UNQUANTIZED, PeerPlan, PeerResult
 from ptqrepro.pipeline import QuantizationResult
 from ptqrepro.recipes import Recipe
 
-IGNORED = ["lm_head"]
 GPTQ_DAMPING = 0.01
 """Brevitas's GPTQ adds 1 % of the mean Hessian diagonal, a constant of ``GPTQ.single_layer_update``."""
 
@@ -85,11 +84,8 @@ def plan(recipe: Recipe) -> PeerPlan:
     if recipe.weight.symmetric:
         differences.append("symmetric grid: scale max|w| / 2^(b-1), codes -2^(b-1)...2^(b-1)-1 "
                            "(ours: scale 2 max|w| / (2^b - 1))")
-    quantized = False
-    for step in recipe.steps:
+    for step in recipe.steps:  # transforms come before the one quantizer (recipes.recipe_from_config)
         if step.name == "magr":
-            if quantized:
-                raise PtqError(f"brevitas: recipe {recipe.name!r}: MagR after quantization has no Brevitas equivalent")
             if step.group_size or recipe.weight.group_size:
                 raise PtqError(f"brevitas: recipe {recipe.name!r}: Brevitas's MagR penalises whole rows, "
                                "not groups (per-group MagR)")
@@ -97,7 +93,6 @@ def plan(recipe: Recipe) -> PeerPlan:
             differences += magr_differences()
         elif step.name in ("rtn", "gptq"):
             steps.append(("quantize", quantizers))
-            quantized = True
             if step.name == "gptq":
                 if step.percdamp != GPTQ_DAMPING:
                     raise PtqError(f"brevitas: recipe {recipe.name!r}: Brevitas's GPTQ damps by {GPTQ_DAMPING:g} of "
@@ -139,8 +134,7 @@ def quantize(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor) -> PeerR
 
     steps = plan(recipe)
     arch = architecture_of(model)
-    names = [f"{arch.layers}.{index}.{name}" for index, layer in enumerate(decoder_layers(model, arch))
-             for name in layer_linears(layer, arch)]
+    names = list(decoder_linears(model, arch))  # the quantizers replace the modules themselves
     device = next(model.parameters()).device
     batches = [{"input_ids": row[None].to(device)} for row in input_ids]
     started = time.perf_counter()
@@ -152,7 +146,7 @@ def quantize(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor) -> PeerR
             elif name == "quantize":
                 layer_map = generate_quant_maps(**generate_quantizers(**arguments), dtype=torch.float32, device=device,
                                                 quantize_embedding=False)
-                model = layerwise_quantize(model=model, compute_layer_map=layer_map, name_blacklist=IGNORED)
+                model = layerwise_quantize(model=model, compute_layer_map=layer_map, name_blacklist=UNQUANTIZED)
                 model(**batches[0])  # fits the scales and zero points
             elif name == "gptq":
                 gpxq.apply_gptq(model, batches, act_order=arguments["act_order"], block_name=arch.layers)

@@ -41,13 +41,10 @@ from torch import nn
 from ptqrepro.errors import PtqError
 from ptqrepro.formats import QuantizedWeight
 from ptqrepro.formats.integer import IntFormat
-from ptqrepro.models.adapters import architecture_of, decoder_layers, layer_linears
-from ptqrepro.peers import PeerPlan, PeerResult
+from ptqrepro.models.adapters import architecture_of, decoder_linears
+from ptqrepro.peers import UNQUANTIZED, PeerPlan, PeerResult
 from ptqrepro.pipeline import QuantizationResult
 from ptqrepro.recipes import Recipe
-
-IGNORED = ["lm_head"]
-
 
 def scheme_arguments(recipe: Recipe) -> dict:
     """The ``QuantizationScheme`` keyword arguments of the recipe's weight and activation formats."""
@@ -75,7 +72,7 @@ def scheme_arguments(recipe: Recipe) -> dict:
 def plan(recipe: Recipe) -> PeerPlan:
     """The llm-compressor modifiers that run ``recipe`` (module docstring), or a PtqError naming
     what cannot be expressed."""
-    scheme = {"config_groups": {"group_0": scheme_arguments(recipe)}, "ignore": IGNORED}
+    scheme = {"config_groups": {"group_0": scheme_arguments(recipe)}, "ignore": UNQUANTIZED}
     modifiers, differences = [], []
     for step in recipe.steps:
         if step.name == "smoothquant":
@@ -121,9 +118,7 @@ def quantize(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor) -> PeerR
     from llmcompressor import oneshot
 
     steps = plan(recipe)
-    arch = architecture_of(model)
-    linears = {f"{arch.layers}.{index}.{name}": linear for index, layer in enumerate(decoder_layers(model, arch))
-               for name, linear in layer_linears(layer, arch).items()}
+    linears = decoder_linears(model, architecture_of(model))
     # the parameters outside the quantized linears, to find those a transform changed (smoothed norms)
     before = {name: value.detach().clone() for name, value in model.named_parameters()
               if name.rsplit(".", 1)[0] not in linears}
