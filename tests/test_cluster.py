@@ -171,7 +171,8 @@ def test_a_paper_config_on_slurm_groups_evaluations_and_deletes_artifacts():
 
 
 def test_the_default_config_keeps_its_artifacts():
-    shown = slurm_dry_run()
+    """The whole default DAG (--forceall: also after the README's run has made results/)."""
+    shown = slurm_dry_run("--forceall")
     assert "Group job eval_smollm2-135m_gptq@int3" in shown
     assert "Would remove temporary output" not in shown
 
