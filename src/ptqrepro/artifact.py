@@ -11,7 +11,8 @@ A directory with ``quantized.safetensors`` and ``manifest.json``:
 * the float parameters a transform changed outside the linears (SmoothQuant's and AWQ's
   rescaled normalisation weights), under their own names;
 * the manifest: recipe, description, the format of each linear and of each low-rank factor,
-  and the activation format.
+  the activation format, and ``base_model``: the ``model_fingerprint`` of the model it was made
+  from, which ``check_fits`` compares with the model it is applied to.
 
 It holds only what the recipe changed; the base model is read from its prepared directory.
 ``apply_artifact`` gives a loaded base model the dequantized weights and changed parameters and
@@ -21,6 +22,7 @@ linear's input and each low-rank term's output added to its linear's output.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ptqrepro.errors import PtqError, first_line
+from ptqrepro.errors import InputError, first_line
 from ptqrepro.formats import QuantizedWeight, parse_format
 from ptqrepro.formats.activation import quantize_activation
 from ptqrepro.formats.packing import PACKABLE, pack_codes, unpack_codes
@@ -107,7 +109,7 @@ class Artifact:
 def load_artifact(artifact_dir: str | Path) -> Artifact:
     artifact_dir = Path(artifact_dir)
     if not (artifact_dir / MANIFEST).is_file():
-        raise PtqError(f"{artifact_dir} is not a quantized-model artifact (no {MANIFEST})")
+        raise InputError(f"{artifact_dir} is not a quantized-model artifact (no {MANIFEST})")
     from safetensors import SafetensorError
 
     try:
@@ -125,7 +127,7 @@ def load_artifact(artifact_dir: str | Path) -> Artifact:
         )
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         # a manifest that is not JSON or lacks a key, tensors missing, empty or corrupt
-        raise PtqError(f"{artifact_dir} is a broken quantized-model artifact: {type(error).__name__}: {first_line(error)}") from None
+        raise InputError(f"{artifact_dir} is a broken quantized-model artifact: {type(error).__name__}: {first_line(error)}") from None
 
 
 class ActivationQuantizer:
@@ -167,12 +169,51 @@ def install_quantized_inference(model: nn.Module, artifact: Artifact, device: st
     return handles
 
 
+BASE_MODEL = "base_model"
+"""The manifest's key for the ``model_fingerprint`` of the model an artifact was made from."""
+
+
+def model_fingerprint(model: nn.Module) -> dict:
+    """What an artifact records of the model it was made from: the model type, its decoder layers
+    and a hash of every parameter's name and shape. Not of the values: that would read every weight
+    of a 70B model once more; a model of other shapes is what an artifact cannot be applied to."""
+    shapes = sorted((name, list(parameter.shape)) for name, parameter in model.named_parameters())
+    return {"model_type": getattr(model.config, "model_type", None),
+            "layers": getattr(model.config, "num_hidden_layers", None),
+            "shapes_sha256": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]}
+
+
+def check_fits(model: nn.Module, artifact: Artifact, artifact_dir: str | Path, model_dir: str | Path) -> None:
+    """An ``InputError`` naming both where ``artifact`` was made from another model than ``model``:
+    its recorded ``base_model`` differs (an artifact without one: a linear or parameter it names is
+    missing or of another shape)."""
+    made_from = artifact.manifest.get(BASE_MODEL)
+    here = model_fingerprint(model)
+
+    def described(fingerprint: dict) -> str:
+        return f"{fingerprint['model_type']}, {fingerprint['layers']} layers, shapes {fingerprint['shapes_sha256']}"
+
+    mismatch = made_from is not None and made_from != here
+    named = {name: parameter for name, parameter in model.named_parameters()}
+    for name, weight in artifact.quantized.items():
+        expected = named.get(f"{name}.weight")
+        mismatch = mismatch or expected is None or list(expected.shape) != list(weight.codes.shape)
+    for name, value in artifact.float_parameters.items():
+        mismatch = mismatch or name not in named or named[name].shape != value.shape
+    if mismatch:
+        origin = f" ({described(made_from)})" if made_from else ""
+        raise InputError(f"{artifact_dir} was made from model {artifact.manifest.get('model')!r}{origin}, not from "
+                         f"{model_dir} ({described(here)}): quantize that model again")
+
+
 @torch.no_grad()
-def apply_artifact(model: nn.Module, artifact_dir: str | Path, device: str = "cpu") -> dict:
+def apply_artifact(model: nn.Module, artifact_dir: str | Path, device: str = "cpu", model_dir: str | Path = "the model") -> dict:
     """Turn a loaded base model into the quantized model the artifact describes: each quantized
     linear gets its dequantized weight (a new tensor in the weight's dtype: the loaded one is not
-    written), each changed parameter its value, and ``install_quantized_inference`` its hooks."""
+    written), each changed parameter its value, and ``install_quantized_inference`` its hooks. An
+    artifact of another model (``check_fits``) is an ``InputError``."""
     artifact = load_artifact(artifact_dir)
+    check_fits(model, artifact, artifact_dir, model_dir)
     for name, weight in artifact.quantized.items():
         linear = model.get_submodule(name)
         linear.weight.data = weight.dequantize().to(linear.weight.dtype)

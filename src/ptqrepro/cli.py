@@ -3,7 +3,7 @@
     ptqrepro prepare-model  --name M --spec '{gguf: {...}}' --out results/models/M
     ptqrepro prepare-corpus --name C [--spec '{path: ...}'] --out results/corpora/C
     ptqrepro calibrate      --model DIR --corpus DIR --nsamples N --seqlen L --seed S --out FILE.pt
-    ptqrepro quantize       --model DIR --calibration FILE.pt --recipe NAME --spec '{steps: [rtn], weight: int4}' [--offload cpu] --out DIR --metrics FILE.json
+    ptqrepro quantize       --model DIR [--calibration FILE.pt] --recipe NAME --spec '{steps: [rtn], weight: int4}' [--offload cpu] --out DIR --metrics FILE.json
     ptqrepro eval-ppl       --model DIR --quantized DIR --corpus DIR --seqlen L [--max-windows K] [--placement layers] --out FILE.json
     ptqrepro zeroshot-tasks --corpus DIR --items N --seed S --out DIR
     ptqrepro eval-zeroshot  --model DIR --quantized DIR --tasks T... [--include DIR] --out-dir DIR
@@ -14,8 +14,10 @@
     ptqrepro compare        --windows A/windows.csv B/windows.csv [--labels A B] --out DIR
     ptqrepro claims         --table all.csv --windows windows.csv --claims '[{paper: ..., claim: ..., below: [A, B]}]' --out DIR
 
-Bad input ends with one line ``ptqrepro: error: ...`` and exit code 2; nothing already written
-is touched, since every output is written atomically.
+Bad input ends with one line ``ptqrepro: error: ...``, exit code 2 for a bad argument and 1 for a
+missing, empty or corrupt input, found before the work where it can be; an interrupt (SIGINT,
+SIGTERM) ends with one line and exit code 130. Nothing already written is touched and nothing is
+left half-written, since every output is written atomically.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ import contextlib
 import dataclasses
 import json
 import pickle
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
 
-from ptqrepro.errors import PtqError, first_line
+from ptqrepro.errors import InputError, PtqError, first_line
 from ptqrepro.io import atomic_path, check_writable, load_yaml, read_json, write_json
 from ptqrepro.placement import OFFLOADS, PLACEMENTS, check_offload
 
@@ -65,11 +69,11 @@ def _load_calibration(path: str) -> dict:
     try:
         calibration = torch.load(path)
     except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
-        raise PtqError(f"--calibration {path}: cannot read it ({type(error).__name__}: {first_line(error)})") from None
+        raise InputError(f"--calibration {path}: cannot read it ({type(error).__name__}: {first_line(error)})") from None
     ids = calibration.get("input_ids") if isinstance(calibration, dict) else None
     if (not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not ids.numel() or ids.is_floating_point()
             or not {"corpus", "seed"} <= set(calibration)):
-        raise PtqError(f"--calibration {path}: not a file of `ptqrepro calibrate` "
+        raise InputError(f"--calibration {path}: not a file of `ptqrepro calibrate` "
                        "(expected input_ids [windows, seqlen] of token ids, corpus and seed)")
     return calibration
 
@@ -79,7 +83,7 @@ def _corpus(corpus_dir: str):
 
     manifest = Path(corpus_dir) / CORPUS_MANIFEST
     if not manifest.is_file():
-        raise PtqError(f"{corpus_dir} is not a prepared corpus (no {CORPUS_MANIFEST}); run prepare-corpus")
+        raise InputError(f"{corpus_dir} is not a prepared corpus (no {CORPUS_MANIFEST}); run prepare-corpus")
     return CorpusSpec(**read_json(manifest)["spec"])
 
 
@@ -89,10 +93,55 @@ def _documents(corpus_dir: str, split: str) -> list[str]:
     return read_documents(Path(corpus_dir) / SPLIT_FILE.format(split=split))
 
 
-def cmd_prepare_model(args) -> None:
-    from ptqrepro.models.sources import ModelSource, prepare_model
+def _read_json(path: str, option: str) -> dict:
+    """A JSON object that an argument names; a file that is not one is an ``InputError``."""
+    try:
+        value = read_json(path)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InputError(f"{option} {path}: not a JSON file ({first_line(error)})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{option} {path}: not a result JSON of ptqrepro (a {type(value).__name__}, not an object)")
+    return value
 
-    manifest = prepare_model(ModelSource.from_config(args.name, _spec(args.spec)), args.out)
+
+def _read_table(path: str, option: str, columns: tuple[str, ...], made_by: str):
+    """The CSV table an argument names, with at least ``columns``; an empty, malformed or other table
+    is an ``InputError`` naming the argument (never pandas' own error)."""
+    import pandas
+
+    try:
+        table = pandas.read_csv(path)
+    except (pandas.errors.EmptyDataError, pandas.errors.ParserError, UnicodeDecodeError) as error:
+        raise InputError(f"{option} {path}: not a CSV table ({first_line(error)})") from None
+    missing = [column for column in columns if column not in table.columns]
+    if missing:
+        raise InputError(f"{option} {path}: not {made_by} (no column {', '.join(missing)})")
+    return table
+
+
+def _summary_table(path: str, option: str = "--table"):
+    """``all.csv`` of ``ptqrepro tables``, by the columns that name and hold a measurement."""
+    from ptqrepro.report.tables import MEASUREMENT_KEYS, RECIPE_KEYS
+
+    return _read_table(path, option, (*RECIPE_KEYS, *MEASUREMENT_KEYS, "metric", "value"), "all.csv of `ptqrepro tables`")
+
+
+def _windows_table(path: str, option: str = "--windows"):
+    """``windows.csv`` of ``ptqrepro tables``."""
+    from ptqrepro.report.tables import WINDOW_COLUMNS
+
+    return _read_table(path, option, WINDOW_COLUMNS, "windows.csv of `ptqrepro tables`")
+
+
+def cmd_prepare_model(args) -> None:
+    from ptqrepro.models.sources import ModelSource, hub_problem, prepare_model
+
+    source = ModelSource.from_config(args.name, _spec(args.spec))
+    problem = source.hub and hub_problem(source.hub)
+    if problem:
+        raise InputError(f"--spec: model {args.name!r}: {problem}")
+    check_writable(args.out, "--out", folder=True)
+    manifest = prepare_model(source, args.out)
     print(json.dumps(manifest))
 
 
@@ -100,6 +149,7 @@ def cmd_prepare_corpus(args) -> None:
     from ptqrepro.data.corpora import corpus_spec, write_corpus
 
     spec = corpus_spec(args.name, _spec(args.spec) or None)
+    check_writable(args.out, "--out", folder=True)
     with atomic_path(args.out) as tmp:
         stats = write_corpus(spec, tmp)
         write_json(tmp / CORPUS_MANIFEST, {"spec": dataclasses.asdict(spec), "stats": stats})
@@ -112,8 +162,9 @@ def cmd_calibrate(args) -> None:
 
     spec = _corpus(args.corpus)
     check_writable(args.out, "--out")
+    tokenizer = load_tokenizer(args.model)
     windows = calibration_windows(
-        _documents(args.corpus, "train"), load_tokenizer(args.model), spec, args.nsamples, args.seqlen, args.seed
+        _documents(args.corpus, "train"), tokenizer, spec, args.nsamples, args.seqlen, args.seed
     )
     with atomic_path(args.out) as tmp:
         torch.save({"input_ids": windows, "corpus": spec.name, "seed": args.seed}, tmp)
@@ -137,7 +188,7 @@ def _checkpoints(folder: str | None, settings: dict):
 
 
 def cmd_quantize(args) -> None:
-    from ptqrepro.artifact import save_artifact
+    from ptqrepro.artifact import BASE_MODEL, model_fingerprint, save_artifact
     from ptqrepro.models.sources import compute_dtype, load_model, require_finite_weights, resolve_device, torch_dtype
     from ptqrepro.pipeline import quantize_model
     from ptqrepro.provenance import Provenance
@@ -150,16 +201,20 @@ def cmd_quantize(args) -> None:
     if is_peer(spec):
         return _quantize_with_peer(args, spec, provenance)
     recipe = recipe_from_config(args.recipe, spec)
+    if recipe.needs_stats and not args.calibration:
+        raise PtqError(f"recipe {args.recipe!r} calibrates (a step reads activation statistics): give --calibration")
     _check_outputs(args)
     device = resolve_device(args.device)
     dtype = compute_dtype(args.dtype, device)
-    calibration = _load_calibration(args.calibration)
+    given = _load_calibration(args.calibration) if args.calibration else None
+    calibration = given if recipe.needs_stats else None
     settings = _quantize_settings(args, spec, calibration, dtype)
     with _checkpoints(args.checkpoint_dir, settings) as checkpoints:
         model, _ = load_model(args.model, dtype="auto")
         require_finite_weights(model, args.model)
+        base_model = model_fingerprint(model)
         result = quantize_model(
-            model, recipe, calibration["input_ids"], device=device, batch_size=args.batch_size, log=print,
+            model, recipe, calibration["input_ids"] if calibration else None, device=device, batch_size=args.batch_size, log=print,
             dtype=torch_dtype(dtype), checkpoints=checkpoints, offload=args.offload, release_layers=True,
         )
         description = _recipe_description(recipe, settings, result)
@@ -176,19 +231,27 @@ def cmd_quantize(args) -> None:
             metrics["lqer_rank"] = result.records[0]["lqer_rank"]
         if result.records and "output_rel_error" in result.records[0]:
             metrics["mean_output_rel_error"] = sum(r["output_rel_error"] for r in result.records) / len(result.records)
-        save_artifact(args.out, result.quantized, result.float_parameters, {**description, "config_hash": record["config_hash"]},
-                      corrections=result.corrections)
+        save_artifact(args.out, result.quantized, result.float_parameters,
+                      {**description, "config_hash": record["config_hash"], BASE_MODEL: base_model}, corrections=result.corrections)
         write_json(args.metrics, {
-            "kind": "quantize", **description, "dataset": calibration["corpus"], "metrics": metrics,
-            "settings": settings, "provenance": record, "layers": result.records,
+            "kind": "quantize", **description, "dataset": calibration["corpus"] if calibration else UNCALIBRATED,
+            "metrics": metrics, "settings": settings, "provenance": record, "layers": result.records,
         })
         if checkpoints is not None:
             checkpoints.remove()
     print(f"{recipe.name}: {len(result.quantized)} linears, {description['bits_per_weight']} bits/weight")
 
 
-def _quantize_settings(args, spec: dict, calibration: dict, dtype: str) -> dict:
-    """What a quantize job's result depends on (its provenance's config hash, its checkpoints' fingerprint)."""
+UNCALIBRATED = "none"
+"""The ``dataset`` of a quantize result of a recipe that reads no calibration data."""
+
+
+def _quantize_settings(args, spec: dict, calibration: dict | None, dtype: str) -> dict:
+    """What a quantize job's result depends on (its provenance's config hash, its checkpoints'
+    fingerprint): the calibration windows and their dtype only where the recipe reads them
+    (``calibration`` None: it does not)."""
+    if calibration is None:
+        return {"model": Path(args.model).name, "recipe": spec}
     return {"model": Path(args.model).name, "recipe": spec, "calibration": calibration["corpus"], "seed": calibration["seed"],
             "nsamples": int(calibration["input_ids"].shape[0]), "seqlen": int(calibration["input_ids"].shape[1]),
             "dtype": dtype}
@@ -217,7 +280,7 @@ def _quantize_with_peer(args, spec: dict, provenance) -> None:
     or on CUDA where the toolkit moves it), our artifact and result JSON as for our recipes, plus
     the toolkit, its version and how it differs from ours (``ptqrepro.peers``). No per-layer
     checkpoints: a killed job starts over."""
-    from ptqrepro.artifact import save_artifact
+    from ptqrepro.artifact import BASE_MODEL, model_fingerprint, save_artifact
     from ptqrepro.models.sources import load_model, require_finite_weights, resolve_device
     from ptqrepro.peers import toolkit
     from ptqrepro.recipes import peer_from_spec
@@ -227,12 +290,15 @@ def _quantize_with_peer(args, spec: dict, provenance) -> None:
     missing = kit.missing()
     if missing:
         raise PtqError(f"recipe {args.recipe!r}: {missing}")
+    if not args.calibration:
+        raise PtqError(f"recipe {args.recipe!r}: a peer toolkit calibrates: give --calibration")
     _check_outputs(args)
     device = resolve_device(args.device)
     calibration = _load_calibration(args.calibration)
     settings = _quantize_settings(args, spec, calibration, "float32")
     model, _ = load_model(args.model, dtype="float32")
     require_finite_weights(model, args.model)
+    base_model = model_fingerprint(model)
     outcome = kit.translator().quantize(model, peer.mirrors, calibration["input_ids"])
     recipe = dataclasses.replace(peer.mirrors, name=peer.name)
     description = {**_recipe_description(recipe, settings, outcome.result), "toolkit": kit.name,
@@ -241,7 +307,7 @@ def _quantize_with_peer(args, spec: dict, provenance) -> None:
     metrics = {"quantize_time_s": record["wall_time_s"], "toolkit_time_s": round(outcome.seconds, 3),
                "bits_per_weight": description["bits_per_weight"]}
     save_artifact(args.out, outcome.result.quantized, outcome.result.float_parameters,
-                  {**description, "config_hash": record["config_hash"]})
+                  {**description, "config_hash": record["config_hash"], BASE_MODEL: base_model})
     write_json(args.metrics, {
         "kind": "quantize", **description, "dataset": calibration["corpus"], "metrics": metrics,
         "differences": outcome.differences, "settings": settings, "provenance": record, "layers": [],
@@ -250,7 +316,7 @@ def _quantize_with_peer(args, spec: dict, provenance) -> None:
 
 
 def cmd_dwr(args) -> None:
-    from ptqrepro.artifact import load_artifact, save_artifact
+    from ptqrepro.artifact import BASE_MODEL, check_fits, load_artifact, model_fingerprint, save_artifact
     from ptqrepro.models.sources import compute_dtype, load_model, require_finite_weights, resolve_device, torch_dtype
     from ptqrepro.provenance import Provenance
     from ptqrepro.reconstruction import search_model
@@ -277,13 +343,15 @@ def cmd_dwr(args) -> None:
     with _checkpoints(args.checkpoint_dir, settings) as checkpoints:
         model, _ = load_model(args.model, dtype="auto")
         require_finite_weights(model, args.model)
+        check_fits(model, base, args.base, args.model)
+        base_model = model_fingerprint(model)
         result = search_model(model, base, calibration["input_ids"], recipe.settings, device=device,
                               batch_size=args.batch_size, log=print, dtype=torch_dtype(dtype), checkpoints=checkpoints,
                               offload=args.offload)
         record = {**provenance.record(settings, device), "offload": args.offload}
         changed = sum(1 for block in result.blocks if block.chosen)
-        save_artifact(args.out, result.quantized, base.float_parameters, {**description, "config_hash": record["config_hash"]},
-                      corrections=base.corrections)
+        save_artifact(args.out, result.quantized, base.float_parameters,
+                      {**description, "config_hash": record["config_hash"], BASE_MODEL: base_model}, corrections=base.corrections)
         write_json(args.metrics, {
             "kind": "quantize", **description, "dataset": calibration["corpus"],
             "metrics": {"quantize_time_s": record["wall_time_s"], "bits_per_weight": description["bits_per_weight"],
@@ -328,7 +396,7 @@ def _model_to_evaluate(args):
     device = resolve_device(args.device)
     dtype = compute_dtype(args.dtype, device)
     model, tokenizer = load_model(args.model, dtype)
-    manifest = apply_artifact(model, args.quantized, device)
+    manifest = apply_artifact(model, args.quantized, device, model_dir=args.model)
     require_finite_weights(model, f"{args.model} with {args.quantized}")
     with placed_for_evaluation(model, device, args.placement) as placement:
         yield model, tokenizer, manifest, device, dtype, placement
@@ -365,6 +433,8 @@ def cmd_eval_ppl(args) -> None:
 def cmd_zeroshot_tasks(args) -> None:
     from ptqrepro.eval.zeroshot import write_local_tasks
 
+    _corpus(args.corpus)
+    check_writable(args.out, "--out", folder=True)
     with atomic_path(args.out) as tmp:
         written = write_local_tasks(_documents(args.corpus, "test"), tmp, args.items, args.seed, located_at=args.out)
     print(json.dumps(written))
@@ -396,7 +466,7 @@ def cmd_eval_zeroshot(args) -> None:
 def cmd_export(args) -> None:
     from ptqrepro.export import export_model
 
-    check_writable(args.out, "--out")
+    check_writable(args.out, "--out", folder=True)
     manifest = export_model(args.model, args.quantized, args.format, args.out, args.drop_activation_quantization)
     dropped = f", without its {', '.join(manifest['dropped'])}" if manifest["dropped"] else ""
     print(f"{manifest['recipe']} -> {args.out} ({args.format}{dropped})")
@@ -412,6 +482,7 @@ def cmd_tables(args) -> None:
     from ptqrepro.report.tables import gather_results, summarize, write_tables
 
     settings = _bootstrap(args)
+    check_writable(args.out, "--out", folder=True)
     results = gather_results(args.results)
     paths = write_tables(results, summarize(results, settings), args.out, settings)
     print(" ".join(str(path) for path in paths.values()))
@@ -422,6 +493,7 @@ def cmd_agreement(args) -> None:
     from ptqrepro.report.peers import grid_agreement
 
     ours, peer = load_artifact(args.ours), load_artifact(args.peer)
+    check_writable(args.out, "--out")
     agreement = grid_agreement(ours, peer)
     manifest = peer.manifest
     write_json(args.out, {"kind": "agreement", "model": manifest["model"], "recipe": manifest["recipe"],
@@ -434,7 +506,8 @@ def cmd_peers(args) -> None:
     from ptqrepro.report.tables import gather_results
 
     settings = _bootstrap(args)
-    documents = {path: read_json(path) for path in args.results}
+    documents = {path: _read_json(path, "results") for path in args.results}
+    check_writable(args.out, "--out", folder=True)
     agreements = [document for document in documents.values() if document.get("kind") == "agreement"]
     quantize_results = [document for document in documents.values() if document.get("kind") == "quantize"]
     results = gather_results([path for path, document in documents.items() if document.get("kind") != "agreement"])
@@ -447,50 +520,48 @@ TABLE_FIGURES = ("ppl_vs_bits", "accuracy_vs_bits", "lqer_ranks", "job_costs")
 
 
 def cmd_plots(args) -> None:
-    import pandas
-
     from ptqrepro.report import plots
 
     if args.dwr:
-        paths = plots.plot_dwr_curves(read_json(args.dwr), args.out)
+        source, draw = _read_json(args.dwr, "--dwr"), plots.plot_dwr_curves
     elif args.magr:
-        paths = plots.plot_magr_row_maxima(read_json(args.magr), args.out)
+        source, draw = _read_json(args.magr, "--magr"), plots.plot_magr_row_maxima
     else:
-        paths = getattr(plots, f"plot_{args.figure}")(pandas.read_csv(args.table), args.out)
+        source, draw = _summary_table(args.table), getattr(plots, f"plot_{args.figure}")
+    check_writable(f"{args.out}.png", "--out")
+    paths = draw(source, args.out)
     print(" ".join(str(path) for path in paths))
 
 
 def cmd_paper_tables(args) -> None:
-    import pandas
-
     from ptqrepro.report.paper_tables import load_reference, paper_sections, with_ours, write_paper_tables
 
-    results = pandas.read_csv(args.table)
+    results = _summary_table(args.table)
+    check_writable(args.out, "--out", folder=True)
     sections = paper_sections(with_ours(load_reference(args.reference), results), results)
     print(" ".join(str(path) for path in write_paper_tables(sections, args.out)))
 
 
 def cmd_claims(args) -> None:
-    import pandas
-
     from ptqrepro.report.claims import check_claims, claims_from_config, write_claims
 
     entries = load_yaml(args.claims, "--claims") if args.claims else []
     settings = _bootstrap(args)
-    table = check_claims(claims_from_config(entries or []), pandas.read_csv(args.table),
-                         pandas.read_csv(args.windows), settings)
+    claims = claims_from_config(entries or [])
+    summary, windows = _summary_table(args.table), _windows_table(args.windows)
+    check_writable(args.out, "--out", folder=True)
+    table = check_claims(claims, summary, windows, settings)
     paths = write_claims(table, args.out, settings)
     counts = table["verdict"].value_counts()
     print(", ".join(f"{count} {verdict}" for verdict, count in counts.items()) or "no claims", "->", paths["md"])
 
 
 def cmd_compare(args) -> None:
-    import pandas
-
     from ptqrepro.report.compare import compare_runs, write_comparison
 
     settings = _bootstrap(args)
-    first, second = (pandas.read_csv(path) for path in args.windows)
+    first, second = (_windows_table(path) for path in args.windows)
+    check_writable(args.out, "--out", folder=True)
     table = compare_runs(first, second, settings)
     paths = write_comparison(table, args.out, tuple(args.labels), settings)
     print(f"{len(table)} measurements, {int(table['resolved'].sum())} moved beyond the windows' noise ->", paths["md"])
@@ -498,9 +569,9 @@ def cmd_compare(args) -> None:
 
 def _check_outputs(args) -> None:
     """A quantize or DWR job's outputs writable, checked before its work (``io.check_writable``)."""
-    for option in ("out", "metrics", "checkpoint_dir"):
+    for option, folder in (("out", True), ("metrics", False), ("checkpoint_dir", True)):
         if getattr(args, option):
-            check_writable(getattr(args, option), f"--{option.replace('_', '-')}")
+            check_writable(getattr(args, option), f"--{option.replace('_', '-')}", folder=folder)
 
 
 def _positive(text: str) -> int:
@@ -522,10 +593,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _add_recipe_job_arguments(p: argparse.ArgumentParser, spec_help: str) -> None:
+def _add_recipe_job_arguments(p: argparse.ArgumentParser, spec_help: str, calibration_required: bool = True) -> None:
     """The arguments of a job that turns a model and calibration windows into an artifact."""
     p.add_argument("--model", required=True)
-    p.add_argument("--calibration", required=True)
+    p.add_argument("--calibration", required=calibration_required,
+                   help="calibration windows from calibrate" + ("" if calibration_required else " (for a recipe that calibrates)"))
     p.add_argument("--recipe", required=True, help="recipe name")
     p.add_argument("--spec", required=True, help=spec_help)
     p.add_argument("--device", default="auto")
@@ -572,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("quantize", help="apply a recipe layer by layer and write the quantized artifact")
-    _add_recipe_job_arguments(p, "the recipe's config entry, inline YAML/JSON")
+    _add_recipe_job_arguments(p, "the recipe's config entry, inline YAML/JSON", calibration_required=False)
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("dwr", help="DWR's block-by-block search on a quantized model (a new artifact)")
@@ -682,14 +754,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = 130
+"""Exit code of a command stopped by SIGINT or SIGTERM (the shell's 128 + SIGINT)."""
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so that it unwinds as from Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """Within the block SIGTERM (a scheduler's or Snakemake's stop) unwinds the command as Ctrl-C
+    does: every ``atomic_path`` removes its temporary, a checkpoint folder keeps its finished layers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _option_of(args, path) -> str | None:
+    """The command-line argument that named ``path`` or a folder above it (``--out``, ``results``)."""
+    if path is None:
+        return None
+    path = Path(path)
+    for name, value in vars(args).items():
+        for given in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(given, str) and (path == Path(given) or Path(given) in path.parents):
+                return name if name == "results" else f"--{name.replace('_', '-')}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A bad argument is exit code 2, a missing, empty or corrupt input 1 (each
+    one line on stderr), an interrupt (SIGINT, SIGTERM) 130 with nothing half-written."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        with _terminate_as_interrupt():
+            args.func(args)
     except PtqError as error:
         print(f"ptqrepro: error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
+    except OSError as error:  # a file or folder an argument names: missing, of the wrong kind, not readable
+        option = _option_of(args, error.filename)
+        if option is None:
+            raise
+        print(f"ptqrepro: error: {option} {error.filename}: {error.strerror or first_line(error)}", file=sys.stderr)
+        return InputError.exit_code
+    except KeyboardInterrupt as interrupt:
+        signal_name = "SIGTERM" if isinstance(interrupt, _Terminated) else "SIGINT"
+        print(f"ptqrepro {args.command}: interrupted by {signal_name}; nothing half-written is left "
+              "(a quantize or dwr job with --checkpoint-dir keeps its finished layers)", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 

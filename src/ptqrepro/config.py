@@ -58,6 +58,17 @@ def calibration_dtype(config: dict, name: str) -> str:
     return config["recipes"][name].get("calibration_dtype", config["calibration"].get("dtype", "auto"))
 
 
+def recipe_calibrates(config: dict, name: str) -> bool:
+    """Whether recipe ``name``'s job reads calibration windows: a reconstruction (DWR) and a peer
+    toolkit's job always do, one of our recipes where a step needs activation statistics
+    (``Recipe.needs_stats``); fp16, RTN and LQER without activation statistics read none, so the
+    calibration settings are no input of theirs."""
+    entry = config["recipes"][name]
+    if is_reconstruction(entry) or is_peer(entry):
+        return True
+    return recipe_from_config(name, recipe_entry(entry)).needs_stats
+
+
 def calibration_seeds(config: dict) -> list[int]:
     """The config's calibration seeds: ``calibration.seeds`` (a list), or the single
     ``calibration.seed`` (default 0); not both."""

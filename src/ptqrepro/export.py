@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ptqrepro.artifact import Artifact, apply_float_parameters, load_artifact
+from ptqrepro.artifact import Artifact, apply_float_parameters, check_fits, load_artifact
 from ptqrepro.errors import PtqError
 from ptqrepro.formats import IntFormat, QuantizedWeight
 from ptqrepro.io import atomic_path
@@ -72,6 +72,7 @@ def export_model(model_dir: str | Path, artifact_dir: str | Path, fmt: str, out_
         int_format = check_compressed_tensors(artifact)
     dropped = _dropped_activation_quantization(artifact, fmt, drop_activation_quantization)
     model, tokenizer = load_model(model_dir, dtype="auto")
+    check_fits(model, artifact, artifact_dir, model_dir)
     apply_float_parameters(model, artifact)
     manifest = {"format": fmt, "recipe": recipe, "artifact": str(artifact_dir),
                 "artifact_config_hash": artifact.manifest.get("config_hash"), "model": str(model_dir),

@@ -39,15 +39,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def check_writable(path: str | os.PathLike, option: str) -> None:
+def check_writable(path: str | os.PathLike, option: str, folder: bool = False) -> None:
     """A ``PtqError`` now, before a job's work, where ``atomic_path`` could not write ``path`` after
     it: the nearest existing folder above ``path`` (which ``atomic_path`` creates the rest of) must
-    be a folder this process may write."""
-    folder = Path(path).absolute().parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise PtqError(f"{option} {path}: cannot write there ({folder} is not a folder this process may write)")
+    be a folder this process may write, and ``path`` must not exist as the other kind (a file where
+    the output is a ``folder``, or a folder where it is a file; ``atomic_path`` replaces its kind)."""
+    target = Path(path)
+    if target.exists() and target.is_dir() != folder:
+        have, want = ("a folder", "a file") if target.is_dir() else ("a file", "a folder")
+        raise PtqError(f"{option} {path}: cannot write there (it is {have}, and the output is {want})")
+    above = target.absolute().parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
+        raise PtqError(f"{option} {path}: cannot write there ({above} is not a folder this process may write)")
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

@@ -6,9 +6,10 @@ the models' shapes come from their configs (``models.shapes``: ``config.json`` o
 metadata, never the weights). Every problem is collected and one ``PreflightError`` lists them all,
 each as ``key: value: what is wrong; allowed: what would do``. Nothing is written.
 
-* models: a GGUF source's package installed with its file; a supported architecture. A hub model
-  whose ``config.json`` cannot be had here (offline and not in the cache) is not checked: a note
-  says so, and its jobs check what they need;
+* models: a GGUF source's package installed with its file; a supported architecture; a local
+  folder that exists, and, while the hub is offline, a hub id in the hub cache. A hub model whose
+  ``config.json`` cannot be had otherwise (the hub not reachable) is not checked: a note says so,
+  and its jobs check what they need;
 * recipes, on every model they run on: the weight and activation formats' groups or blocks divide
   the inputs of every linear, and so does MagR's ``group_size``; an LQER/L2QER rank is at most
   min(in, out) of every linear, and its factors' format fits the inputs and the rank as
@@ -38,7 +39,7 @@ from ptqrepro.eval.zeroshot import LOCAL_TASKS
 from ptqrepro.formats import GroupedFormat, parse_format
 from ptqrepro.lowrank import fit_reduction
 from ptqrepro.models.shapes import ModelShapes, read_model_config, shapes_of
-from ptqrepro.models.sources import ModelSource
+from ptqrepro.models.sources import ModelSource, hub_problem
 from ptqrepro.recipes import is_peer, is_reconstruction, recipe_from_config, reconstruction_from_config
 from ptqrepro.steps import LqerStep, MagrStep
 
@@ -74,6 +75,11 @@ def preflight(config: dict, prepared_models: str | Path, log: Callable[[str], No
     problems: list[Problem] = []
     shapes = {}
     for name, entry in config["models"].items():
+        problem = isinstance(entry, dict) and entry.get("hub") is not None and hub_problem(str(entry["hub"]), bool(config.get("offline")))
+        if problem:
+            problems.append(Problem(f"models.{name}.hub", entry["hub"], problem,
+                                    "a local model folder, or a hub id in the cache or with the hub online"))
+            continue
         try:
             shapes[name] = shapes_of(read_model_config(ModelSource.from_config(name, entry), Path(prepared_models) / name))
         except PtqError as error:

@@ -16,6 +16,7 @@ Methods only ever see tensors; this module reads and writes the modules.
 from __future__ import annotations
 
 import time
+import typing
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, ClassVar
@@ -36,6 +37,16 @@ from ptqrepro.methods.smoothquant import smoothing_scales
 from ptqrepro.models.adapters import Architecture
 from ptqrepro.models.sources import compute_dtype, torch_dtype
 from ptqrepro.statistics import InputStatistics, relative_output_error
+
+
+def _is_of_type(value, kind: type) -> bool:
+    """Whether a step's setting ``value`` (from YAML) has the dataclass field's type ``kind``: an
+    integer counts as a float, a boolean as neither an integer nor a float."""
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 @dataclass
@@ -123,6 +134,12 @@ class Step:
                 f"recipe {recipe!r}: step {cls.name!r} has no setting(s) {', '.join(sorted(unknown))}"
                 + (f" (known: {', '.join(sorted(known))})" if known else "")
             )
+        hints = typing.get_type_hints(cls)
+        for key, value in settings.items():
+            allowed = typing.get_args(hints[key]) or (hints[key],)
+            if not any(_is_of_type(value, kind) for kind in allowed):
+                names = " or ".join("null" if kind is type(None) else kind.__name__ for kind in allowed)
+                raise PtqError(f"recipe {recipe!r}: step {cls.name!r} setting {key!r} must be {names}, not {value!r}")
         return cls(**settings)
 
     def apply(self, context: LayerContext) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 from xml.etree import ElementTree
 
-from ptqrepro.errors import PtqError
+from ptqrepro.errors import InputError, PtqError
 from ptqrepro.io import atomic_path
 
 SPLITS = ("train", "validation", "test")
@@ -140,6 +140,9 @@ def write_corpus(spec: CorpusSpec, out_dir: str | os.PathLike) -> dict:
     stats = {}
     for split in (s for s in SPLITS if s in spec.splits):
         documents = load_documents(spec, split)
+        if not any(document.strip() for document in documents):
+            raise InputError(f"corpus {spec.name!r}: its {split} split ({spec.path or spec.source}, "
+                             f"{spec.splits[split]!r}) holds no text")
         _write_jsonl(out / f"{split}.jsonl", documents)
         stats[split] = {"documents": len(documents), "characters": sum(len(d) for d in documents)}
     return stats
@@ -165,9 +168,9 @@ def _read_jsonl_field(path: Path, text_field: str) -> list[str]:
             try:
                 record = json.loads(line)
             except ValueError as error:
-                raise PtqError(f"{path}:{number}: not a JSON line ({error})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise PtqError(f"{path}:{number}: no field {text_field!r}")
+                raise InputError(f"{path}:{number}: not a JSON line ({error})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise InputError(f"{path}:{number}: no text field {text_field!r}")
             documents.append(record[text_field])
     return documents
 
@@ -183,7 +186,7 @@ def _load_local(spec: CorpusSpec, source_split: str) -> list[str]:
         return _read_jsonl_field(jsonl, spec.text_field)
     if text.is_file():
         return [text.read_text(encoding="utf-8")]
-    raise PtqError(f"corpus {spec.name!r}: neither {jsonl} nor {text} exists")
+    raise InputError(f"corpus {spec.name!r}: neither {jsonl} nor {text} exists")
 
 
 # --- source "hub" ---------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ptqrepro.errors import PtqError, first_line
+from ptqrepro.errors import InputError, PtqError, first_line
 from ptqrepro.io import atomic_path
 from ptqrepro.provenance import bf16_kernels
 
@@ -54,6 +54,22 @@ class ModelSource:
             gguf_file=gguf["file"],
             pip_name=gguf.get("pip", gguf["package"]),
         )
+
+
+def hub_problem(hub: str, offline: bool = False) -> str | None:
+    """Why ``from_pretrained(hub)`` cannot load a model here, found without loading it (None: it may):
+    a local path (absolute, or from ``.`` or ``~``) that is not a folder, or, while the hub is
+    offline (``offline``, or ``HF_HUB_OFFLINE=1``), a hub id whose ``config.json`` is not in the hub
+    cache."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    path = Path(hub).expanduser()
+    if hub.startswith((".", "~", "/")) or path.exists():
+        return None if path.is_dir() else f"{hub} is not a folder (a local model needs its folder)"
+    if (offline or constants.is_offline_mode()) and not isinstance(try_to_load_from_cache(hub, "config.json"), str):
+        return (f"hub model {hub!r} is not in the hub cache ({constants.HF_HUB_CACHE}) and the hub is offline "
+                "(HF_HUB_OFFLINE); download it where the hub can be reached, or give its local folder")
+    return None
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -147,12 +163,12 @@ def model_location(model_dir: str | Path) -> str:
     model_dir = Path(model_dir)
     manifest_path = model_dir / MANIFEST
     if not manifest_path.is_file():
-        raise PtqError(f"{model_dir} is not a prepared model (no {MANIFEST}); run prepare-model")
+        raise InputError(f"{model_dir} is not a prepared model (no {MANIFEST}); run prepare-model")
     try:
         manifest = json.loads(manifest_path.read_text())
         return str(model_dir) if manifest["source"] == "gguf" else manifest["path"]
     except (ValueError, KeyError, TypeError) as error:
-        raise PtqError(f"{manifest_path} is broken ({type(error).__name__}: {first_line(error)}); run prepare-model again") from None
+        raise InputError(f"{manifest_path} is broken ({type(error).__name__}: {first_line(error)}); run prepare-model again") from None
 
 
 def load_model(model_dir: str | Path, dtype: str = "float32"):
@@ -179,7 +195,7 @@ def load_model(model_dir: str | Path, dtype: str = "float32"):
         model = AutoModelForCausalLM.from_pretrained(location, dtype="auto" if dtype == "auto" else torch_dtype(dtype))
         tokenizer = AutoTokenizer.from_pretrained(location)
     except (SafetensorError, OSError, ValueError) as error:  # an empty or corrupt weights file, a broken config
-        raise PtqError(f"cannot load the model in {location}: {first_line(error)}") from None
+        raise InputError(f"cannot load the model in {location}: {first_line(error)}") from None
     model.eval()
     return model, tokenizer
 
@@ -189,10 +205,16 @@ def require_finite_weights(model: torch.nn.Module, what: str) -> None:
     and evaluates without complaint, to a perplexity of NaN."""
     for name, parameter in model.named_parameters():
         if not torch.isfinite(parameter).all():
-            raise PtqError(f"{what}: parameter {name} has NaN or infinite entries")
+            raise InputError(f"{what}: parameter {name} has NaN or infinite entries")
 
 
 def load_tokenizer(model_dir: str | Path):
+    """The tokenizer of a prepared model; one that cannot be loaded (its source gone, a broken
+    file) is an ``InputError`` as in ``load_model``."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_location(model_dir))
+    location = model_location(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot load the tokenizer in {location}: {first_line(error)}") from None

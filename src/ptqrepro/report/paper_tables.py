@@ -19,7 +19,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from ptqrepro.errors import PtqError
+from ptqrepro.errors import InputError, PtqError, first_line
 from ptqrepro.io import atomic_path
 from ptqrepro.report.tables import PERPLEXITY_KIND, PERPLEXITY_METRIC
 
@@ -36,14 +36,19 @@ def load_reference(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
         try:
             frame = pd.read_csv(path, keep_default_na=False, dtype=str)
         except OSError as error:
-            raise PtqError(f"{path}: cannot read reference table ({error.strerror})") from error
+            raise InputError(f"{path}: cannot read reference table ({error.strerror})") from error
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
+            raise InputError(f"{path}: not a reference table ({first_line(error)})") from None
         if list(frame.columns) != list(REFERENCE_COLUMNS):
-            raise PtqError(f"{path}: reference columns must be {', '.join(REFERENCE_COLUMNS)}, got {', '.join(frame.columns)}")
+            raise InputError(f"{path}: reference columns must be {', '.join(REFERENCE_COLUMNS)}, got {', '.join(frame.columns)}")
         frames.append(frame)
     if not frames:
         raise PtqError("load_reference: no reference files given")
     reference = pd.concat(frames, ignore_index=True)
-    reference["value"] = pd.to_numeric(reference["value"].replace("NaN", math.nan), errors="raise")
+    try:
+        reference["value"] = pd.to_numeric(reference["value"].replace("NaN", math.nan), errors="raise")
+    except ValueError as error:
+        raise InputError(f"a reference table's value is not a number ({first_line(error)})") from None
     return reference
 
 

@@ -30,7 +30,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from ptqrepro.errors import PtqError
+from ptqrepro.errors import InputError, PtqError, first_line
 from ptqrepro.io import atomic_path, read_json
 from ptqrepro.report.uncertainty import BootstrapSettings, Interval, exp_or_inf, mean_interval, normal_quantile
 
@@ -293,11 +293,11 @@ def _read_result(path: str | os.PathLike) -> dict[str, Any]:
     try:
         result = read_json(path)
     except OSError as error:
-        raise PtqError(f"{path}: cannot read result file ({error.strerror})") from error
-    except json.JSONDecodeError as error:
-        raise PtqError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from error
+        raise InputError(f"{path}: cannot read result file ({error.strerror})") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not valid JSON ({first_line(error)})") from error
     if not isinstance(result, dict):
-        raise PtqError(f"{path}: result file is not a JSON object")
+        raise InputError(f"{path}: result file is not a JSON object")
     return result
 
 
