@@ -16,10 +16,12 @@ from ptqrepro.config import (
     check_config,
     check_config_files,
     check_schema,
+    recipe_calibrates,
     recipe_job_spec,
     recipe_seeds,
 )
 from ptqrepro.errors import PtqError
+from ptqrepro.interrupts import stop_jobs_with_snakemake
 from ptqrepro.peers import toolkit
 from ptqrepro.preflight import preflight
 from ptqrepro.report.claims import claims_from_config
@@ -167,6 +169,12 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/export.smk"
 include: "workflow/rules/peers.smk"
+
+
+# SIGINT or SIGTERM to this Snakemake alone stops its running jobs too, so that a quantize job keeps
+# its finished layers for the rerun (ptqrepro.interrupts; profiles/default: rerun-incomplete).
+onstart:
+    stop_jobs_with_snakemake()
 
 
 rule all:

@@ -66,7 +66,8 @@ def test_tiny_dag_end_to_end(tmp_path, tiny_model_dir, tiny_corpus):
     assert set(ppl.index) == {"fp16", "rtn@int8", "rtn@int4-g16", "rtn@int2"}
     assert ppl["rtn@int8"] == pytest.approx(ppl["fp16"], rel=0.02)
     assert ppl["rtn@int2"] > ppl["rtn@int4-g16"] > ppl["fp16"] * 0.99
-    assert (table[table.kind != "zeroshot"].dataset == "tiny").all() and table.config_hash.notna().all()
+    assert (table[table.kind == "perplexity"].dataset == "tiny").all() and table.config_hash.notna().all()
+    assert (table[table.kind == "quantize"].dataset == "none").all()  # fp16 and RTN read no calibration data
     assert "rtn@int4-g16" in (tmp_path / "results/tables/all.md").read_text()
     zeroshot = table[table.kind == "zeroshot"]
     assert set(zeroshot.recipe) == {"rtn@int4-g16"} and set(zeroshot.dataset) == {"ptq_lastword", "ptq_nextsentence"}
@@ -168,11 +169,13 @@ def test_temporary_artifacts_are_deleted_after_their_last_reader(papers_run):
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
 
-RERUN_RECIPES = {"fp16": {"steps": []}, "rtn@int4": {"steps": ["rtn"], "weight": "int4"}}
+RERUN_RECIPES = {"fp16": {"steps": []}, "rtn@int4": {"steps": ["rtn"], "weight": "int4"},
+                 "gptq@int4": {"steps": ["gptq"], "weight": "int4"}}
+"""Two recipes that read no calibration data and one that does."""
 
 
 def rerun_config(model_dir, corpus_dir) -> dict:
-    """The tiny DAG with two recipes, four test windows and a calibration dtype set."""
+    """The tiny DAG with three recipes, four test windows and a calibration dtype set."""
     config = tiny_config(model_dir, corpus_dir, copy.deepcopy(RERUN_RECIPES))
     config["calibration"]["dtype"] = "float32"
     config["eval"]["ppl"]["max_windows"] = 4
@@ -206,11 +209,14 @@ AFTER_THE_TABLES = {"tables": 1, "claims": 1, "plot_table_figure": 2, "all": 1}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key, value, rerun", [
-    (("eval", "ppl", "dtype"), "bfloat16", {"eval_ppl": 2}),
-    (("eval", "ppl", "seqlen"), 16, {"eval_ppl": 2}),
-    (("eval", "ppl", "max_windows"), 3, {"eval_ppl": 2}),
-    (("eval", "ppl", "batch_size"), 2, {"eval_ppl": 2}),
-    (("calibration", "dtype"), "bfloat16", {"quantize": 2, "eval_ppl": 2}),
+    (("eval", "ppl", "dtype"), "bfloat16", {"eval_ppl": 3}),
+    (("eval", "ppl", "seqlen"), 16, {"eval_ppl": 3}),
+    (("eval", "ppl", "max_windows"), 3, {"eval_ppl": 3}),
+    (("eval", "ppl", "batch_size"), 2, {"eval_ppl": 3}),
+    # the calibration's settings: only the recipe that reads calibration data (gptq), not fp16 or RTN
+    (("calibration", "dtype"), "bfloat16", {"quantize": 1, "eval_ppl": 1}),
+    (("calibration", "batch_size"), 1, {"quantize": 1, "eval_ppl": 1}),
+    (("calibration", "nsamples"), 3, {"calibrate": 1, "quantize": 1, "eval_ppl": 1}),
     (("recipes", "rtn@int4", "weight"), "int4-g16", {"quantize": 1, "eval_ppl": 1}),
 ], ids=lambda value: ".".join(value) if isinstance(value, tuple) else None)
 def test_a_changed_setting_reruns_the_jobs_it_affects(rerun_workdir, tiny_model_dir, tiny_corpus, key, value, rerun):
@@ -239,6 +245,26 @@ def test_where_jobs_keep_their_data_and_their_threads_rerun_nothing(rerun_workdi
     assert dry_run_jobs(rerun_workdir) == {}
     write_config(rerun_workdir, rerun_config(tiny_model_dir, tiny_corpus))
     assert dry_run_jobs(rerun_workdir) == {}
+
+
+@pytest.mark.slow
+def test_another_spelling_of_the_same_device_reruns_nothing(rerun_workdir, tiny_model_dir, tiny_corpus):
+    """The jobs' `device` param is the class of device config `device` resolves to here: on a
+    machine without a GPU, `cpu` and `auto` are the same device, and changing one to the other
+    reruns nothing; `device` still reaches the commands as given."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("auto is a GPU on this machine")
+    config = rerun_config(tiny_model_dir, tiny_corpus)
+    config["device"] = "auto"
+    write_config(rerun_workdir, config)
+    try:
+        assert dry_run_jobs(rerun_workdir) == {}
+        run = snakemake(rerun_workdir, "-n", "-p", "--forcerun", "quantize")
+        assert run.returncode == 0 and run.stdout.count(" --device auto ") >= 3, run.stdout[-3000:]
+    finally:
+        write_config(rerun_workdir, rerun_config(tiny_model_dir, tiny_corpus))
 
 
 def test_where_jobs_keep_their_data_reaches_their_commands(tmp_path, tiny_model_dir, tiny_corpus):

@@ -10,6 +10,8 @@ import re
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +26,9 @@ from ptqrepro.methods.rtn import rtn
 from ptqrepro.pipeline import quantize_model
 from ptqrepro.reconstruction import search_model
 from ptqrepro.recipes import DwrSettings, recipe_from_config
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Crash(Exception):
@@ -225,3 +230,98 @@ def test_a_failed_job_releases_its_checkpoint_folder(tmp_path, capsys):
     holder = hold(tmp_path / "ckpt")
     holder.kill()
     holder.wait()
+
+
+SNAKEMAKE_RECIPE = {"magr+gptq@int3": {"steps": [{"magr": {"iterations": 300}}, "gptq"], "weight": "int3"}}
+
+
+def six_layer_run(root, tiny_corpus):
+    """A workdir whose config runs ``SNAKEMAKE_RECIPE`` on a 6-layer tiny model."""
+    import yaml
+
+    model_dir = root / "six"
+    tokenizer = tiny_tokenizer(tiny_corpus)
+    tiny_llama(len(tokenizer), layers=6).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    config = {"offline": True, "device": "cpu", "threads": 1, "models": {"six": {"hub": str(model_dir)}},
+              "corpora": {"tiny": {"source": "local", "path": str(tiny_corpus)}},
+              "calibration": {"corpus": "tiny", "nsamples": 4, "seqlen": 32, "seed": 0, "batch_size": 2},
+              "recipes": SNAKEMAKE_RECIPE, "reference": [], "claims": [],
+              "eval": {"ppl": {"datasets": ["tiny"], "seqlen": 32, "max_windows": 4, "batch_size": 4, "dtype": "float32"}}}
+    (root / "run" / "config").mkdir(parents=True)
+    (root / "run" / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    return root / "run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_snakemake_stopped_by_a_signal_resumes_with_the_same_command(tmp_path, tiny_corpus, signum):
+    """SIGINT or SIGTERM to the Snakemake process alone (a terminal multiplexer, a batch system)
+    while a quantize job has finished two of its six layers: the job stops too, keeping its
+    checkpoints; the same command run again restores those layers (its log says so), quantizes the
+    rest, and writes the artifact of an uninterrupted run byte for byte, readable by others as the
+    umask allows; no checkpoint folder is left."""
+    workdir = six_layer_run(tmp_path, tiny_corpus)
+    recipe = next(iter(SNAKEMAKE_RECIPE))
+    target = f"results/metrics/six/{recipe}/s0/quantize.json"
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2",
+               "--directory", str(workdir), target]
+    job_log = workdir / f"results/logs/quantize/six/{recipe}/s0.log"
+    snakemake = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 600
+        while not (job_log.is_file() and "layer 1:" in job_log.read_text()):
+            assert snakemake.poll() is None and time.monotonic() < deadline, snakemake.stderr.read()[-3000:]
+            time.sleep(0.2)
+        snakemake.send_signal(signum)
+        snakemake.wait(timeout=300)
+    finally:
+        snakemake.kill()
+    stopped = job_log.read_text()
+    assert "interrupted by SIGTERM" in stopped and "layer 5:" not in stopped, stopped
+    checkpoints = workdir / f"results/checkpoints/six/{recipe}/s0"
+    finished = sorted(path.name for path in checkpoints.glob("layer-*"))
+    assert finished[:2] == ["layer-0000", "layer-0001"] and len(finished) < 6, finished
+    assert not (workdir / f"results/quantized/six/{recipe}/s0").exists()
+
+    rerun = subprocess.run(command, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed = job_log.read_text()
+    assert all(f"layer {index}: restored from" in resumed for index in range(len(finished))), resumed
+    assert f"layer {len(finished)}: magr+gptq in" in resumed
+    assert not (workdir / "results/checkpoints").exists()
+
+    uninterrupted = tmp_path / "uninterrupted"
+    assert main(["quantize", "--model", str(workdir / "results/models/six"), "--calibration",
+                 str(workdir / "results/calibration/six/tiny-n4-l32-s0.pt"), "--batch-size", "2", "--dtype", "auto",
+                 "--recipe", recipe, "--spec", json.dumps(SNAKEMAKE_RECIPE[recipe]), "--device", "cpu", "--threads", "1",
+                 "--out", str(uninterrupted), "--metrics", str(tmp_path / "uninterrupted.json")]) == 0
+    artifact = workdir / f"results/quantized/six/{recipe}/s0"
+    for name in ("quantized.safetensors", "manifest.json"):
+        assert (artifact / name).read_bytes() == (uninterrupted / name).read_bytes(), name
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (artifact / "quantized.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_stop_of_snakemake_reaches_its_ptqrepro_jobs_only(tmp_path):
+    """``interrupts.stop_ptqrepro_jobs`` sends SIGTERM to the descendants that run the ``ptqrepro``
+    command, not to a shell whose script names it nor to anything else."""
+    from ptqrepro.interrupts import stop_ptqrepro_jobs
+
+    command = tmp_path / "ptqrepro"
+    command.write_text("#!/bin/sh\nsleep 60\n")
+    command.chmod(0o755)
+    job = subprocess.Popen([str(command)])
+    shell = subprocess.Popen(["sh", "-c", "sleep 60; echo ptqrepro"])
+    try:
+        time.sleep(0.2)
+        assert stop_ptqrepro_jobs() == [job.pid]
+        assert job.wait(timeout=10) == -signal.SIGTERM
+        assert shell.poll() is None
+    finally:
+        job.kill()
+        shell.kill()
+        shell.wait()

@@ -121,8 +121,19 @@ class LayerCheckpoints:
         return load_artifact(self._layer(index))
 
     def remove(self) -> None:
-        """Delete the folder (the job finished and wrote its artifact) and release its lock."""
+        """Delete the folder (the job finished and wrote its artifact) and the folders above it that
+        are left empty (``results/checkpoints/<model>/<recipe>``, up to the first that holds another
+        job's checkpoints or anything else; never the working directory or one above it), and
+        release the folder's lock."""
         shutil.rmtree(self.folder, ignore_errors=True)
+        keep = {Path.cwd(), *Path.cwd().parents}
+        for parent in self.folder.absolute().parents:
+            if parent in keep:
+                break
+            try:
+                parent.rmdir()
+            except OSError:  # not empty
+                break
         self.release()
 
     def release(self) -> None:

@@ -193,6 +193,7 @@ def cmd_quantize(args) -> None:
     from ptqrepro.pipeline import quantize_model
     from ptqrepro.provenance import Provenance
     from ptqrepro.recipes import is_peer, recipe_from_config
+    from ptqrepro.report.tables import UNCALIBRATED
 
     _set_threads(args.threads)
     provenance = Provenance()
@@ -240,10 +241,6 @@ def cmd_quantize(args) -> None:
         if checkpoints is not None:
             checkpoints.remove()
     print(f"{recipe.name}: {len(result.quantized)} linears, {description['bits_per_weight']} bits/weight")
-
-
-UNCALIBRATED = "none"
-"""The ``dataset`` of a quantize result of a recipe that reads no calibration data."""
 
 
 def _quantize_settings(args, spec: dict, calibration: dict | None, dtype: str) -> dict:
@@ -765,19 +762,24 @@ class _Terminated(KeyboardInterrupt):
 @contextlib.contextmanager
 def _terminate_as_interrupt():
     """Within the block SIGTERM (a scheduler's or Snakemake's stop) unwinds the command as Ctrl-C
-    does: every ``atomic_path`` removes its temporary, a checkpoint folder keeps its finished layers."""
+    does: every ``atomic_path`` removes its temporary, a checkpoint folder keeps its finished layers.
+    After the first stop signal the others are ignored, so that none cuts that cleanup short."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum, frame):
-        raise _Terminated()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(signum) is not signal.SIG_IGN}  # a signal ignored by who started us stays so
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _option_of(args, path) -> str | None:

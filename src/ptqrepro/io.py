@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,11 +33,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = tmp_dir / target.name
     try:
         yield tmp
+        _readable_as_umask_allows(tmp)
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _readable_as_umask_allows(path: Path) -> None:
+    """Give ``path`` (a file, or every file under a folder) the permission bits that the process's
+    umask allows a new file: a library that writes through its own temporary file (safetensors)
+    leaves mode 0600, which others sharing a results folder on a cluster cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in [path] if path.is_file() else (entry for entry in path.rglob("*") if entry.is_file()):
+        mode = stat.S_IMODE(file.stat().st_mode)
+        if mode | (0o666 & ~umask) != mode:
+            os.chmod(file, mode | (0o666 & ~umask))
 
 
 def check_writable(path: str | os.PathLike, option: str, folder: bool = False) -> None:

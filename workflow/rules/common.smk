@@ -2,8 +2,11 @@
 # the quantize and DWR jobs' priorities and checkpoint folders. Snakemake's lint wants them apart
 # from the files that define rules.
 
+import functools
 import json
 import re
+
+from ptqrepro.models.sources import resolve_device
 
 
 def quantized_artifact(path):
@@ -42,3 +45,36 @@ def longest_first(wildcards):
 def checkpoint_dir(wildcards):
     """Where a quantize or DWR job saves its finished layers."""
     return f"results/checkpoints/{wildcards.model}/{wildcards.recipe}/s{wildcards.seed}"
+
+
+def calibration_input(wildcards):
+    """The calibration windows of a quantize job whose recipe reads them (none for fp16, RTN, LQER)."""
+    return (
+        CALIBRATION_FILE.format(model=wildcards.model, seed=wildcards.seed)
+        if recipe_calibrates(config, wildcards.recipe)
+        else []
+    )
+
+
+def calibration_arguments(wildcards):
+    """The command's calibration arguments (file, batch size, dtype) for a recipe that reads
+    calibration data; none for one that does not, so that they are no rerun trigger of its job.
+    From the wildcards, not the job's input: Snakemake compares no param derived from the input."""
+    calibration = calibration_input(wildcards)
+    if not calibration:
+        return ""
+    return "--calibration {} --batch-size {} --dtype {}".format(
+        calibration, CALIB["batch_size"], calibration_dtype(config, wildcards.recipe)
+    )
+
+
+@functools.cache
+def device_class():
+    """What the `device` param of the jobs records: the class of device they compute on, `cpu` or
+    `cuda`, as config `device` resolves on this machine (`auto`: `cuda` where torch sees a GPU). A
+    different spelling of the same device (`cpu` to `auto` without a GPU) reruns nothing; the
+    command gets the config's own value, as a resource, and resolves it where it runs."""
+    try:
+        return resolve_device(config["device"]).split(":")[0]
+    except PtqError:
+        return config["device"]  # a GPU named that this machine lacks: the job says so where it runs

@@ -24,14 +24,16 @@ rule eval_ppl:
         **rule_resources(config, "eval_ppl"),
         # a resource, not a param: where the layers are changes no result (the Snakefile)
         placement=config["eval"]["placement"],
+        # the command's device; the param records its class, as in the quantize rule
+        device=config["device"],
     params:
         max_windows=f"--max-windows {PPL['max_windows']}" if PPL.get("max_windows") else "",
         protocol={key: PPL[key] for key in ("seqlen", "nsamples", "seed", "batch_size", "dtype")},
-        device=config["device"],
+        device=lambda w: device_class(),
     shell:
-        "ptqrepro-gpu-slot {resources.gpu} {params.device} ptqrepro eval-ppl --model {input.model} --quantized {input.quantized} --corpus {input.corpus}"
+        "ptqrepro-gpu-slot {resources.gpu} {resources.device} ptqrepro eval-ppl --model {input.model} --quantized {input.quantized} --corpus {input.corpus}"
         " --seqlen {params.protocol[seqlen]} {params.max_windows} --nsamples {params.protocol[nsamples]} --seed {params.protocol[seed]}"
-        " --batch-size {params.protocol[batch_size]} --dtype {params.protocol[dtype]} --device {params.device} --placement {resources.placement}"
+        " --batch-size {params.protocol[batch_size]} --dtype {params.protocol[dtype]} --device {resources.device} --placement {resources.placement}"
         " --threads {threads}"
         " --out {output} > {log} 2>&1"
 
@@ -82,15 +84,17 @@ if ZEROSHOT:
             **rule_resources(config, "eval_zeroshot"),
             # a resource, not a param: where the layers are changes no result (the Snakefile)
             placement=config["eval"]["placement"],
+            # the command's device; the param records its class, as in the quantize rule
+            device=config["device"],
         params:
             include=f"--include {LOCAL_TASKS_DIR}" if LOCAL_TASKS_DIR else "",
             tasks=" ".join(ZEROSHOT["tasks"]),
             limit=f"--limit {ZEROSHOT['limit']}" if ZEROSHOT.get("limit") else "",
             protocol={key: ZEROSHOT[key] for key in ("batch_size", "max_length", "dtype")},
-            device=config["device"],
+            device=lambda w: device_class(),
             out_dir=lambda w, output: os.path.dirname(output[0]),
         shell:
-            "ptqrepro-gpu-slot {resources.gpu} {params.device} ptqrepro eval-zeroshot --model {input.model} --quantized {input.quantized} --tasks {params.tasks}"
+            "ptqrepro-gpu-slot {resources.gpu} {resources.device} ptqrepro eval-zeroshot --model {input.model} --quantized {input.quantized} --tasks {params.tasks}"
             " {params.include} {params.limit} --batch-size {params.protocol[batch_size]} --max-length {params.protocol[max_length]}"
-            " --dtype {params.protocol[dtype]} --device {params.device} --placement {resources.placement} --threads {threads}"
+            " --dtype {params.protocol[dtype]} --device {resources.device} --placement {resources.placement} --threads {threads}"
             " --out-dir {params.out_dir} > {log} 2>&1"

@@ -2,13 +2,15 @@
 # reconstruction recipe (DWR) starts from its base recipe's artifact of the same seed, so the base
 # is quantized once per seed. Each job
 # saves every finished layer under results/checkpoints/ (deleted when it succeeds): killed and
-# rerun (snakemake --rerun-incomplete), it resumes after its last finished layer.
+# rerun by the same command (profiles/default sets rerun-incomplete), it resumes after its last
+# finished layer (docs/interrupted-runs.md).
 
 
 rule quantize:
     input:
         model="results/models/{model}",
-        calibration=CALIBRATION_FILE,
+        # only where the recipe reads it: changing the calibration reruns no fp16, RTN or plain LQER job
+        calibration=calibration_input,
     output:
         artifact=quantized_artifact(f"results/quantized/{RUN_DIR}"),
         metrics=f"results/metrics/{RUN_DIR}/quantize.json",
@@ -24,16 +26,17 @@ rule quantize:
         **rule_resources(config, "quantize"),
         # a resource, not a param: where the activations are changes no result (the Snakefile)
         offload=CALIB["offload"],
+        device=config["device"],
     params:
         spec=lambda w: recipe_spec(w.recipe),
-        device=config["device"],
-        batch_size=CALIB["batch_size"],
-        dtype=lambda w: calibration_dtype(config, w.recipe),
+        device=lambda w: device_class(),
+        # the calibration's file, batch size and dtype, for a recipe that calibrates
+        calibration=calibration_arguments,
         checkpoints=checkpoint_dir,
     shell:
-        "ptqrepro-gpu-slot {resources.gpu} {params.device} ptqrepro quantize --model {input.model} --calibration {input.calibration}"
-        " --recipe {wildcards.recipe:q} --spec {params.spec:q} --device {params.device}"
-        " --batch-size {params.batch_size} --dtype {params.dtype} --offload {resources.offload} --threads {threads}"
+        "ptqrepro-gpu-slot {resources.gpu} {resources.device} ptqrepro quantize --model {input.model} {params.calibration}"
+        " --recipe {wildcards.recipe:q} --spec {params.spec:q} --device {resources.device}"
+        " --offload {resources.offload} --threads {threads}"
         " --out {output.artifact} --metrics {output.metrics}"
         " --checkpoint-dir {params.checkpoints:q} > {log} 2>&1"
 
@@ -58,15 +61,16 @@ rule dwr:
         **rule_resources(config, "dwr"),
         # a resource, not a param: where the activations are changes no result (the Snakefile)
         offload=CALIB["offload"],
+        device=config["device"],
     params:
         spec=lambda w: recipe_spec(w.recipe),
-        device=config["device"],
+        device=lambda w: device_class(),
         batch_size=CALIB["batch_size"],
         dtype=lambda w: calibration_dtype(config, w.recipe),
         checkpoints=checkpoint_dir,
     shell:
-        "ptqrepro-gpu-slot {resources.gpu} {params.device} ptqrepro dwr --model {input.model} --base {input.base} --calibration {input.calibration}"
-        " --recipe {wildcards.recipe:q} --spec {params.spec:q} --device {params.device}"
+        "ptqrepro-gpu-slot {resources.gpu} {resources.device} ptqrepro dwr --model {input.model} --base {input.base} --calibration {input.calibration}"
+        " --recipe {wildcards.recipe:q} --spec {params.spec:q} --device {resources.device}"
         " --batch-size {params.batch_size} --dtype {params.dtype} --offload {resources.offload} --threads {threads}"
         " --out {output.artifact} --metrics {output.metrics}"
         " --checkpoint-dir {params.checkpoints:q} > {log} 2>&1"

@@ -100,6 +100,8 @@ MISSING_CELL = "—"
 PERPLEXITY_KIND, PERPLEXITY_METRIC = "perplexity", "ppl"
 NLL_METRIC = "nll"
 QUANTIZE_KIND, QUANTIZE_TIME_METRIC = "quantize", "quantize_time_s"
+UNCALIBRATED = "none"
+"""The ``dataset`` of a quantize result of a recipe that reads no calibration data."""
 ZEROSHOT_KIND, ZEROSHOT_METRICS = "zeroshot", ("acc", "acc_norm")
 STDERR_SUFFIX = "_stderr"
 
@@ -437,11 +439,13 @@ def _metric_by_recipe(rows: pd.DataFrame, kind: str, metric: str) -> pd.DataFram
 
 
 def _single_calibration_column(quantize_time: pd.DataFrame, model: str) -> pd.Series:
-    """The quantize-time column; several calibration sets would need several columns."""
-    if len(quantize_time.columns) > 1:
-        datasets = ", ".join(quantize_time.columns)
+    """The quantize-time column; several calibration sets would need several columns. The recipes
+    that read no calibration data (dataset ``UNCALIBRATED``) join the one set's column."""
+    calibrated = [dataset for dataset in quantize_time.columns if dataset != UNCALIBRATED]
+    if len(calibrated) > 1:
+        datasets = ", ".join(calibrated)
         raise PtqError(f"model '{model}': quantize results for several calibration sets ({datasets})")
-    return quantize_time.iloc[:, 0]
+    return quantize_time.bfill(axis=1).iloc[:, 0]
 
 
 def _column_for_recipes(values: pd.Series, recipes: pd.Series, decimals: int) -> list[str]:
