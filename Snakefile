@@ -23,7 +23,7 @@ from ptqrepro.config import (
 from ptqrepro.errors import PtqError
 from ptqrepro.interrupts import stop_jobs_with_snakemake
 from ptqrepro.peers import toolkit
-from ptqrepro.preflight import preflight
+from ptqrepro.preflight import preflight, require_hub_models
 from ptqrepro.report.claims import claims_from_config
 from ptqrepro.recipes import is_peer, is_reconstruction, recipe_from_config, reconstruction_from_config
 
@@ -173,8 +173,13 @@ include: "workflow/rules/peers.smk"
 
 # SIGINT or SIGTERM to this Snakemake alone stops its running jobs too, so that a quantize job keeps
 # its finished layers for the rerun (ptqrepro.interrupts; profiles/default: rerun-incomplete).
+# A run (not a dry run) stops before its first job where a hub model cannot be had offline.
 onstart:
     stop_jobs_with_snakemake()
+    try:
+        require_hub_models(config)
+    except PtqError as error:
+        sys.exit(f"config error: {error}")
 
 
 rule all:

@@ -348,3 +348,27 @@ def test_an_interrupt_is_one_line_and_exit_code_130(world, tmp_path, signum):
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.json").exists()
     assert [path.name for path in tmp_path.iterdir()] == ["ckpt"]
     assert (tmp_path / "ckpt" / "layer-0000" / "manifest.json").is_file()
+
+
+def test_models_that_no_job_could_load_are_found_before_the_jobs(tmp_path, monkeypatch):
+    """A local model folder that does not exist is a planning error (``preflight``); a hub id that
+    is not in the hub cache while offline stops a run before its first job (``require_hub_models``,
+    the Snakefile's ``onstart``), while a dry run still lists the DAG."""
+    from huggingface_hub import constants
+
+    from ptqrepro.models.sources import local_model_problem
+    from ptqrepro.preflight import PreflightError, require_hub_models
+
+    assert local_model_problem("/nonexistent/model") == "/nonexistent/model is not a folder (a local model needs its folder)"
+    assert local_model_problem(str(tmp_path)) is None and local_model_problem("org/name") is None
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    config = {"offline": True, "models": {"ghost": {"hub": "nobody/no-such-model"}, "local": {"hub": str(tmp_path)}}}
+    with pytest.raises(PreflightError, match=r"models.ghost.hub: 'nobody/no-such-model': hub model .* is not in the hub cache") as error:
+        require_hub_models(config)
+    assert "models.local" not in str(error.value)
+    cached = tmp_path / "hub" / "models--nobody--no-such-model" / "snapshots" / "0"
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--nobody--no-such-model" / "refs").mkdir()
+    (tmp_path / "hub" / "models--nobody--no-such-model" / "refs" / "main").write_text("0")
+    require_hub_models(config)

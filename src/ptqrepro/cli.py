@@ -134,10 +134,10 @@ def _windows_table(path: str, option: str = "--windows"):
 
 
 def cmd_prepare_model(args) -> None:
-    from ptqrepro.models.sources import ModelSource, hub_problem, prepare_model
+    from ptqrepro.models.sources import ModelSource, local_model_problem, offline_hub_problem, prepare_model
 
     source = ModelSource.from_config(args.name, _spec(args.spec))
-    problem = source.hub and hub_problem(source.hub)
+    problem = source.hub and (local_model_problem(source.hub) or offline_hub_problem(source.hub))
     if problem:
         raise InputError(f"--spec: model {args.name!r}: {problem}")
     check_writable(args.out, "--out", folder=True)

@@ -7,9 +7,9 @@ metadata, never the weights). Every problem is collected and one ``PreflightErro
 each as ``key: value: what is wrong; allowed: what would do``. Nothing is written.
 
 * models: a GGUF source's package installed with its file; a supported architecture; a local
-  folder that exists, and, while the hub is offline, a hub id in the hub cache. A hub model whose
-  ``config.json`` cannot be had otherwise (the hub not reachable) is not checked: a note says so,
-  and its jobs check what they need;
+  folder that exists. A hub model whose ``config.json`` cannot be had here (offline and not in the
+  cache) is not checked: a note says so, a dry run lists its jobs, and a run stops before its first
+  job (``require_hub_models``, the Snakefile's ``onstart``);
 * recipes, on every model they run on: the weight and activation formats' groups or blocks divide
   the inputs of every linear, and so does MagR's ``group_size``; an LQER/L2QER rank is at most
   min(in, out) of every linear, and its factors' format fits the inputs and the rank as
@@ -39,7 +39,7 @@ from ptqrepro.eval.zeroshot import LOCAL_TASKS
 from ptqrepro.formats import GroupedFormat, parse_format
 from ptqrepro.lowrank import fit_reduction
 from ptqrepro.models.shapes import ModelShapes, read_model_config, shapes_of
-from ptqrepro.models.sources import ModelSource, hub_problem
+from ptqrepro.models.sources import ModelSource, local_model_problem, offline_hub_problem
 from ptqrepro.recipes import is_peer, is_reconstruction, recipe_from_config, reconstruction_from_config
 from ptqrepro.steps import LqerStep, MagrStep
 
@@ -75,10 +75,9 @@ def preflight(config: dict, prepared_models: str | Path, log: Callable[[str], No
     problems: list[Problem] = []
     shapes = {}
     for name, entry in config["models"].items():
-        problem = isinstance(entry, dict) and entry.get("hub") is not None and hub_problem(str(entry["hub"]), bool(config.get("offline")))
+        problem = isinstance(entry, dict) and entry.get("hub") is not None and local_model_problem(str(entry["hub"]))
         if problem:
-            problems.append(Problem(f"models.{name}.hub", entry["hub"], problem,
-                                    "a local model folder, or a hub id in the cache or with the hub online"))
+            problems.append(Problem(f"models.{name}.hub", entry["hub"], problem, "a local model folder, or a hub id"))
             continue
         try:
             shapes[name] = shapes_of(read_model_config(ModelSource.from_config(name, entry), Path(prepared_models) / name))
@@ -94,6 +93,18 @@ def preflight(config: dict, prepared_models: str | Path, log: Callable[[str], No
     problems += sequence_problems(config, shapes)
     problems += corpus_problems(config)
     problems += zeroshot_problems(config)
+    if problems:
+        raise PreflightError(problems)
+
+
+def require_hub_models(config: dict) -> None:
+    """Before the first job of a run (not of a dry run, which lists the DAG without the models): a
+    ``PreflightError`` listing every hub model that no job could load, the hub being offline and
+    the model not in the hub cache."""
+    problems = [Problem(f"models.{name}.hub", entry["hub"], problem, "a hub id in the hub cache, or the hub online")
+                for name, entry in config["models"].items()
+                if isinstance(entry, dict) and entry.get("hub") is not None
+                and (problem := offline_hub_problem(str(entry["hub"]), bool(config.get("offline"))))]
     if problems:
         raise PreflightError(problems)
 

@@ -56,16 +56,22 @@ class ModelSource:
         )
 
 
-def hub_problem(hub: str, offline: bool = False) -> str | None:
-    """Why ``from_pretrained(hub)`` cannot load a model here, found without loading it (None: it may):
-    a local path (absolute, or from ``.`` or ``~``) that is not a folder, or, while the hub is
-    offline (``offline``, or ``HF_HUB_OFFLINE=1``), a hub id whose ``config.json`` is not in the hub
-    cache."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
+def local_model_problem(hub: str) -> str | None:
+    """Why a hub source that names a local folder (an absolute path, one from ``.`` or ``~``, or one
+    that exists) cannot be loaded: it is not a folder (None: it is one, or the source is a hub id)."""
     path = Path(hub).expanduser()
     if hub.startswith((".", "~", "/")) or path.exists():
         return None if path.is_dir() else f"{hub} is not a folder (a local model needs its folder)"
+    return None
+
+
+def offline_hub_problem(hub: str, offline: bool = False) -> str | None:
+    """Why a hub id cannot be loaded here: the hub is offline (``offline``, or ``HF_HUB_OFFLINE=1``)
+    and its ``config.json`` is not in the hub cache (None: it may be loaded, or it is a local path)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if hub.startswith((".", "~", "/")) or Path(hub).expanduser().exists():
+        return None
     if (offline or constants.is_offline_mode()) and not isinstance(try_to_load_from_cache(hub, "config.json"), str):
         return (f"hub model {hub!r} is not in the hub cache ({constants.HF_HUB_CACHE}) and the hub is offline "
                 "(HF_HUB_OFFLINE); download it where the hub can be reached, or give its local folder")
