@@ -72,3 +72,19 @@ def test_every_key_given_twice_in_every_file_is_listed(tmp_path):
         f"{first}: duplicate key 'c' (line 2, columns 5 and 11)",
         f"{second}: duplicate key 'r' (line 2 and line 3)",
     ]
+
+
+def test_a_slow_tokenizer_transformers_cannot_load_is_refused(tmp_path, monkeypatch):
+    """transformers 5 has no slow LLaMA/Mistral/OPT tokenizer: `slow` is a planning-time error
+    naming both keys that ask for it, never a silent fast one."""
+    from ptqrepro import config as config_module
+
+    config = tiny_config(tmp_path / "model", tmp_path / "corpus")
+    config["calibration"]["tokenizer"] = "slow"
+    config["eval"]["ppl"]["tokenizer"] = "slow"
+    monkeypatch.setattr(config_module, "slow_tokenizer_problem", lambda: "transformers 9.0 has none")
+    assert config_errors(config) == [
+        "calibration.tokenizer and eval.ppl.tokenizer: slow cannot be honoured: transformers 9.0 has none; set fast"
+    ]
+    monkeypatch.setattr(config_module, "slow_tokenizer_problem", lambda: None)
+    check_config(config)
