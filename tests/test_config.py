@@ -88,3 +88,9 @@ def test_a_slow_tokenizer_transformers_cannot_load_is_refused(tmp_path, monkeypa
     ]
     monkeypatch.setattr(config_module, "slow_tokenizer_problem", lambda: None)
     check_config(config)
+
+
+def test_a_corpus_without_the_split_a_job_reads_is_refused(tmp_path):
+    config = tiny_config(tmp_path / "model", tmp_path / "corpus")
+    config["eval"]["ppl"]["datasets"] = ["slimpajama"]
+    assert config_errors(config) == ["eval.ppl.datasets: corpus 'slimpajama' has no test split (has: train)"]

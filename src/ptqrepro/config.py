@@ -161,7 +161,8 @@ def check_config(config: dict) -> None:
     for name, entry in config["models"].items():
         passes(ModelSource.from_config, name, entry)
     for name in _corpora(config):
-        passes(corpus_spec, name, config.get("corpora", {}).get(name))
+        if passes(corpus_spec, name, config.get("corpora", {}).get(name)):
+            passes(_check_corpus_splits, config, name)
     passes(calibration_seeds, config)
     passes(_check_tokenizers, config)
     if not config["recipes"]:
@@ -185,6 +186,19 @@ def _corpora(config: dict) -> set[str]:
     zeroshot = config["eval"].get("zeroshot") or {}
     corpora = set(config.get("corpora", {})) | {config["calibration"]["corpus"], *config["eval"]["ppl"]["datasets"]}
     return corpora | ({zeroshot["corpus"]} if zeroshot.get("corpus") else set())
+
+
+def _check_corpus_splits(config: dict, name: str) -> None:
+    """Corpus ``name`` has the splits the jobs read from it: train to calibrate on, test to evaluate
+    on (perplexity, local zero-shot tasks); slimpajama, for one, has only train."""
+    spec = corpus_spec(name, config.get("corpora", {}).get(name))
+    zeroshot = config["eval"].get("zeroshot") or {}
+    reads = [("calibration.corpus", "train")] if name == config["calibration"]["corpus"] else []
+    reads += [("eval.ppl.datasets", "test")] if name in config["eval"]["ppl"]["datasets"] else []
+    reads += [("eval.zeroshot.corpus", "test")] if name == zeroshot.get("corpus") else []
+    for key, split in reads:
+        if split not in spec.splits:
+            raise PtqError(f"{key}: corpus {name!r} has no {split} split (has: {', '.join(spec.splits)})")
 
 
 def _check_tokenizers(config: dict) -> None:
