@@ -94,3 +94,23 @@ def test_a_corpus_without_the_split_a_job_reads_is_refused(tmp_path):
     config = tiny_config(tmp_path / "model", tmp_path / "corpus")
     config["eval"]["ppl"]["datasets"] = ["slimpajama"]
     assert config_errors(config) == ["eval.ppl.datasets: corpus 'slimpajama' has no test split (has: train)"]
+
+
+def test_the_schema_types_the_corpus_and_tokenizer_settings(tmp_path):
+    from pathlib import Path
+
+    from ptqrepro.config import check_schema
+
+    schema = Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml"
+    config = tiny_config(tmp_path / "model", tmp_path / "corpus")
+    config["corpora"]["wikitext2"] = {"trian_join": "\n\n", "exact_length_documents": "drop", "chunk_shards": 0}
+    config["eval"]["ppl"]["tokenizer"] = "slowest"
+    with pytest.raises(PtqError) as refused:
+        check_schema(config, schema)
+    lines = str(refused.value).splitlines()[1:]
+    assert lines == [
+        "  corpora.wikitext2: Additional properties are not allowed ('trian_join' was unexpected)",
+        "  corpora.wikitext2.chunk_shards: 0 is less than the minimum of 1",
+        "  corpora.wikitext2.exact_length_documents: 'drop' is not one of ['keep', 'redraw']",
+        "  eval.ppl.tokenizer: 'slowest' is not one of ['fast', 'slow']",
+    ]
