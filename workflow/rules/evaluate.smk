@@ -68,12 +68,8 @@ rule zeroshot_tasks:
         " --out {output} > {log} 2>&1"
 
 
-localrules:
-    stage_zeroshot_tasks,
-
-
-# On the submit host, where the network is: builds each hub task once, so that `datasets` prepares
-# the cache the (offline) GPU jobs read; records what each task resolved.
+# On the submit host (a local rule), where the network is: builds each hub task once, so that
+# `datasets` prepares the cache the (offline) GPU jobs read; records what each task resolved.
 rule stage_zeroshot_tasks:
     output:
         "results/zeroshot/staged-{key}.json",
@@ -81,6 +77,7 @@ rule stage_zeroshot_tasks:
         "results/logs/stage_zeroshot_tasks/{key}.log",
     wildcard_constraints:
         key=staged_key(HUB_TASKS),
+    localrule: True
     conda:
         CONDA_ENV
     params:

@@ -241,10 +241,11 @@ def _hub_snapshot(dataset_path: str | None, revision: str | None) -> str | None:
     return ref.read_text().strip() if ref.is_file() else None
 
 
-def stage_tasks(tasks: list[str]) -> dict:
+def stage_tasks(tasks: list[str], include_path: str | None = None) -> dict:
     """Build every hub task of ``tasks`` once (``datasets`` prepares its cache) and return the
-    staging record: lm-eval's version and each task's ``task_record``."""
-    loaded = load_tasks(hub_tasks(tasks), None)[1] if hub_tasks(tasks) else {}
+    staging record: lm-eval's version and each task's ``task_record``. ``include_path``: a folder
+    of more task YAMLs (stand-ins of hub tasks)."""
+    loaded = load_tasks(hub_tasks(tasks), include_path)[1] if hub_tasks(tasks) else {}
     return {"lm_eval": lm_eval_version(), "tasks": {task: task_record(loaded[task]) for task in sorted(loaded)}}
 
 
