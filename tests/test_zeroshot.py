@@ -261,3 +261,14 @@ with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
     workflow = api.workflow(snakefile=Path(sys.argv[1]), resource_settings=ResourceSettings(cores=1), workdir=Path("."))
     print(json.dumps(sorted(workflow._workflow._localrules)))
 """
+
+
+def test_an_evaluation_refuses_tasks_staged_by_another_lm_eval(tmp_path, capsys):
+    from ptqrepro.cli import main
+
+    staged = tmp_path / "staged.json"
+    staged.write_text(json.dumps({"lm_eval": "0.3.0", "tasks": {}}))
+    code = main(["eval-zeroshot", "--model", str(tmp_path / "m"), "--quantized", str(tmp_path / "q"), "--tasks", "ptq_lastword",
+                 "--staged", str(staged), "--out-dir", str(tmp_path / "out")])
+    assert code == 2 and not (tmp_path / "out").exists()
+    assert "staged with lm-eval 0.3.0, this job has" in capsys.readouterr().err

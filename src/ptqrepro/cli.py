@@ -413,7 +413,15 @@ def cmd_eval_zeroshot(args) -> None:
         if staged["lm_eval"] != lm_eval_version():
             raise PtqError(f"{args.staged}: staged with lm-eval {staged['lm_eval']}, this job has {lm_eval_version()}: stage the tasks again")
     loaded = load_tasks(args.tasks, args.include)  # before the model: a task without its data fails at once
-    check_metrics({task: task_record(built) for task, built in loaded[1].items()}, metrics_of)
+    records = {task: task_record(built) for task, built in loaded[1].items()}
+    check_metrics(records, metrics_of)
+    if args.staged:
+        moved = [f"{task} ({staged['tasks'][task]['dataset_revision']} staged, {record['dataset_revision']} here)"
+                 for task, record in records.items() if task in staged["tasks"]
+                 and None not in (staged["tasks"][task]["dataset_revision"], record["dataset_revision"])
+                 and staged["tasks"][task]["dataset_revision"] != record["dataset_revision"]]
+        if moved:
+            raise PtqError(f"{args.staged}: the cached datasets changed since staging: {', '.join(moved)}; stage the tasks again")
     with _model_to_evaluate(args) as (model, tokenizer, manifest, device, dtype, placement):
         results = evaluate_zeroshot(model, tokenizer, args.tasks, args.include, args.batch_size, args.max_length,
                                     device, args.limit, args.num_fewshot, loaded)
