@@ -112,9 +112,15 @@ PPL = config["eval"]["ppl"]
 CLAIMED = {name for claim in claims_from_config(config["claims"]) for name in claim.recipes}
 REPORTED = [name for name in RECIPES if name not in PEERS or name in CLAIMED]
 REPORTED_RUNS = [(model, recipe, seed) for model, recipe, seed in SEEDED_RUNS if recipe in REPORTED]
-# Recipes scored zero-shot: eval.zeroshot.recipes, or every reported recipe; at each recipe's first seed.
+# Recipes scored zero-shot: eval.zeroshot.recipes, or every reported recipe, on eval.zeroshot.models
+# or every model; at each recipe's first seed.
 ZEROSHOT_RUNS = (
-    [(m, r, SEEDS[r][0]) for m, r in RUNS if r in (config["eval"]["zeroshot"].get("recipes") or REPORTED)]
+    [
+        (m, r, SEEDS[r][0])
+        for m, r in RUNS
+        if r in (config["eval"]["zeroshot"].get("recipes") or REPORTED)
+        and m in (config["eval"]["zeroshot"].get("models") or MODELS)
+    ]
     if config["eval"].get("zeroshot")
     else []
 )

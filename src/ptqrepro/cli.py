@@ -6,9 +6,10 @@
     ptqrepro quantize       --model DIR --calibration FILE.pt --recipe NAME --spec '{steps: [rtn], weight: int4}' [--offload cpu] --out DIR --metrics FILE.json
     ptqrepro eval-ppl       --model DIR --quantized DIR --corpus DIR --seqlen L [--max-windows K] [--tokenizer slow] [--placement layers] --out FILE.json
     ptqrepro zeroshot-tasks --corpus DIR --items N --seed S --out DIR
-    ptqrepro eval-zeroshot  --model DIR --quantized DIR --tasks T... [--include DIR] --out-dir DIR
+    ptqrepro stage-tasks    --tasks T... [--metric T=acc_norm...] --out FILE.json
+    ptqrepro eval-zeroshot  --model DIR --quantized DIR --tasks T... [--include DIR] [--staged FILE.json] [--num-fewshot K] [--metric T=acc_norm...] --out-dir DIR
     ptqrepro export         --model DIR --quantized DIR --format compressed-tensors|dequantized [--drop-activation-quantization] --out DIR
-    ptqrepro tables         --out DIR [--bootstrap-samples B --bootstrap-seed S --level 0.95] RESULT.json...
+    ptqrepro tables         --out DIR [--bootstrap-samples B --bootstrap-seed S --level 0.95] [--averages '{avg: {task: acc}}'] RESULT.json...
     ptqrepro plots          --table all.csv --out STEM
     ptqrepro paper-tables   --table all.csv --reference config/reference/magr.csv... --out DIR
     ptqrepro compare        --windows A/windows.csv B/windows.csv [--labels A B] --out DIR
@@ -374,26 +375,75 @@ def cmd_zeroshot_tasks(args) -> None:
     print(json.dumps(written))
 
 
+def _task_metrics(pairs: list[str], tasks: list[str]) -> dict[str, str]:
+    """``--metric TASK=METRIC`` pairs as ``{task: metric}``; every task of ``tasks`` not named: acc."""
+    chosen = {}
+    for pair in pairs or []:
+        task, _, metric = pair.partition("=")
+        if task not in tasks or metric not in ("acc", "acc_norm"):
+            raise PtqError(f"--metric {pair}: give TASK=acc or TASK=acc_norm for a task of --tasks")
+        chosen[task] = metric
+    return {task: chosen.get(task, "acc") for task in tasks}
+
+
+def cmd_stage_tasks(args) -> None:
+    from ptqrepro.eval.zeroshot import check_metrics, stage_tasks
+
+    check_writable(args.out, "--out")
+    staged = stage_tasks(args.tasks)
+    check_metrics(staged["tasks"], _task_metrics(args.metric, args.tasks))
+    write_json(args.out, staged)
+    print(f"staged {len(staged['tasks'])} hub task(s) with lm-eval {staged['lm_eval']}: {' '.join(staged['tasks'])}")
+
+
 def cmd_eval_zeroshot(args) -> None:
-    from ptqrepro.eval.zeroshot import HARNESS_SETTINGS, evaluate_zeroshot
+    from ptqrepro.eval.zeroshot import (
+        HARNESS_SETTINGS,
+        check_metrics,
+        evaluate_zeroshot,
+        lm_eval_version,
+        load_tasks,
+        task_record,
+        write_items,
+    )
     from ptqrepro.provenance import Provenance
 
     _set_threads(args.threads)
     provenance = Provenance()
     check_writable(Path(args.out_dir) / "zeroshot.json", "--out-dir")
+    metrics_of = _task_metrics(args.metric, args.tasks)
+    if args.staged:
+        staged = read_json(args.staged)
+        if staged["lm_eval"] != lm_eval_version():
+            raise PtqError(f"{args.staged}: staged with lm-eval {staged['lm_eval']}, this job has {lm_eval_version()}: stage the tasks again")
+    loaded = load_tasks(args.tasks, args.include)  # before the model: a task without its data fails at once
+    records = {task: task_record(built) for task, built in loaded[1].items()}
+    check_metrics(records, metrics_of)
+    if args.staged:
+        moved = [f"{task} ({staged['tasks'][task]['dataset_revision']} staged, {record['dataset_revision']} here)"
+                 for task, record in records.items() if task in staged["tasks"]
+                 and None not in (staged["tasks"][task]["dataset_revision"], record["dataset_revision"])
+                 and staged["tasks"][task]["dataset_revision"] != record["dataset_revision"]]
+        if moved:
+            raise PtqError(f"{args.staged}: the cached datasets changed since staging: {', '.join(moved)}; stage the tasks again")
     with _model_to_evaluate(args) as (model, tokenizer, manifest, device, dtype, placement):
         results = evaluate_zeroshot(model, tokenizer, args.tasks, args.include, args.batch_size, args.max_length,
-                                    device, args.limit)
+                                    device, args.limit, args.num_fewshot, loaded)
     description = _result_description(manifest)
     protocol = {"batch_size": args.batch_size, "max_length": args.max_length, "limit": args.limit, "dtype": dtype,
-                "num_fewshot": 0, **HARNESS_SETTINGS}
-    for task, metrics in results.items():
+                "num_fewshot": args.num_fewshot, **HARNESS_SETTINGS}
+    for task, result in results.items():
+        items = Path(args.out_dir) / f"zeroshot-{task}.items.csv"
+        with atomic_path(items) as tmp:
+            write_items(tmp, result.items)
         write_json(Path(args.out_dir) / f"zeroshot-{task}.json", {
-            "kind": "zeroshot", **description, "dataset": task, "metrics": metrics, "protocol": protocol,
+            "kind": "zeroshot", **description, "dataset": task, "metrics": result.metrics,
+            "reported_metric": metrics_of[task], "protocol": protocol,
+            "task": {**result.record, "n_shot": result.num_fewshot, "items": items.name, "lm_eval": lm_eval_version()},
             "provenance": {**provenance.record({"protocol": protocol, "task": task, "quantized": manifest["config_hash"]},
                                                device), "placement": placement},
         })
-        shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items() if not name.endswith("stderr"))
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in result.metrics.items() if not name.endswith("stderr"))
         print(f"{description['recipe']} on {task}: {shown}")
 
 
@@ -413,11 +463,14 @@ def _bootstrap(args):
 
 
 def cmd_tables(args) -> None:
-    from ptqrepro.report.tables import gather_results, summarize, write_tables
+    from ptqrepro.report.tables import gather_results, summarize, with_averages, write_tables
 
     settings = _bootstrap(args)
     results = gather_results(args.results)
-    paths = write_tables(results, summarize(results, settings), args.out, settings)
+    averages = load_yaml(args.averages, "--averages") if args.averages else {}
+    if not isinstance(averages, dict) or not all(isinstance(tasks, dict) and tasks for tasks in averages.values()):
+        raise PtqError("--averages: give {name: {task: acc or acc_norm, ...}, ...}")
+    paths = write_tables(results, with_averages(summarize(results, settings), averages), args.out, settings)
     print(" ".join(str(path) for path in paths.values()))
 
 
@@ -515,6 +568,17 @@ def _positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """An argument that may be zero (few-shot examples): an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return value
 
 
@@ -618,13 +682,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--max-length", type=_positive, default=2048)
     p.add_argument("--limit", type=_positive, help="score only the first N items of each task")
+    p.add_argument("--num-fewshot", type=_count, default=0, help="examples per prompt (0: zero-shot)")
+    p.add_argument("--metric", nargs="*", default=[], metavar="TASK=METRIC", help="the accuracy reported per task (acc, acc_norm; default acc)")
+    p.add_argument("--staged", help="the stage-tasks record of the hub tasks (checks lm-eval's version)")
     p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (see compute_dtype)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=_positive)
     p.add_argument("--placement", default="auto", choices=PLACEMENTS,
                    help="whole: the model on the device; layers: one decoder layer at a time there; auto: whole where it fits")
-    p.add_argument("--out-dir", required=True, help="writes zeroshot-<task>.json there")
+    p.add_argument("--out-dir", required=True, help="writes zeroshot-<task>.json and its per-item zeroshot-<task>.items.csv there")
     p.set_defaults(func=cmd_eval_zeroshot)
+
+    p = sub.add_parser("stage-tasks", help="build lm-eval's hub tasks once where the network is, so that jobs find their data offline")
+    p.add_argument("--tasks", required=True, nargs="+", help="lm-eval task names (local ones are skipped)")
+    p.add_argument("--metric", nargs="*", default=[], metavar="TASK=METRIC", help="the accuracy reported per task (acc, acc_norm): checked to exist")
+    p.add_argument("--out", required=True, help="the staging record (JSON): lm-eval's version, each task's dataset and version")
+    p.set_defaults(func=cmd_stage_tasks)
 
     p = sub.add_parser("export", help="a quantized model as a Hugging Face model directory (transformers, vLLM)")
     p.add_argument("--model", required=True, help="prepared model directory")
@@ -640,6 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tables", help="gather result JSONs into all.csv, all.md, replicates.csv and windows.csv")
     p.add_argument("--out", required=True, help="output directory")
     _add_bootstrap_arguments(p)
+    p.add_argument("--averages", help="zero-shot averages to add, as JSON or YAML: {name: {task: acc|acc_norm}}")
     p.add_argument("results", nargs="+")
     p.set_defaults(func=cmd_tables)
 

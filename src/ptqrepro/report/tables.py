@@ -12,6 +12,9 @@ Written by ``write_tables`` into one folder:
   interval (``report.uncertainty``); zero-shot accuracies the mean over seeds, ± z·lm-eval's
   stderr; other metrics the mean over seeds. ``seed_low``/``seed_high`` are the smallest and
   largest per-seed values.
+- zero-shot averages (``with_averages``): where the config names them (``eval.zeroshot.averages``),
+  one more ``all.csv`` row per (model, recipe) that has every task of an average: the mean of the
+  tasks' reported accuracies, as a zero-shot result whose dataset is the average's name.
 - ``all.md``: a recipe-by-dataset table per model, ``value ±half-width``, the spread over seeds
   where a recipe has several, and how the intervals were made.
 """
@@ -180,6 +183,41 @@ def summarize(results: Results, settings: BootstrapSettings) -> pd.DataFrame:
         row |= _summary_value(dict(zip(keys, key)), group, values, results, settings, nll_interval)
         rows.append(row)
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+
+
+def average_metric(metrics: Iterable[str]) -> str:
+    """The metric name of an average of tasks reporting ``metrics``: the common one (``acc``,
+    ``acc_norm``), else the distinct ones joined by ``+`` (``acc+acc_norm``)."""
+    return "+".join(sorted(set(metrics)))
+
+
+def with_averages(summary: pd.DataFrame, averages: dict[str, dict[str, str]]) -> pd.DataFrame:
+    """``summary`` plus, per (model, recipe) scored on every task of an average (``{name: {task:
+    metric}}``), one zero-shot row: dataset the average's name, metric ``average_metric`` of its
+    tasks, value the unweighted mean of the tasks' values (as LQER's workbook and MagR's Table 4
+    average their tasks); its interval half-width is sqrt(sum h_i^2) / n over the tasks' half-widths
+    h_i (independent tasks; none where a task has none). Provenance is the first task's, its cost
+    (wall time, memory) left empty; ``source`` lists every task's files."""
+    rows = []
+    zeroshot = summary[summary["kind"] == ZEROSHOT_KIND]
+    for name, members in averages.items():
+        for (model, recipe), group in zeroshot.groupby(["model", "recipe"], sort=False):
+            chosen = [group[(group["dataset"] == task) & (group["metric"] == metric)] for task, metric in members.items()]
+            if any(len(rows_of_task) != 1 for rows_of_task in chosen):
+                continue
+            tasks = pd.concat(chosen)
+            value = float(tasks["value"].mean())
+            halves = np.maximum(tasks["ci_high"] - tasks["value"], tasks["value"] - tasks["ci_low"]).to_numpy(float)
+            half = math.sqrt(float((halves ** 2).sum())) / len(halves)
+            row = tasks.iloc[0].to_dict() | {
+                "dataset": name, "metric": average_metric(members.values()), "value": value,
+                "ci_low": value - half, "ci_high": value + half, "seed_low": value, "seed_high": value,
+                "wall_time_s": math.nan, "peak_rss_mb": math.nan, "source": " ".join(tasks["source"]),
+            }
+            rows.append(row)
+    if not rows:
+        return summary
+    return pd.concat([summary, pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))], ignore_index=True)
 
 
 def write_tables(results: Results, summary: pd.DataFrame, out_dir: str | os.PathLike,
