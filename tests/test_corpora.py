@@ -384,7 +384,7 @@ def test_read_documents_round_trips_unicode_and_newlines(tmp_path):
 
 def test_builtin_corpora_follow_gptq_datautils():
     wikitext2, c4 = BUILTIN_CORPORA["wikitext2"], BUILTIN_CORPORA["c4"]
-    assert (wikitext2.path, wikitext2.config_name) == ("wikitext", "wikitext-2-raw-v1")
+    assert (wikitext2.path, wikitext2.config_name) == ("Salesforce/wikitext", "wikitext-2-raw-v1")
     assert wikitext2.sampling == "concatenated"
     assert (wikitext2.train_join, wikitext2.test_join) == (" ", "\n\n")
     assert c4.sampling == "documents" and c4.splits["test"] == "validation"
