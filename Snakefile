@@ -8,7 +8,6 @@
 import os
 import sys
 
-from snakemake.cli import get_argument_parser
 from snakemake.utils import min_version, validate
 
 from ptqrepro.cluster import rule_resources, rule_threads
@@ -23,20 +22,11 @@ from ptqrepro.config import (
 from ptqrepro.errors import PtqError
 from ptqrepro.hub import staging_environment
 from ptqrepro.peers import toolkit
-from ptqrepro.preflight import preflight
+from ptqrepro.preflight import preflight, snakemake_dry_run
 from ptqrepro.report.claims import claims_from_config
 from ptqrepro.recipes import is_peer, is_reconstruction, recipe_from_config, reconstruction_from_config
 
 min_version("9.0")
-
-
-def dry_run():
-    """Whether this Snakemake only plans (-n), from its command line: `workflow.dryrun` is not known
-    while the Snakefile is read."""
-    try:
-        return bool(get_argument_parser().parse_known_args(sys.argv[1:])[0].dryrun)
-    except SystemExit:  # not Snakemake's command line (the API)
-        return False
 
 
 # The default experiment, unless --configfile names another (configs are not merged: a paper
@@ -62,7 +52,9 @@ try:
     # against the models' shapes and this machine, once: a cluster job's own Snakemake (on its node)
     # reads this file again
     if workflow.is_main_process:
-        preflight(config, "results/models", log=lambda line: print(line, file=sys.stderr), dry_run=dry_run())
+        preflight(
+            config, "results/models", log=lambda line: print(line, file=sys.stderr), dry_run=snakemake_dry_run(sys.argv)
+        )
 except PtqError as error:
     sys.exit(f"config error: {error}")
 

@@ -243,11 +243,18 @@ def test_the_known_sizes_are_those_of_the_architectures(hub_id, config):
 
 
 def test_hf_home_moves_the_cache_but_keeps_the_users_login(tmp_path):
-    environ = {"HOME": "/home/u", "XDG_CACHE_HOME": "/home/u/.cache"}
-    assert hub.staging_environment({"hf_home": str(tmp_path)}, environ) == {
-        "HF_HOME": str(tmp_path), "HF_TOKEN_PATH": "/home/u/.cache/huggingface/token"}
+    own, shared = tmp_path / "own-cache", tmp_path / "shared"
+    environ = {"XDG_CACHE_HOME": str(own)}
+    assert hub.staging_environment({"hf_home": str(shared)}, environ) == {"HF_HOME": str(shared)}
+    (own / "huggingface").mkdir(parents=True)
+    (own / "huggingface" / "token").write_text("hf_token")
+    assert hub.staging_environment({"hf_home": str(shared)}, environ) == {
+        "HF_HOME": str(shared), "HF_TOKEN_PATH": str(own / "huggingface" / "token")}
+    (shared / "token").parent.mkdir()
+    (shared / "token").write_text("hf_other")  # logged in with the shared home: that login wins
+    assert hub.staging_environment({"hf_home": str(shared)}, environ) == {"HF_HOME": str(shared)}
     assert hub.staging_environment({"hf_home": None}, environ) == {}
-    assert hub.hub_cache({"HF_HOME": str(tmp_path)}) == tmp_path / "hub"
+    assert hub.hub_cache({"HF_HOME": str(shared)}) == shared / "hub"
 
 
 # --- the jobs: offline, and what their results record ------------------------------------------------
@@ -339,3 +346,13 @@ def test_the_stage_in_runs_locally_and_every_later_job_offline(tmp_path, tiny_mo
     assert all(command.startswith("HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 ") for command in loading)
     staging = [command for command in commands if "prepare-model" in command or "prepare-corpus" in command]
     assert len(staging) == 2 and not any("OFFLINE" in command for command in staging)
+
+
+@pytest.mark.parametrize("argv, dry", [
+    (["snakemake", "-n", "--cores", "2"], True), (["snakemake", "-np"], True), (["snakemake", "--dry-run"], True),
+    (["snakemake", "--cores", "2", "--configfile", "config/papers/lqer.yaml"], False), (["pytest", "--no-such-flag=1"], False),
+])
+def test_a_dry_run_is_told_from_snakemakes_command_line(argv, dry):
+    from ptqrepro.preflight import snakemake_dry_run
+
+    assert snakemake_dry_run(argv) is dry

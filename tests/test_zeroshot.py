@@ -62,6 +62,7 @@ def test_lm_eval_scores_a_quantized_model_on_the_local_tasks(tmp_path, tiny_mode
     """The real harness through the CLI: tasks from the corpus, an int4 model with int8 activations; the
     same metrics with the model streamed one decoder layer at a time (``--placement layers``)."""
     from ptqrepro.cli import main
+    from ptqrepro.models.sources import load_tokenizer
 
     calibration, corpus, model = tmp_path / "calib.pt", tmp_path / "corpus", tmp_path / "model"
     assert main(["prepare-model", "--name", "tiny", "--spec", json.dumps({"hub": str(tiny_model_dir)}), "--out", str(model)]) == 0
@@ -81,6 +82,9 @@ def test_lm_eval_scores_a_quantized_model_on_the_local_tasks(tmp_path, tiny_mode
     lastword = json.loads((tmp_path / "metrics" / "zeroshot-ptq_lastword.json").read_text())
     choice = json.loads((tmp_path / "metrics" / "zeroshot-ptq_nextsentence.json").read_text())
     assert choice["provenance"]["placement"] == "whole"
+    # a local model folder and corpus: no hub revisions; the tokenizer that tokenized the items
+    assert (choice["provenance"]["model_revision"], choice["provenance"]["dataset_revision"]) == (None, None)
+    assert choice["provenance"]["tokenizer_class"] == type(load_tokenizer(model)).__name__
     streamed = subprocess.run([*command, "--placement", "layers", "--out-dir", str(tmp_path / "streamed")],
                               capture_output=True, text=True, env=env)
     assert streamed.returncode == 0, streamed.stderr[-3000:]

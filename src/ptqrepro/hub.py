@@ -197,11 +197,14 @@ def stage_dataset(repo_id: str, patterns: tuple[str, ...] | None) -> tuple[Path,
 
 def staging_environment(staging: dict, environ=os.environ) -> dict[str, str]:
     """The variables every job of a config with ``staging`` gets: ``HF_HOME`` from ``staging.hf_home``
-    (where set), and then ``HF_TOKEN_PATH`` at the token ``hf auth login`` stored under the user's
-    own Hugging Face home (so moving the cache does not lose the login; one already set stays)."""
+    (where set), and ``HF_TOKEN_PATH`` at the token ``hf auth login`` stored under the Hugging Face
+    home of ``environ`` where the new home has none, so that moving the cache keeps the login (an
+    ``HF_TOKEN_PATH`` already set stays)."""
     if not staging.get("hf_home"):
         return {}
-    updates = {"HF_HOME": str(Path(staging["hf_home"]).expanduser())}
-    if not environ.get("HF_TOKEN_PATH"):
-        updates["HF_TOKEN_PATH"] = str(hf_home(environ) / "token")
+    home = Path(staging["hf_home"]).expanduser()
+    updates = {"HF_HOME": str(home)}
+    login = hf_home(environ) / "token"
+    if not environ.get("HF_TOKEN_PATH") and not (home / "token").is_file() and login.is_file():
+        updates["HF_TOKEN_PATH"] = str(login)
     return updates

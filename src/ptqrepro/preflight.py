@@ -108,6 +108,17 @@ def preflight(config: dict, prepared_models: str | Path, log: Callable[[str], No
         raise PreflightError(problems)
 
 
+def snakemake_dry_run(argv: list[str]) -> bool:
+    """Whether the Snakemake of command line ``argv`` only plans (``-n``): its own parser's reading,
+    since ``workflow.dryrun`` is not known while the Snakefile is read. False for another command line."""
+    from snakemake.cli import get_argument_parser
+
+    try:
+        return bool(get_argument_parser().parse_known_args(argv[1:])[0].dryrun)
+    except SystemExit:  # not Snakemake's command line (the API)
+        return False
+
+
 def device_problems(device: str, cuda_devices: int | None = None) -> list[Problem]:
     """``cuda`` or ``cuda:N`` where torch sees no such GPU (``auto`` and ``cpu`` always work)."""
     if not device.startswith("cuda"):
