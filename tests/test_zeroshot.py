@@ -78,6 +78,7 @@ def test_lm_eval_scores_a_quantized_model_on_the_local_tasks(tmp_path, tiny_mode
     per-item file beside each result, whose items give lm-eval's accuracies; the versions recorded;
     and the results through ``tables --averages`` and ``paper-tables`` into a paper's zero-shot cells."""
     from ptqrepro.cli import main
+    from ptqrepro.models.sources import load_tokenizer
 
     calibration, corpus, model = tmp_path / "calib.pt", tmp_path / "corpus", tmp_path / "model"
     assert main(["prepare-model", "--name", "tiny", "--spec", json.dumps({"hub": str(tiny_model_dir)}), "--out", str(model)]) == 0
@@ -97,6 +98,9 @@ def test_lm_eval_scores_a_quantized_model_on_the_local_tasks(tmp_path, tiny_mode
     lastword = json.loads((tmp_path / "metrics" / "zeroshot-ptq_lastword.json").read_text())
     choice = json.loads((tmp_path / "metrics" / "zeroshot-ptq_nextsentence.json").read_text())
     assert choice["provenance"]["placement"] == "whole"
+    # a local model folder and corpus: no hub revisions; the tokenizer that tokenized the items
+    assert (choice["provenance"]["model_revision"], choice["provenance"]["dataset_revision"]) == (None, None)
+    assert choice["provenance"]["tokenizer_class"] == type(load_tokenizer(model)).__name__
     streamed = subprocess.run([*command, "--placement", "layers", "--out-dir", str(tmp_path / "streamed")],
                               capture_output=True, text=True, env=env)
     assert streamed.returncode == 0, streamed.stderr[-3000:]

@@ -38,6 +38,8 @@ from ptqrepro.placement import OFFLOADS, PLACEMENTS, check_offload
 
 SPLIT_FILE = "{split}.jsonl"
 CORPUS_MANIFEST = "corpus.json"
+TASKS_SOURCE = "source.json"
+"""What a local zero-shot task folder records of the corpus it was drawn from (its name and revision)."""
 
 
 def _spec(text: str | None) -> dict:
@@ -85,6 +87,20 @@ def _corpus(corpus_dir: str):
     return CorpusSpec(**read_json(manifest)["spec"])
 
 
+def _corpus_revision(corpus_dir: str) -> str | None:
+    """The hub commit a prepared corpus was read at (None: a local source, or prepared before it was recorded)."""
+    return read_json(Path(corpus_dir) / CORPUS_MANIFEST).get("revision")
+
+
+def _revisions(model_dir: str, dataset_revision: str | None, tokenizer_class: str | None) -> dict:
+    """What a result records of the exact inputs it was computed from: the hub commit of its model
+    and of its dataset (None: a local folder or file) and the tokenizer class that tokenized the text."""
+    from ptqrepro.models.sources import model_revision
+
+    return {"model_revision": model_revision(model_dir), "dataset_revision": dataset_revision,
+            "tokenizer_class": tokenizer_class}
+
+
 def _documents(corpus_dir: str, split: str) -> list[str]:
     from ptqrepro.data.corpora import read_documents
 
@@ -99,12 +115,12 @@ def cmd_prepare_model(args) -> None:
 
 
 def cmd_prepare_corpus(args) -> None:
-    from ptqrepro.data.corpora import corpus_spec, write_corpus
+    from ptqrepro.data.corpora import corpus_revision, corpus_spec, write_corpus
 
     spec = corpus_spec(args.name, _spec(args.spec) or None)
     with atomic_path(args.out) as tmp:
         stats = write_corpus(spec, tmp)
-        write_json(tmp / CORPUS_MANIFEST, {"spec": dataclasses.asdict(spec), "stats": stats})
+        write_json(tmp / CORPUS_MANIFEST, {"spec": dataclasses.asdict(spec), "stats": stats, "revision": corpus_revision(spec)})
     print(json.dumps(stats))
 
 
@@ -116,9 +132,10 @@ def cmd_calibrate(args) -> None:
     check_writable(args.out, "--out")
     tokenizer = load_tokenizer(args.model, args.tokenizer)
     windows = calibration_windows(_documents(args.corpus, "train"), tokenizer, spec, args.nsamples, args.seqlen, args.seed)
+    revisions = _revisions(args.model, _corpus_revision(args.corpus), type(tokenizer).__name__)
     with atomic_path(args.out) as tmp:
         torch.save({"input_ids": windows, "corpus": spec.name, "seed": args.seed, "tokenizer": args.tokenizer,
-                    "tokenizer_class": type(tokenizer).__name__}, tmp)
+                    **revisions}, tmp)
     print(f"{tuple(windows.shape)} calibration windows from {spec.name} -> {args.out}")
 
 
@@ -165,7 +182,7 @@ def cmd_quantize(args) -> None:
             dtype=torch_dtype(dtype), checkpoints=checkpoints, offload=args.offload, release_layers=True,
         )
         description = _recipe_description(recipe, settings, result)
-        record = {**provenance.record(settings, device), "offload": args.offload}
+        record = {**provenance.record(settings, device), "offload": args.offload, **_calibration_revisions(args.model, calibration)}
         errors = [r["weight_rel_error"] for r in result.records]
         metrics = {
             "quantize_time_s": record["wall_time_s"],
@@ -187,6 +204,12 @@ def cmd_quantize(args) -> None:
         if checkpoints is not None:
             checkpoints.remove()
     print(f"{recipe.name}: {len(result.quantized)} linears, {description['bits_per_weight']} bits/weight")
+
+
+def _calibration_revisions(model_dir: str, calibration: dict) -> dict:
+    """``_revisions`` of a quantize or DWR job: its model's, and the calibration corpus's and tokenizer
+    class that ``calibrate`` recorded (None in files written before it recorded them)."""
+    return _revisions(model_dir, calibration.get("dataset_revision"), calibration.get("tokenizer_class"))
 
 
 def _quantize_settings(args, spec: dict, calibration: dict, dtype: str) -> dict:
@@ -239,7 +262,7 @@ def _quantize_with_peer(args, spec: dict, provenance) -> None:
     recipe = dataclasses.replace(peer.mirrors, name=peer.name)
     description = {**_recipe_description(recipe, settings, outcome.result), "toolkit": kit.name,
                    "toolkit_version": kit.version(), "mirrors": peer.mirrors.name}
-    record = {**provenance.record(settings, device), "offload": args.offload}
+    record = {**provenance.record(settings, device), "offload": args.offload, **_calibration_revisions(args.model, calibration)}
     metrics = {"quantize_time_s": record["wall_time_s"], "toolkit_time_s": round(outcome.seconds, 3),
                "bits_per_weight": description["bits_per_weight"]}
     save_artifact(args.out, outcome.result.quantized, outcome.result.float_parameters,
@@ -282,7 +305,7 @@ def cmd_dwr(args) -> None:
         result = search_model(model, base, calibration["input_ids"], recipe.settings, device=device,
                               batch_size=args.batch_size, log=print, dtype=torch_dtype(dtype), checkpoints=checkpoints,
                               offload=args.offload)
-        record = {**provenance.record(settings, device), "offload": args.offload}
+        record = {**provenance.record(settings, device), "offload": args.offload, **_calibration_revisions(args.model, calibration)}
         changed = sum(1 for block in result.blocks if block.chosen)
         save_artifact(args.out, result.quantized, base.float_parameters, {**description, "config_hash": record["config_hash"]},
                       corrections=base.corrections)
@@ -362,7 +385,8 @@ def cmd_eval_ppl(args) -> None:
         "kind": "perplexity", **description, "dataset": spec.name, "metrics": metrics, "protocol": protocol,
         "window_nll": window_nll,
         "provenance": {**provenance.record({"protocol": protocol, "quantized": manifest["config_hash"]}, device),
-                       "placement": placement},
+                       "placement": placement,
+                       **_revisions(args.model, _corpus_revision(args.corpus), type(tokenizer).__name__)},
     })
     print(f"{description['recipe']} on {spec.name}: ppl {metrics['ppl']:.3f} over {windows.shape[0]} windows")
 
@@ -372,6 +396,7 @@ def cmd_zeroshot_tasks(args) -> None:
 
     with atomic_path(args.out) as tmp:
         written = write_local_tasks(_documents(args.corpus, "test"), tmp, args.items, args.seed, located_at=args.out)
+        write_json(tmp / TASKS_SOURCE, {"corpus": _corpus(args.corpus).name, "revision": _corpus_revision(args.corpus)})
     print(json.dumps(written))
 
 
@@ -399,6 +424,7 @@ def cmd_stage_tasks(args) -> None:
 def cmd_eval_zeroshot(args) -> None:
     from ptqrepro.eval.zeroshot import (
         HARNESS_SETTINGS,
+        LOCAL_TASKS,
         check_metrics,
         evaluate_zeroshot,
         lm_eval_version,
@@ -429,6 +455,8 @@ def cmd_eval_zeroshot(args) -> None:
     with _model_to_evaluate(args) as (model, tokenizer, manifest, device, dtype, placement):
         results = evaluate_zeroshot(model, tokenizer, args.tasks, args.include, args.batch_size, args.max_length,
                                     device, args.limit, args.num_fewshot, loaded)
+    source = Path(args.include or "") / TASKS_SOURCE
+    local_revision = read_json(source).get("revision") if args.include and source.is_file() else None
     description = _result_description(manifest)
     protocol = {"batch_size": args.batch_size, "max_length": args.max_length, "limit": args.limit, "dtype": dtype,
                 "num_fewshot": args.num_fewshot, **HARNESS_SETTINGS}
@@ -441,7 +469,9 @@ def cmd_eval_zeroshot(args) -> None:
             "reported_metric": metrics_of[task], "protocol": protocol,
             "task": {**result.record, "n_shot": result.num_fewshot, "items": items.name, "lm_eval": lm_eval_version()},
             "provenance": {**provenance.record({"protocol": protocol, "task": task, "quantized": manifest["config_hash"]},
-                                               device), "placement": placement},
+                                               device), "placement": placement,
+                           **_revisions(args.model, local_revision if task in LOCAL_TASKS else result.record["dataset_revision"],
+                                       type(tokenizer).__name__)},
         })
         shown = ", ".join(f"{name} {value:.4f}" for name, value in result.metrics.items() if not name.endswith("stderr"))
         print(f"{description['recipe']} on {task}: {shown}")

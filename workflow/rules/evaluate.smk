@@ -31,7 +31,8 @@ rule eval_ppl:
         protocol={key: PPL[key] for key in ("seqlen", "nsamples", "seed", "tokenizer", "batch_size", "dtype")},
         device=config["device"],
     shell:
-        "ptqrepro-gpu-slot {resources.gpu} {params.device} ptqrepro eval-ppl --model {input.model} --quantized {input.quantized} --corpus {input.corpus}"
+        OFFLINE_JOB
+        + "ptqrepro-gpu-slot {resources.gpu} {params.device} ptqrepro eval-ppl --model {input.model} --quantized {input.quantized} --corpus {input.corpus}"
         " --seqlen {params.protocol[seqlen]} {params.max_windows} --nsamples {params.protocol[nsamples]} --seed {params.protocol[seed]} --tokenizer {params.protocol[tokenizer]}"
         " --batch-size {params.protocol[batch_size]} --dtype {params.protocol[dtype]} --device {params.device} --placement {resources.placement}"
         " --threads {threads}"
@@ -121,7 +122,8 @@ if ZEROSHOT:
             device=config["device"],
             out_dir=lambda w, output: os.path.dirname(output[0]),
         shell:
-            "ptqrepro-gpu-slot {resources.gpu} {params.device} ptqrepro eval-zeroshot --model {input.model} --quantized {input.quantized} --tasks {params.tasks}"
+            OFFLINE_JOB
+            + "ptqrepro-gpu-slot {resources.gpu} {params.device} ptqrepro eval-zeroshot --model {input.model} --quantized {input.quantized} --tasks {params.tasks}"
             " {params.include} {params.staged} {params.metrics} {params.limit} --num-fewshot {params.protocol[num_fewshot]}"
             " --batch-size {params.protocol[batch_size]} --max-length {params.protocol[max_length]}"
             " --dtype {params.protocol[dtype]} --device {params.device} --placement {resources.placement} --threads {threads}"

@@ -55,6 +55,11 @@ MEASUREMENT_KEYS = ("kind", "dataset")
 PROVENANCE_KEYS = ("config_hash", "git_commit", "device", "wall_time_s", "peak_rss_mb")
 """Keys of the ``provenance`` object copied into every row."""
 
+REVISION_KEYS = ("model_revision", "dataset_revision", "tokenizer_class")
+"""Keys of the ``provenance`` object naming the exact inputs: the hub commits of the model and of
+the dataset (empty for a local source, and in results written before they were recorded) and the
+tokenizer class."""
+
 COLUMNS = (
     *RECIPE_KEYS,
     "seed",
@@ -63,6 +68,7 @@ COLUMNS = (
     "metric",
     "value",
     *PROVENANCE_KEYS,
+    *REVISION_KEYS,
     "hardware",
     "source",
 )
@@ -83,12 +89,13 @@ SUMMARY_COLUMNS = (
     "seed_high",
     "windows",
     *PROVENANCE_KEYS,
+    *REVISION_KEYS,
     "hardware",
     "source",
 )
 """Columns of the summary (``all.csv``): one row per measurement over its seeds. ``seeds`` lists
 them ("0 1 2"), ``windows`` counts a perplexity's test windows; provenance is the first seed's,
-``source`` every file, space-separated."""
+``source`` every file, space-separated; a revision column lists every revision its seeds used."""
 
 WINDOW_COLUMNS = ("model", "recipe", "seed", "dataset", "window", "nll", "windows_sha256", "source")
 """Columns of ``windows.csv``: one row per perplexity result and test window."""
@@ -177,6 +184,7 @@ def summarize(results: Results, settings: BootstrapSettings) -> pd.DataFrame:
         row = group.iloc[0][[*RECIPE_KEYS, *MEASUREMENT_KEYS, "metric", "calibration_dtype", *PROVENANCE_KEYS,
                              "hardware"]].to_dict()
         values = group["value"].to_numpy(float)
+        row |= {key: " ".join(sorted(group[key].dropna().unique())) or None for key in REVISION_KEYS}
         row |= {"seeds": " ".join(_seed_text(seed) for seed in group["seed"]),
                 "seed_low": values.min(), "seed_high": values.max(),
                 "source": " ".join(group["source"]), "windows": math.nan}
@@ -243,7 +251,25 @@ def render_markdown(frame: pd.DataFrame, settings: BootstrapSettings) -> str:
         files = len({source for sources in model_rows["source"] for source in sources.split()})
         sections.append(f"Perplexity (lower is better), zero-shot accuracy (higher is better); generated from {files} result files.\n")
         sections.append(_uncertainty_note(model_rows, settings))
+        sections.append(_revision_note(model_rows))
     return "\n".join(sections)
+
+
+def _revision_note(model_rows: pd.DataFrame) -> str:
+    """A warning where the results of one model, compared in its table, were computed from different
+    hub revisions of the model, or of one dataset (an upstream change between runs); else nothing."""
+    lines = []
+    spans = [("model", model_rows)] + [(f"dataset {dataset}", rows) for dataset, rows in model_rows.groupby("dataset", sort=True)]
+    column = {"model": "model_revision"}
+    for what, rows in spans:
+        key = column.get(what, "dataset_revision")
+        used = {revision: sorted(set(rows.loc[rows[key].fillna("").str.contains(revision, regex=False), "recipe"]))
+                for revisions in rows[key].dropna() for revision in revisions.split()}
+        if len(used) > 1:
+            listed = "; ".join(f"{revision[:12]} ({', '.join(recipes)})" for revision, recipes in sorted(used.items()))
+            lines.append(f"**Different revisions of the {what}** in this table: {listed}. Its values are not comparable "
+                         "across them: run them again on one revision (`model_revision`, `dataset_revision` in all.csv).\n")
+    return "\n".join(lines)
 
 
 def _summary_value(key: dict, group: pd.DataFrame, values: np.ndarray, results: Results,
@@ -301,6 +327,7 @@ def _rows_of_result(result: dict[str, Any], path: str | os.PathLike) -> list[dic
     common |= {key: _required(provenance, key, path, "provenance.") for key in PROVENANCE_KEYS}
     common["seed"] = result.get("calibration_seed")
     common["calibration_dtype"] = result.get("calibration_dtype")
+    common |= {key: provenance.get(key) for key in REVISION_KEYS}
     common["hardware"] = (provenance.get("hardware") or {}).get("label")
     common["source"] = str(path)
     return [
