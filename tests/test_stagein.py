@@ -336,7 +336,7 @@ def test_the_stage_in_runs_locally_and_every_later_job_offline(tmp_path, tiny_mo
     local = subprocess.run([sys.executable, "-c", LOCAL_RULES, str(REPO / "Snakefile"), str(tmp_path)],
                            capture_output=True, text=True, env=env)
     assert local.returncode == 0, local.stderr[-3000:]
-    assert local.stdout.split() == ["prepare_corpus", "prepare_model", "stage"]
+    assert local.stdout.split() == ["prepare_corpus", "prepare_model", "stage", "stage_zeroshot_tasks"]
     run = subprocess.run([*SNAKEMAKE, "--directory", str(tmp_path), "-n", "-p"], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     commands = [line.strip().removeprefix("Shell command: ") for line in run.stdout.splitlines() if "ptqrepro " in line]

@@ -6,11 +6,13 @@
 import json
 
 
-# Everything the jobs read from the hub, staged: `snakemake --cores 4 stage --configfile X.yaml`.
+# Everything the jobs read from the hub, staged: `snakemake --cores 4 stage --configfile X.yaml`;
+# the zero-shot tasks' datasets too (rule stage_zeroshot_tasks, workflow/rules/evaluate.smk).
 rule stage:
     input:
         expand("results/models/{model}", model=MODELS),
         expand("results/corpora/{corpus}", corpus=STAGED_CORPORA),
+        lambda w: [STAGED_TASKS] if STAGED_TASKS else [],
 
 
 rule prepare_model:
