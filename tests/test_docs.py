@@ -53,3 +53,29 @@ def test_no_citation_of_files_outside_the_repository():
             if outside.search(line):
                 hits.append(f"{path.name}:{number}: {line.strip()[:100]}")
     assert not hits, "\n".join(hits)
+
+
+def heading_anchors(page: Path) -> set[str]:
+    """The anchors of a page's headings, as Python-Markdown's toc and GitHub both spell an ASCII
+    heading: code marks dropped, lower case, punctuation removed, spaces as hyphens."""
+    anchors = set()
+    for heading in re.findall(r"^#+ +(.+?) *$", page.read_text(), flags=re.M):
+        text = re.sub(r"[^\w\s-]", "", heading.replace("`", "")).strip().lower()
+        anchors.add(re.sub(r"[-\s]+", "-", text))
+    return anchors
+
+
+def test_every_citation_of_a_docs_page_names_a_page_and_heading_that_exist():
+    """`docs/papers.md#magr-with-rtn-and-gptq` in a docstring, a config comment or a CSV leads to a
+    page of the site and one of its headings."""
+    cited = re.compile(r"docs/([\w-]+\.md)(?:#([\w-]+))?")
+    broken = []
+    files = [REPO / "Snakefile", REPO / "README.md", REPO / "pyproject.toml"]
+    for folder in ("src", "config", "workflow", "tests", "benchmarks", "profiles"):
+        files += [path for path in (REPO / folder).rglob("*") if path.suffix in {".py", ".yaml", ".csv", ".smk", ".md"}]
+    for path in files:
+        for page, anchor in cited.findall(path.read_text(errors="replace")):
+            target = REPO / "docs" / page
+            if not target.exists() or (anchor and anchor not in heading_anchors(target)):
+                broken.append(f"{path.relative_to(REPO)}: docs/{page}#{anchor}")
+    assert not broken, "\n".join(sorted(set(broken)))

@@ -1,7 +1,7 @@
 """DWR's search over a quantized model: block by block, greedy, by calibration perplexity.
 
 Algorithm 1 of "Treasures in Discarded Weights for LLM Quantization" (Yu et al., AAAI 2025), as
-docs/papers.md#dwr-algorithm quotes it, with the update this project reads from it (docs/papers.md#dwr-reading):
+docs/papers.md#dwr-what-is-known quotes it, with the update this project reads from it (docs/papers.md#dwr-our-reading-of-the-update):
 
     p_o <- calibration perplexity of the quantized model
     for each decoder layer (block), in order:
