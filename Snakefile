@@ -122,8 +122,8 @@ SEEDED_RUNS = [(model, recipe, seed) for model, recipe in RUNS for seed in SEEDS
 # path), so that changing it reruns exactly the jobs it affects (Snakemake's default rerun triggers:
 # params, code, input, mtime); Snakemake records a param's value without its name, so a rule's
 # evaluation settings form one mapping (`protocol`) whose record names each. Where a job keeps its
-# data (calibration.offload, eval.placement) gives the same results (config/README.md, README "On a
-# cluster"), so the rules pass it as a resource (`offload`, `placement`), which is no rerun trigger:
+# data (calibration.offload, eval.placement) gives the same results (docs/configuration.md,
+# docs/cluster.md), so the rules pass it as a resource (`offload`, `placement`), which is no rerun trigger:
 # changing it reruns nothing; nor do the threads and the other resources a job gets. `device` is a
 # param: a GPU's arithmetic is not the CPU's.
 PPL = config["eval"]["ppl"]
