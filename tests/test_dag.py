@@ -206,10 +206,10 @@ AFTER_THE_TABLES = {"tables": 1, "claims": 1, "plot_table_figure": 2, "all": 1}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key, value, rerun", [
-    (("eval", "ppl", "dtype"), "bfloat16", {"eval_ppl": 2}),
-    (("eval", "ppl", "seqlen"), 16, {"eval_ppl": 2}),
-    (("eval", "ppl", "max_windows"), 3, {"eval_ppl": 2}),
-    (("eval", "ppl", "batch_size"), 2, {"eval_ppl": 2}),
+    (("eval", "ppl", "dtype"), "bfloat16", {"float_reference": 1, "eval_ppl": 2}),
+    (("eval", "ppl", "seqlen"), 16, {"float_reference": 1, "eval_ppl": 2}),
+    (("eval", "ppl", "max_windows"), 3, {"float_reference": 1, "eval_ppl": 2}),
+    (("eval", "ppl", "batch_size"), 2, {"float_reference": 1, "eval_ppl": 2}),
     (("calibration", "dtype"), "bfloat16", {"quantize": 2, "eval_ppl": 2}),
     (("recipes", "rtn@int4", "weight"), "int4-g16", {"quantize": 1, "eval_ppl": 1}),
 ], ids=lambda value: ".".join(value) if isinstance(value, tuple) else None)
