@@ -18,6 +18,7 @@ from ptqrepro.config import (
     check_schema,
     recipe_job_spec,
     recipe_seeds,
+    single_draw_warnings,
 )
 from ptqrepro.errors import PtqError
 from ptqrepro.peers import toolkit
@@ -43,6 +44,9 @@ try:
     check_schema(config, os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml"))
     validate(config, "workflow/schemas/config.schema.yaml")
     check_config(config)
+    if workflow.is_main_process:
+        for warning in single_draw_warnings(config):
+            print(f"config warning: {warning}", file=sys.stderr)
     # against the models' shapes and this machine, once: a cluster job's own Snakemake (on its node)
     # reads this file again
     if workflow.is_main_process:

@@ -637,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     for action in eval_ppl._actions:
         if action.dest not in ("help", "quantized", "reference", "out"):
             p._add_action(copy.copy(action))
-    p.add_argument("--top-k", type=_positive, default=32, help="log-probabilities kept per token (default 32)")
+    p.add_argument("--top-k", type=_positive, default=128, help="log-probabilities kept per token (default 128)")
     p.add_argument("--out", required=True, help="safetensors file")
     p.set_defaults(func=cmd_float_reference)
 

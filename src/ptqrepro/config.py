@@ -178,6 +178,30 @@ def check_config(config: dict) -> None:
         raise ConfigError(list(dict.fromkeys(errors)))
 
 
+MIN_CLAIM_DRAWS = 3
+"""Calibration seeds a calibrated recipe named by a claim should run at."""
+
+
+def single_draw_warnings(config: dict) -> list[str]:
+    """One line per recipe that a claim names, reads calibration data and runs at fewer than
+    ``MIN_CLAIM_DRAWS`` calibration seeds. A warning, not an error: its comparisons are marked
+    "single draw" (or rest on few draws) in claims.md and all.md rather than judged, so nothing is
+    misread, and a quick look at one draw stays possible."""
+    named = dict.fromkeys(name for claim in claims_from_config(config.get("claims", []), config["recipes"])
+                          for name in claim.recipes)
+    warnings = []
+    for name in named:
+        entry = config["recipes"][name]
+        calibrated = (is_peer(entry) or is_reconstruction(entry)
+                      or recipe_from_config(name, recipe_entry(entry)).needs_stats)
+        seeds = recipe_seeds(config, name)
+        if calibrated and len(seeds) < MIN_CLAIM_DRAWS:
+            warnings.append(f"recipe {name!r} is named by a claim and reads calibration data, but runs at "
+                            f"{len(seeds)} calibration seed(s) {seeds}: its claims cannot hold or fail on fewer than "
+                            f"2 draws and are thin on fewer than {MIN_CLAIM_DRAWS} (set calibration.seeds or its seeds)")
+    return warnings
+
+
 def _corpora(config: dict) -> set[str]:
     """Every corpus the config names: defined under ``corpora``, calibrated on, evaluated on, or the
     source of the local zero-shot tasks."""
