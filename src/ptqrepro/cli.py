@@ -530,6 +530,20 @@ def cmd_compare(args) -> None:
     print(f"{len(table)} measurements, {int(table['resolved'].sum())} moved beyond the windows' noise ->", paths["md"])
 
 
+def cmd_compare_claims(args) -> None:
+    from ptqrepro.report.claims import claims_from_config
+    from ptqrepro.report.compare import compare_verdicts, read_run, write_verdict_comparison
+
+    settings = _bootstrap(args)
+    config = load_yaml(Path(args.config).read_text(), args.config)
+    claims = claims_from_config(config.get("claims") or [])
+    runs = [read_run(folder) for folder in args.runs]
+    table = compare_verdicts(claims, runs[0][:2], runs[1][:2], settings)
+    labels = tuple(args.labels or (Path(folder).name for folder in args.runs))
+    paths = write_verdict_comparison(table, args.out, labels, (runs[0][2], runs[1][2]))
+    print(f"{int(table['differs'].sum())} of {len(table)} claims differ ->", paths["md"])
+
+
 def _check_outputs(args) -> None:
     """A quantize or DWR job's outputs writable, checked before its work (``io.check_writable``)."""
     for option in ("out", "metrics", "checkpoint_dir"):
@@ -715,6 +729,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for compare.csv and compare.md")
     _add_bootstrap_arguments(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("compare-claims", help="every claim whose verdict differs between two kept runs (benchmarks/runs/)")
+    p.add_argument("--runs", required=True, nargs=2, metavar=("A", "B"),
+                   help="two kept runs' folders, each with all.csv, windows.csv and provenance.json")
+    p.add_argument("--config", required=True, help="the config whose claims are judged (e.g. config/config.yaml)")
+    p.add_argument("--labels", nargs=2, metavar=("A", "B"), help="names of the runs (default: the folders' names)")
+    p.add_argument("--out", required=True, help="output directory for compare-claims.csv and compare-claims.md")
+    _add_bootstrap_arguments(p)
+    p.set_defaults(func=cmd_compare_claims)
 
     p = sub.add_parser("claims", help="check the papers' claims (config 'claims') against all.csv")
     p.add_argument("--table", required=True, help="all.csv from tables")
