@@ -26,6 +26,7 @@ from ptqrepro.eval.divergence import divergence_from_reference, top_k_of_logits
 from ptqrepro.models.sources import compute_dtype, load_model
 
 KS = (8, 32, 128)
+"""The k measured by default (``--ks``)."""
 
 
 @torch.no_grad()
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=24)
     parser.add_argument("--windows", type=int, default=4, help="of the evaluation windows, the first this many")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--ks", type=int, nargs="+", default=KS, help=f"the k to measure (default {' '.join(map(str, KS))})")
     parser.add_argument("quantized", nargs="+")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -57,7 +59,7 @@ def main() -> None:
     windows, _ = evaluation_windows(_documents(args.corpus, "test"), tokenizer, spec, args.seqlen, args.max_windows)
     windows = windows[: args.windows]
     float_logits = logits_of(model, windows)
-    references = {k: [top_k_of_logits(logits, k) for logits in float_logits] for k in KS}
+    references = {k: [top_k_of_logits(logits, k) for logits in float_logits] for k in args.ks}
     print(f"{windows.shape[0]} windows of {args.seqlen} tokens, dtype {dtype}")
     for path in args.quantized:
         quantized = copy.deepcopy(model)
@@ -65,7 +67,7 @@ def main() -> None:
         logits = logits_of(quantized, windows)
         exact = torch.stack([exact_kl(f, q) for f, q in zip(float_logits, logits)])
         shown = [f"{path}: exact KL {float(exact.mean()):.5f}"]
-        for k in KS:
+        for k in args.ks:
             top = torch.cat([divergence_from_reference(q, *reference)[0]
                              for q, reference in zip(logits, references[k])])
             error = (exact - top) / exact

@@ -96,3 +96,31 @@ def test_a_reference_round_trips_and_refuses_other_windows(model, tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(PtqError, match="cannot read it"):
         FloatReference.load(tmp_path / "bad.safetensors")
+
+
+def test_the_commands_keep_kl_and_flips_per_window_beside_the_losses(tmp_path, tiny_model_dir, tiny_corpus):
+    """float-reference once, then eval-ppl of fp16 (KL 0, no flips) and of RTN INT3 (KL > 0) with
+    it; a reference of other windows is refused with one line."""
+    import json
+
+    from conftest import prepare_tiny_run
+    from ptqrepro.cli import main
+
+    prepared = prepare_tiny_run(tmp_path, tiny_model_dir, tiny_corpus, nsamples=2, seqlen=16)
+    protocol = ["--corpus", str(prepared / "corpus"), "--seqlen", "16", "--max-windows", "4", "--dtype", "float32"]
+    assert main(["float-reference", "--model", str(prepared / "model"), *protocol, "--top-k", "8",
+                 "--out", str(tmp_path / "ref.safetensors")]) == 0
+    results = {}
+    for recipe, spec in (("fp16", "{steps: []}"), ("rtn@int3", "{steps: [rtn], weight: int3}")):
+        assert main(["quantize", "--model", str(prepared / "model"), "--calibration", str(prepared / "calib.pt"),
+                     "--recipe", recipe, "--spec", spec, "--out", str(tmp_path / recipe),
+                     "--metrics", str(tmp_path / f"{recipe}.json")]) == 0
+        assert main(["eval-ppl", "--model", str(prepared / "model"), "--quantized", str(tmp_path / recipe), *protocol,
+                     "--reference", str(tmp_path / "ref.safetensors"), "--out", str(tmp_path / f"ppl-{recipe}.json")]) == 0
+        results[recipe] = json.loads((tmp_path / f"ppl-{recipe}.json").read_text())
+    assert results["fp16"]["window_kld"] == [0.0] * 4 and results["fp16"]["window_flips"] == [0.0] * 4
+    assert all(kld > 0 for kld in results["rtn@int3"]["window_kld"]) and len(results["rtn@int3"]["window_flips"]) == 4
+    assert results["rtn@int3"]["protocol"]["kld_top_k"] == 8 and results["rtn@int3"]["metrics"]["kld"] > 0
+    other = [*protocol[:-4], "--max-windows", "3", "--dtype", "float32"]
+    assert main(["eval-ppl", "--model", str(prepared / "model"), "--quantized", str(tmp_path / "fp16"), *other,
+                 "--reference", str(tmp_path / "ref.safetensors"), "--out", str(tmp_path / "other.json")]) == 2
