@@ -8,7 +8,7 @@ prepared model in the evaluation dtype, the artifact applied), over the first ``
 evenly spread test windows.
 
     python benchmarks/bench_kld_topk.py --model results/models/smollm2-135m --corpus results/corpora/wiki-mini \\
-        results/quantized/smollm2-135m/rtn@int4-g64/s0 results/quantized/smollm2-135m/rtn@int3/s0
+        results/quantized/smollm2-135m/rtn@int4-g64/s0 results/quantized/smollm2-135m/rtn@int3/s0 [--ks 8 32 128 512]
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ Lumping is a coarsening, so KL_k <= KL (the log-sum inequality), and the gap is
 p_t(rest) · KL(p_t(· | rest) || q_t(· | rest)): the tail's own divergence weighted by its mass.
 It is 0 where q_t = p_t, so the float model scores 0 against itself. The gap is not small for a
 small model's flat distributions: on SmolLM2-135M (4 windows of 512 tokens, bfloat16) KL_k fell
-below the exact KL by 39 / 24 / 13 % at k = 8 / 32 / 128 for RTN INT4-g64 and by 27 / 17 / 9 % for
-RTN INT3 (``benchmarks/bench_kld_topk.py``), hence the default k = 128 (``eval.ppl.kld_top_k``).
+below the exact KL by 39 / 24 / 13 / 6 / 2 % at k = 8 / 32 / 128 / 512 / 2048 for RTN INT4-g64 and
+by 27 / 17 / 9 / 4 / 1 % for RTN INT3 (``benchmarks/bench_kld_topk.py``). The default k = 128
+(``eval.ppl.kld_top_k``) keeps 1 kB per token.
 llama.cpp's ``--kl-divergence-base`` (tools/perplexity) keeps every logit instead, which at 49k
 tokens of vocabulary costs 100 kB per token.
 
