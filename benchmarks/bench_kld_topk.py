@@ -68,8 +68,8 @@ def main() -> None:
         exact = torch.stack([exact_kl(f, q) for f, q in zip(float_logits, logits)])
         shown = [f"{path}: exact KL {float(exact.mean()):.5f}"]
         for k in args.ks:
-            top = torch.cat([divergence_from_reference(q, *reference)[0]
-                             for q, reference in zip(logits, references[k])])
+            top = torch.cat([divergence_from_reference(q, window[None], *reference)[1]
+                             for q, window, reference in zip(logits, windows, references[k])])
             error = (exact - top) / exact
             shown.append(f"k={k}: {float(top.mean()):.5f} ({100 * float(1 - top.mean() / exact.mean()):.2f} % below, "
                          f"worst window {100 * float(error.max()):.2f} %)")

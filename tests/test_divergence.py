@@ -124,3 +124,18 @@ def test_the_commands_keep_kl_and_flips_per_window_beside_the_losses(tmp_path, t
     other = [*protocol[:-4], "--max-windows", "3", "--dtype", "float32"]
     assert main(["eval-ppl", "--model", str(prepared / "model"), "--quantized", str(tmp_path / "fp16"), *other,
                  "--reference", str(tmp_path / "ref.safetensors"), "--out", str(tmp_path / "other.json")]) == 2
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 22])
+def test_the_losses_beside_the_kl_are_next_token_losses_to_the_bit_whatever_the_chunk(monkeypatch, chunk):
+    from ptqrepro.eval import divergence
+    from ptqrepro.eval.divergence import divergence_from_reference, top_k_of_logits
+    from ptqrepro.eval.perplexity import next_token_losses
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 9, 50, generator=generator).bfloat16()
+    ids = torch.randint(0, 50, (3, 9), generator=generator)
+    reference = top_k_of_logits(torch.randn(3, 9, 50, generator=generator), 5)
+    monkeypatch.setattr(divergence, "ROWS_PER_CHUNK_ELEMENTS", chunk)
+    losses, kld, flips = divergence_from_reference(logits, ids, *reference)
+    assert torch.equal(losses, next_token_losses(logits, ids)) and (kld > 0).all() and kld.shape == flips.shape == (3,)

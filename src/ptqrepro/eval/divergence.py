@@ -129,16 +129,22 @@ def float_reference(model: nn.Module, windows: torch.Tensor, k: int, batch_size:
     return FloatReference(ids, logprobs, rest, fingerprint)
 
 
-def divergence_from_reference(logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
-                              rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each window's mean KL_k(p || q) (float64) and fraction of top-1 flips, from the quantized
-    model's ``logits`` [batch, seqlen, vocab] and the float reference's ``ids``/``logprobs``
-    [batch, seqlen - 1, k] and ``rest`` [batch, seqlen - 1] of the same windows (module docstring)."""
+def divergence_from_reference(logits: torch.Tensor, input_ids: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
+                              rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each window's mean next-token cross-entropy (float32, bit for bit
+    ``perplexity.next_token_losses``: the same log-softmax, read at the targets), mean KL_k(p || q)
+    (float64) and fraction of top-1 flips, from the quantized model's ``logits`` [batch, seqlen,
+    vocab] of ``input_ids`` [batch, seqlen] and the float reference's ``ids``/``logprobs`` [batch,
+    seqlen - 1, k] and ``rest`` [batch, seqlen - 1] of the same windows (module docstring): one
+    log-softmax per position serves all three."""
     batch, positions, vocab = logits.shape[0], logits.shape[1] - 1, logits.shape[-1]
+    targets = input_ids[:, 1:].to(logits.device)
+    losses = torch.empty(batch, positions, dtype=torch.float32, device=logits.device)
     kl = torch.empty(batch, positions, dtype=torch.float64)
     flips = torch.empty(batch, positions, dtype=torch.bool)
     for window, start, end in _chunks(batch, positions, vocab):
         logq = F.log_softmax(logits[window, start:end].float(), dim=-1)
+        losses[window, start:end] = -logq.gather(-1, targets[window, start:end, None]).squeeze(-1)
         top = ids[window, start:end].to(logq.device)
         logq_top = logq.gather(-1, top).double().cpu()
         logq_rest = logq.scatter(-1, top, -torch.inf).logsumexp(dim=-1).double().cpu()
@@ -147,4 +153,4 @@ def divergence_from_reference(logits: torch.Tensor, ids: torch.Tensor, logprobs:
         tail = torch.where(torch.isinf(logp_rest), 0.0, logp_rest.exp() * (logp_rest - logq_rest))
         kl[window, start:end] = head + tail
         flips[window, start:end] = (logq.gather(-1, top[:, :1]).squeeze(-1) < logq.max(dim=-1).values).cpu()
-    return kl.mean(dim=1), flips.double().mean(dim=1)
+    return losses.mean(dim=1).cpu(), kl.mean(dim=1), flips.double().mean(dim=1)

@@ -48,19 +48,20 @@ def window_losses(model: nn.Module, windows: torch.Tensor, batch_size: int, devi
 def window_scores(model: nn.Module, windows: torch.Tensor, batch_size: int, device: str,
                   reference: FloatReference | None = None) -> dict[str, torch.Tensor]:
     """Per window: ``window_nll`` its mean next-token cross-entropy (float32) and, against the float
-    model's ``reference`` (``eval.divergence``) from the same forward pass, ``window_kld`` its mean
-    token KL(float || model) and ``window_flips`` its share of top-1 flips."""
+    model's ``reference`` (``eval.divergence``) from the same forward pass and log-softmax,
+    ``window_kld`` its mean token KL(float || model) and ``window_flips`` its share of top-1 flips."""
     scores: dict[str, list] = {"window_nll": [], "window_kld": [], "window_flips": []}
     done = 0
     for batch in windows.split(batch_size):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits
-        scores["window_nll"].append(next_token_losses(logits, batch))
-        if reference is not None:
+        if reference is None:
+            scores["window_nll"].append(next_token_losses(logits, batch))
+        else:
             rows = slice(done, done + batch.shape[0])
-            kld, flips = divergence_from_reference(logits, reference.ids[rows], reference.logprobs[rows], reference.rest[rows])
-            scores["window_kld"].append(kld)
-            scores["window_flips"].append(flips)
+            for name, values in zip(scores, divergence_from_reference(
+                    logits, batch, reference.ids[rows], reference.logprobs[rows], reference.rest[rows])):
+                scores[name].append(values)
         done += batch.shape[0]
     return {name: torch.cat(values) for name, values in scores.items() if values}
 
