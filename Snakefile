@@ -18,6 +18,7 @@ from ptqrepro.config import (
     check_schema,
     recipe_job_spec,
     recipe_seeds,
+    single_draw_warnings,
 )
 from ptqrepro.errors import PtqError
 from ptqrepro.hub import staging_environment
@@ -49,6 +50,9 @@ try:
     os.environ.update(staging_environment(config["staging"]))
     if config["offline"]:
         os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    if workflow.is_main_process:
+        for warning in single_draw_warnings(config):
+            print(f"config warning: {warning}", file=sys.stderr)
     # against the models' shapes and this machine, once: a cluster job's own Snakemake (on its node)
     # reads this file again
     if workflow.is_main_process:

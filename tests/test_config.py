@@ -134,3 +134,23 @@ def test_zero_shot_metrics_averages_and_models_name_what_the_config_has(tmp_path
     zeroshot["averages"] = {"both": ["ptq_lastword", "ptq_nextsentence"]}
     zeroshot["models"] = ["tiny"]
     check_config(config)
+
+
+def test_calibrated_recipes_a_claim_names_at_fewer_than_three_seeds_are_warned_about():
+    """The default and every paper config run each calibrated recipe a claim names at three or more
+    seeds; at one seed the warning names exactly the calibrated recipes (not fp16 or RTN)."""
+    import glob
+
+    from ptqrepro.config import single_draw_warnings
+    from ptqrepro.io import load_yaml
+
+    for path in ["config/config.yaml", *sorted(glob.glob("config/papers/*.yaml"))]:
+        assert single_draw_warnings(load_yaml(open(path).read(), path)) == [], path
+    config = {"calibration": {"seeds": [0]},
+              "recipes": {"fp16": {"steps": []}, "rtn@int4": {"steps": ["rtn"], "weight": "int4"},
+                          "gptq@int4": {"steps": ["gptq"], "weight": "int4"},
+                          "awq+rtn@int4": {"steps": ["awq", "rtn"], "weight": "int4", "seeds": [0, 1, 2]}},
+              "claims": [{"paper": "X", "claim": "c", "below": ["fp16", "gptq@int4", "rtn@int4"]},
+                         {"paper": "X", "claim": "d", "below": ["awq+rtn@int4", "rtn@int4"]}]}
+    warnings = single_draw_warnings(config)
+    assert len(warnings) == 1 and warnings[0].startswith("recipe 'gptq@int4' is named by a claim") and "[0]" in warnings[0]

@@ -206,10 +206,10 @@ AFTER_THE_TABLES = {"tables": 1, "claims": 1, "plot_table_figure": 2, "all": 1}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key, value, rerun", [
-    (("eval", "ppl", "dtype"), "bfloat16", {"eval_ppl": 2}),
-    (("eval", "ppl", "seqlen"), 16, {"eval_ppl": 2}),
-    (("eval", "ppl", "max_windows"), 3, {"eval_ppl": 2}),
-    (("eval", "ppl", "batch_size"), 2, {"eval_ppl": 2}),
+    (("eval", "ppl", "dtype"), "bfloat16", {"float_reference": 1, "eval_ppl": 2}),
+    (("eval", "ppl", "seqlen"), 16, {"float_reference": 1, "eval_ppl": 2}),
+    (("eval", "ppl", "max_windows"), 3, {"float_reference": 1, "eval_ppl": 2}),
+    (("eval", "ppl", "batch_size"), 2, {"float_reference": 1, "eval_ppl": 2}),
     (("calibration", "dtype"), "bfloat16", {"quantize": 2, "eval_ppl": 2}),
     (("recipes", "rtn@int4", "weight"), "int4-g16", {"quantize": 1, "eval_ppl": 1}),
 ], ids=lambda value: ".".join(value) if isinstance(value, tuple) else None)
@@ -435,10 +435,12 @@ def test_method_settings_out_of_range_stop_the_dry_run_all_at_once(tmp_path, tin
 
 
 def test_a_good_config_plans_the_same_dag(tmp_path, tiny_model_dir, tiny_corpus):
-    """The start-up checks pass the tiny config, whose dry run lists the jobs it always did."""
+    """The start-up checks pass the tiny config, whose dry run lists the jobs it always did, and the
+    float model's reference for the KL divergence."""
     write_config(tmp_path, tiny_config(tiny_model_dir, tiny_corpus))
     assert dry_run_jobs(tmp_path) == {
-        "prepare_corpus": 1, "prepare_model": 1, "calibrate": 1, "zeroshot_tasks": 1, "quantize": 4, "eval_ppl": 4,
+        "prepare_corpus": 1, "prepare_model": 1, "calibrate": 1, "zeroshot_tasks": 1, "quantize": 4, "float_reference": 1,
+        "eval_ppl": 4,
         "eval_zeroshot": 1, "tables": 1, "claims": 1, "paper_tables": 1, "plot_table_figure": 3, "all": 1}
     assert not (tmp_path / "results").exists()
 

@@ -255,3 +255,13 @@ def test_non_positive_sizes_are_rejected(corpus, keyword, value):
             calibration_windows(documents, tokenizer, STREAM_SPEC, seed=0, **arguments)
         else:
             evaluation_windows(documents, tokenizer, STREAM_SPEC, **arguments)
+
+
+def test_only_the_chunks_protocol_draws_no_calibration_windows():
+    """LQER's chunks are the same at every seed (its results then carry no seed: no draw to
+    replicate); GPTQ's concatenated and documents protocols draw them at random."""
+    from ptqrepro.data.corpora import BUILTIN_CORPORA
+    from ptqrepro.data.windows import calibration_is_drawn
+
+    drawn = {name: calibration_is_drawn(spec) for name, spec in BUILTIN_CORPORA.items()}
+    assert drawn == {"wiki-mini": True, "wikitext2": True, "c4": True, "slimpajama": False}

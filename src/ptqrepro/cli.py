@@ -4,7 +4,8 @@
     ptqrepro prepare-corpus --name C [--spec '{path: ...}'] --out results/corpora/C
     ptqrepro calibrate      --model DIR --corpus DIR --nsamples N --seqlen L --seed S [--tokenizer slow] --out FILE.pt
     ptqrepro quantize       --model DIR --calibration FILE.pt --recipe NAME --spec '{steps: [rtn], weight: int4}' [--offload cpu] --out DIR --metrics FILE.json
-    ptqrepro eval-ppl       --model DIR --quantized DIR --corpus DIR --seqlen L [--max-windows K] [--tokenizer slow] [--placement layers] --out FILE.json
+    ptqrepro float-reference --model DIR --corpus DIR --seqlen L [--max-windows K] [--tokenizer slow] --top-k K --out FILE.safetensors
+    ptqrepro eval-ppl       --model DIR --quantized DIR --corpus DIR --seqlen L [--max-windows K] [--tokenizer slow] [--reference FILE] [--placement layers] --out FILE.json
     ptqrepro zeroshot-tasks --corpus DIR --items N --seed S --out DIR
     ptqrepro stage-tasks    --tasks T... [--metric T=acc_norm...] --out FILE.json
     ptqrepro eval-zeroshot  --model DIR --quantized DIR --tasks T... [--include DIR] [--staged FILE.json] [--num-fewshot K] [--metric T=acc_norm...] --out-dir DIR
@@ -13,6 +14,7 @@
     ptqrepro plots          --table all.csv --out STEM
     ptqrepro paper-tables   --table all.csv --reference config/reference/magr.csv... --out DIR
     ptqrepro compare        --windows A/windows.csv B/windows.csv [--labels A B] --out DIR
+    ptqrepro compare-claims --runs A B --config CONFIG.yaml --out DIR
     ptqrepro claims         --table all.csv --windows windows.csv --claims '[{paper: ..., claim: ..., below: [A, B]}]' --out DIR
 
 Bad input ends with one line ``ptqrepro: error: ...`` and exit code 2; nothing already written
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import pickle
@@ -125,7 +128,9 @@ def cmd_prepare_corpus(args) -> None:
 
 
 def cmd_calibrate(args) -> None:
-    from ptqrepro.data.windows import calibration_windows
+    """The calibration windows, with their seed, or None where the protocol draws nothing (LQER's
+    chunks): every seed gives the same windows, so its results carry no seed and rest on no draw."""
+    from ptqrepro.data.windows import calibration_is_drawn, calibration_windows
     from ptqrepro.models.sources import load_tokenizer
 
     spec = _corpus(args.corpus)
@@ -134,7 +139,8 @@ def cmd_calibrate(args) -> None:
     windows = calibration_windows(_documents(args.corpus, "train"), tokenizer, spec, args.nsamples, args.seqlen, args.seed)
     revisions = _revisions(args.model, _corpus_revision(args.corpus), type(tokenizer).__name__)
     with atomic_path(args.out) as tmp:
-        torch.save({"input_ids": windows, "corpus": spec.name, "seed": args.seed, "tokenizer": args.tokenizer,
+        seed = args.seed if calibration_is_drawn(spec) else None
+        torch.save({"input_ids": windows, "corpus": spec.name, "seed": seed, "tokenizer": args.tokenizer,
                     **revisions}, tmp)
     print(f"{tuple(windows.shape)} calibration windows from {spec.name} -> {args.out}")
 
@@ -361,6 +367,7 @@ def _model_to_evaluate(args):
 
 def cmd_eval_ppl(args) -> None:
     from ptqrepro.data.windows import evaluation_windows
+    from ptqrepro.eval.divergence import FloatReference
     from ptqrepro.eval.perplexity import perplexity, windows_fingerprint
     from ptqrepro.models.sources import load_tokenizer
     from ptqrepro.provenance import Provenance
@@ -370,25 +377,55 @@ def cmd_eval_ppl(args) -> None:
     spec = _corpus(args.corpus)
     check_writable(args.out, "--out")
     tokenizer = load_tokenizer(args.model, args.tokenizer)
+    reference = FloatReference.load(args.reference) if args.reference else None
     with _model_to_evaluate(args) as (model, _, manifest, device, dtype, placement):
         windows, total = evaluation_windows(
             _documents(args.corpus, "test"), tokenizer, spec, args.seqlen, args.max_windows,
             nsamples=args.nsamples, seed=args.seed,
         )
-        metrics, window_nll = perplexity(model, windows, batch_size=args.batch_size, device=device)
+        if reference is not None:
+            reference.check_windows(windows_fingerprint(windows), args.reference)
+        metrics, per_window = perplexity(model, windows, batch_size=args.batch_size, device=device, reference=reference)
     protocol = {"seqlen": args.seqlen, "windows": int(windows.shape[0]), "total_windows": total,
                 "max_windows": args.max_windows, "dtype": dtype, "sampling": spec.sampling, "split": "test",
                 "seed": args.seed, "tokenizer": args.tokenizer, "tokenizer_class": type(tokenizer).__name__,
-                "windows_sha256": windows_fingerprint(windows)}
+                "windows_sha256": windows_fingerprint(windows), "kld_top_k": reference.k if reference is not None else None}
     description = _result_description(manifest)
     write_json(args.out, {
         "kind": "perplexity", **description, "dataset": spec.name, "metrics": metrics, "protocol": protocol,
-        "window_nll": window_nll,
+        **per_window,
         "provenance": {**provenance.record({"protocol": protocol, "quantized": manifest["config_hash"]}, device),
                        "placement": placement,
                        **_revisions(args.model, _corpus_revision(args.corpus), type(tokenizer).__name__)},
     })
     print(f"{description['recipe']} on {spec.name}: ppl {metrics['ppl']:.3f} over {windows.shape[0]} windows")
+
+
+def cmd_float_reference(args) -> None:
+    """The float model's top-k next-token log-probabilities on the evaluation windows, once per
+    model, dataset and protocol, for the KL and flips of every eval-ppl (``eval.divergence``)."""
+    from ptqrepro.data.windows import evaluation_windows
+    from ptqrepro.eval.divergence import float_reference
+    from ptqrepro.eval.perplexity import windows_fingerprint
+    from ptqrepro.models.sources import compute_dtype, load_model, load_tokenizer, require_finite_weights, resolve_device
+    from ptqrepro.placement import placed_for_evaluation
+
+    _set_threads(args.threads)
+    spec = _corpus(args.corpus)
+    check_writable(args.out, "--out")
+    device = resolve_device(args.device)
+    dtype = compute_dtype(args.dtype, device)
+    tokenizer = load_tokenizer(args.model, args.tokenizer)
+    model, _ = load_model(args.model, dtype)
+    require_finite_weights(model, args.model)
+    windows, _ = evaluation_windows(_documents(args.corpus, "test"), tokenizer, spec, args.seqlen, args.max_windows,
+                                    nsamples=args.nsamples, seed=args.seed)
+    with placed_for_evaluation(model, device, args.placement):
+        reference = float_reference(model, windows, args.top_k, args.batch_size, device, windows_fingerprint(windows))
+    with atomic_path(args.out) as tmp:
+        reference.save(tmp, {"model": Path(args.model).name, "dataset": spec.name, "seqlen": args.seqlen, "dtype": dtype,
+                             "top_k": reference.k})
+    print(f"float top-{reference.k} of {spec.name}: {tuple(reference.ids.shape[:2])} positions -> {args.out}")
 
 
 def cmd_zeroshot_tasks(args) -> None:
@@ -583,6 +620,20 @@ def cmd_compare(args) -> None:
     print(f"{len(table)} measurements, {int(table['resolved'].sum())} moved beyond the windows' noise ->", paths["md"])
 
 
+def cmd_compare_claims(args) -> None:
+    from ptqrepro.report.claims import claims_from_config
+    from ptqrepro.report.compare import compare_verdicts, read_run, write_verdict_comparison
+
+    settings = _bootstrap(args)
+    config = load_yaml(Path(args.config).read_text(), args.config)
+    claims = claims_from_config(config.get("claims") or [])
+    runs = [read_run(folder) for folder in args.runs]
+    table = compare_verdicts(claims, runs[0][:2], runs[1][:2], settings)
+    labels = tuple(args.labels or (Path(folder).name for folder in args.runs))
+    paths = write_verdict_comparison(table, args.out, labels, (runs[0][2], runs[1][2]))
+    print(f"{int(table['differs'].sum())} of {len(table)} claims differ ->", paths["md"])
+
+
 def _check_outputs(args) -> None:
     """A quantize or DWR job's outputs writable, checked before its work (``io.check_writable``)."""
     for option in ("out", "metrics", "checkpoint_dir"):
@@ -679,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="artifact directory of the base recipe")
     p.set_defaults(func=cmd_dwr)
 
-    p = sub.add_parser("eval-ppl", help="perplexity of a quantized model with the GPTQ protocol")
+    p = eval_ppl = sub.add_parser("eval-ppl", help="perplexity of a quantized model with the GPTQ protocol")
     p.add_argument("--model", required=True)
     p.add_argument("--quantized", required=True, help="artifact directory from quantize")
     p.add_argument("--corpus", required=True)
@@ -694,8 +745,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive)
     p.add_argument("--placement", default="auto", choices=PLACEMENTS,
                    help="whole: the model on the device; layers: one decoder layer at a time there; auto: whole where it fits")
+    p.add_argument("--reference", help="the float model's top-k log-probabilities (float-reference): adds KL and flips")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_eval_ppl)
+
+    p = sub.add_parser("float-reference", help="the float model's top-k next-token log-probabilities on the evaluation windows")
+    # eval-ppl's own options but the quantized model's and the outputs: the same windows, tokens and dtype
+    for action in eval_ppl._actions:
+        if action.dest not in ("help", "quantized", "reference", "out"):
+            p._add_action(copy.copy(action))
+    p.add_argument("--top-k", type=_positive, default=128, help="log-probabilities kept per token (default 128)")
+    p.add_argument("--out", required=True, help="safetensors file")
+    p.set_defaults(func=cmd_float_reference)
 
     p = sub.add_parser("zeroshot-tasks", help="write the local zero-shot tasks (data and lm-eval YAMLs) from a corpus's test split")
     p.add_argument("--corpus", required=True, help="prepared corpus directory")
@@ -781,6 +842,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for compare.csv and compare.md")
     _add_bootstrap_arguments(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("compare-claims", help="every claim whose verdict differs between two kept runs (benchmarks/runs/)")
+    p.add_argument("--runs", required=True, nargs=2, metavar=("A", "B"),
+                   help="two kept runs' folders, each with all.csv, windows.csv and provenance.json")
+    p.add_argument("--config", required=True, help="the config whose claims are judged (e.g. config/config.yaml)")
+    p.add_argument("--labels", nargs=2, metavar=("A", "B"), help="names of the runs (default: the folders' names)")
+    p.add_argument("--out", required=True, help="output directory for compare-claims.csv and compare-claims.md")
+    _add_bootstrap_arguments(p)
+    p.set_defaults(func=cmd_compare_claims)
 
     p = sub.add_parser("claims", help="check the papers' claims (config 'claims') against all.csv")
     p.add_argument("--table", required=True, help="all.csv from tables")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ptqrepro.cluster import resource_errors
 from ptqrepro.data.corpora import corpus_spec
+from ptqrepro.data.windows import calibration_is_drawn
 from ptqrepro.errors import PtqError
 from ptqrepro.eval.zeroshot import LOCAL_TASKS
 from ptqrepro.io import load_yaml
@@ -179,6 +180,33 @@ def check_config(config: dict) -> None:
     errors += resource_errors(config)
     if errors:
         raise ConfigError(list(dict.fromkeys(errors)))
+
+
+MIN_CLAIM_DRAWS = 3
+"""Calibration seeds a calibrated recipe named by a claim should run at."""
+
+
+def single_draw_warnings(config: dict) -> list[str]:
+    """One line per recipe that a claim names, reads calibration data and runs at fewer than
+    ``MIN_CLAIM_DRAWS`` calibration seeds (none where the calibration protocol draws nothing). A warning, not an error: its comparisons are marked
+    "single draw" (or rest on few draws) in claims.md and all.md rather than judged, so nothing is
+    misread, and a quick look at one draw stays possible."""
+    named = dict.fromkeys(name for claim in claims_from_config(config.get("claims", []), config["recipes"])
+                          for name in claim.recipes)
+    corpus = config["calibration"].get("corpus")
+    if corpus and not calibration_is_drawn(corpus_spec(corpus, config.get("corpora", {}).get(corpus))):
+        return []  # the same windows at every seed: no draw to replicate
+    warnings = []
+    for name in named:
+        entry = config["recipes"][name]
+        calibrated = (is_peer(entry) or is_reconstruction(entry)
+                      or recipe_from_config(name, recipe_entry(entry)).needs_stats)
+        seeds = recipe_seeds(config, name)
+        if calibrated and len(seeds) < MIN_CLAIM_DRAWS:
+            warnings.append(f"recipe {name!r} is named by a claim and reads calibration data, but runs at "
+                            f"{len(seeds)} calibration seed(s) {seeds}: its claims cannot hold or fail on fewer than "
+                            f"2 draws and are thin on fewer than {MIN_CLAIM_DRAWS} (set calibration.seeds or its seeds)")
+    return warnings
 
 
 def _corpora(config: dict) -> set[str]:

@@ -8,11 +8,44 @@ from ptqrepro.eval.zeroshot import hub_tasks, staged_key
 EVALUATION_GROUP = "eval_{model}_{recipe}_s{seed}"
 
 
+# The float model's top-k next-token log-probabilities on a dataset's test windows, once per model
+# and dataset: every recipe's KL divergence and flips are computed from them (ptqrepro.eval.divergence).
+rule float_reference:
+    input:
+        model="results/models/{model}",
+        corpus="results/corpora/{dataset}",
+    output:
+        "results/reference/{model}/{dataset}.safetensors",
+    log:
+        "results/logs/float_reference/{model}/{dataset}.log",
+    conda:
+        CONDA_ENV
+    threads: rule_threads(config, "eval_ppl")
+    resources:
+        **rule_resources(config, "eval_ppl"),
+        placement=config["eval"]["placement"],
+    params:
+        max_windows=f"--max-windows {PPL['max_windows']}" if PPL.get("max_windows") else "",
+        protocol={
+            key: PPL[key] for key in ("seqlen", "nsamples", "seed", "tokenizer", "batch_size", "dtype", "kld_top_k")
+        },
+        device=config["device"],
+    shell:
+        OFFLINE_JOB
+        + "ptqrepro-gpu-slot {resources.gpu} {params.device} ptqrepro float-reference --model {input.model} --corpus {input.corpus}"
+        " --seqlen {params.protocol[seqlen]} {params.max_windows} --nsamples {params.protocol[nsamples]} --seed {params.protocol[seed]}"
+        " --tokenizer {params.protocol[tokenizer]}"
+        " --batch-size {params.protocol[batch_size]} --dtype {params.protocol[dtype]} --device {params.device} --placement {resources.placement}"
+        " --threads {threads} --top-k {params.protocol[kld_top_k]}"
+        " --out {output} > {log} 2>&1"
+
+
 rule eval_ppl:
     input:
         model="results/models/{model}",
         quantized=f"results/quantized/{RUN_DIR}",
         corpus="results/corpora/{dataset}",
+        reference="results/reference/{model}/{dataset}.safetensors",
     output:
         f"results/metrics/{RUN_DIR}/ppl-{{dataset}}.json",
     log:
@@ -35,7 +68,7 @@ rule eval_ppl:
         + "ptqrepro-gpu-slot {resources.gpu} {params.device} ptqrepro eval-ppl --model {input.model} --quantized {input.quantized} --corpus {input.corpus}"
         " --seqlen {params.protocol[seqlen]} {params.max_windows} --nsamples {params.protocol[nsamples]} --seed {params.protocol[seed]} --tokenizer {params.protocol[tokenizer]}"
         " --batch-size {params.protocol[batch_size]} --dtype {params.protocol[dtype]} --device {params.device} --placement {resources.placement}"
-        " --threads {threads}"
+        " --threads {threads} --reference {input.reference}"
         " --out {output} > {log} 2>&1"
 
 

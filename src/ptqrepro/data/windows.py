@@ -42,6 +42,12 @@ def calibration_windows(
     return _calibration_from_stream(documents, tokenizer, spec, nsamples, seqlen, seed)
 
 
+def calibration_is_drawn(spec: CorpusSpec) -> bool:
+    """Whether the calibration windows depend on the seed: every protocol draws them at random but
+    LQER's ``chunks``, which takes the first ``nsamples`` chunks, the same at every seed."""
+    return spec.sampling != "chunks"
+
+
 def evaluation_windows(
     documents: list[str],
     tokenizer,

@@ -5,11 +5,13 @@ Written by ``write_tables`` into one folder:
 
 - ``replicates.csv``: one row per result file and metric (``COLUMNS``), the calibration seed and
   the machine (``hardware``) included: what each job measured, with its provenance.
-- ``windows.csv``: each perplexity result's per-window mean NLL (``WINDOW_COLUMNS``), from which
-  every interval here and in the claims is recomputed without a model.
+- ``windows.csv``: each perplexity result's per-window mean NLL, and where the result has them the
+  mean KL divergence from the float model and share of top-1 flips (``WINDOW_COLUMNS``,
+  ``eval.divergence``), from which every interval here and in the claims is recomputed without a model.
 - ``all.csv``: one row per (model, recipe, kind, dataset, metric) over the seeds
   (``SUMMARY_COLUMNS``): perplexity ``exp(mean NLL over seeds and windows)`` with its bootstrap
-  interval (``report.uncertainty``); zero-shot accuracies the mean over seeds, ± z·lm-eval's
+  interval (``report.uncertainty``), ``kld`` and ``flips`` their mean over seeds and windows with the
+  same bootstrap's interval; zero-shot accuracies the mean over seeds, ± z·lm-eval's
   stderr; other metrics the mean over seeds. ``seed_low``/``seed_high`` are the smallest and
   largest per-seed values.
 - zero-shot averages (``with_averages``): where the config names them (``eval.zeroshot.averages``),
@@ -97,8 +99,9 @@ SUMMARY_COLUMNS = (
 them ("0 1 2"), ``windows`` counts a perplexity's test windows; provenance is the first seed's,
 ``source`` every file, space-separated; a revision column lists every revision its seeds used."""
 
-WINDOW_COLUMNS = ("model", "recipe", "seed", "dataset", "window", "nll", "windows_sha256", "source")
-"""Columns of ``windows.csv``: one row per perplexity result and test window."""
+WINDOW_COLUMNS = ("model", "recipe", "seed", "dataset", "window", "nll", "kld", "flips", "windows_sha256", "source")
+"""Columns of ``windows.csv``: one row per perplexity result and test window (``kld`` and ``flips``
+empty for a result without them)."""
 
 SORT_COLUMNS = ("model", "weight_bits", "recipe", "kind", "dataset", "metric")
 SORT_ASCENDING = (True, False, True, True, True, True)
@@ -109,6 +112,9 @@ IDENTITY_COLUMNS = ("model", "recipe", "seed", "kind", "dataset", "metric")
 MISSING_CELL = "—"
 PERPLEXITY_KIND, PERPLEXITY_METRIC = "perplexity", "ppl"
 NLL_METRIC = "nll"
+KLD_METRIC, FLIPS_METRIC = "kld", "flips"
+WINDOW_METRICS = {NLL_METRIC: "window_nll", KLD_METRIC: "window_kld", FLIPS_METRIC: "window_flips"}
+"""The per-window metrics of a perplexity result: windows.csv's column and the result file's key."""
 QUANTIZE_KIND, QUANTIZE_TIME_METRIC = "quantize", "quantize_time_s"
 ZEROSHOT_KIND, ZEROSHOT_METRICS = "zeroshot", ("acc", "acc_norm")
 STDERR_SUFFIX = "_stderr"
@@ -145,7 +151,8 @@ def gather_results(paths: Iterable[str | os.PathLike]) -> Results:
 
 @dataclass(frozen=True)
 class RecipeLosses:
-    """One recipe's per-window losses on one dataset: ``nll`` [seeds, windows], its calibration
+    """One recipe's per-window values on one dataset: ``nll`` [seeds, windows] (the mean NLL, or the
+    column ``recipe_losses`` was asked for), its calibration
     ``seeds`` in increasing order (``[None]`` for a recipe without calibration data), and the
     ``fingerprint`` of the windows' tokens every seed scored."""
 
@@ -154,15 +161,19 @@ class RecipeLosses:
     fingerprint: str
 
 
-def recipe_losses(windows: pd.DataFrame, model: str, recipe: str, dataset: str) -> RecipeLosses:
-    """A recipe's ``RecipeLosses`` from a windows table; every seed must have scored the same windows."""
+def recipe_losses(windows: pd.DataFrame, model: str, recipe: str, dataset: str, column: str = NLL_METRIC) -> RecipeLosses:
+    """A recipe's ``RecipeLosses`` of ``column`` (nll, kld or flips) from a windows table; every
+    seed must have scored the same windows."""
     rows = windows[(windows["model"] == model) & (windows["recipe"] == recipe) & (windows["dataset"] == dataset)]
     if rows.empty:
         raise PtqError(f"no per-window losses of {recipe} on {dataset} ({model})")
     if rows["windows_sha256"].nunique() > 1:
         raise PtqError(f"{recipe} on {dataset} ({model}): its seeds scored different test windows "
                        f"({', '.join(sorted(rows['source'].unique()))})")
-    by_seed = {seed: group.sort_values("window")["nll"].to_numpy(float)
+    if rows[column].isna().any():
+        raise PtqError(f"{recipe} on {dataset} ({model}): some of its results have no per-window {column} "
+                       "(evaluated without the float reference); evaluate them again")
+    by_seed = {seed: group.sort_values("window")[column].to_numpy(float)
                for seed, group in rows.groupby("seed", sort=True, dropna=False)}
     return RecipeLosses(list(by_seed), np.stack(list(by_seed.values())), rows["windows_sha256"].iloc[0])
 
@@ -174,10 +185,10 @@ def summarize(results: Results, settings: BootstrapSettings) -> pd.DataFrame:
     keys = ["model", "recipe", "kind", "dataset", "metric"]
 
     @functools.cache
-    def nll_interval(model: str, recipe: str, dataset: str) -> tuple[Interval, int]:
-        """The mean NLL's interval over seeds and windows, and the window count: once for both a
-        perplexity result's ppl and nll rows."""
-        nll = recipe_losses(results.windows, model, recipe, dataset).nll
+    def nll_interval(model: str, recipe: str, dataset: str, column: str = NLL_METRIC) -> tuple[Interval, int]:
+        """The mean of a per-window column's interval over seeds and windows, and the window count:
+        once for both a perplexity result's ppl and nll rows."""
+        nll = recipe_losses(results.windows, model, recipe, dataset, column).nll
         return mean_interval(nll, settings), nll.shape[1]
 
     for key, group in frame.groupby(keys, sort=False):
@@ -249,7 +260,10 @@ def render_markdown(frame: pd.DataFrame, settings: BootstrapSettings) -> str:
     for model, model_rows in frame.groupby("model", sort=True):
         sections.append(f"## {model}\n\n{_model_table(model_rows)}\n")
         files = len({source for sources in model_rows["source"] for source in sources.split()})
-        sections.append(f"Perplexity (lower is better), zero-shot accuracy (higher is better); generated from {files} result files.\n")
+        sections.append("Perplexity (lower is better), KL divergence from the float model in nats per token and share "
+                        "of top-1 flips (lower is better; ptqrepro.eval.divergence), zero-shot accuracy (higher is "
+                        "better); draws: the calibration seeds a recipe ran at (— where it reads no calibration data); "
+                        f"generated from {files} result files.\n")
         sections.append(_uncertainty_note(model_rows, settings))
         sections.append(_revision_note(model_rows))
     return "\n".join(sections)
@@ -276,8 +290,9 @@ def _summary_value(key: dict, group: pd.DataFrame, values: np.ndarray, results: 
                    settings: BootstrapSettings, nll_interval) -> dict:
     """``value``, ``ci_low``, ``ci_high`` (and ``windows``) of one measurement over its seeds;
     ``nll_interval(model, recipe, dataset)`` gives a perplexity's mean-NLL interval."""
-    if key["kind"] == PERPLEXITY_KIND and key["metric"] in (PERPLEXITY_METRIC, NLL_METRIC):
-        interval, windows = nll_interval(key["model"], key["recipe"], key["dataset"])
+    if key["kind"] == PERPLEXITY_KIND and key["metric"] in (PERPLEXITY_METRIC, *WINDOW_METRICS):
+        column = NLL_METRIC if key["metric"] == PERPLEXITY_METRIC else key["metric"]
+        interval, windows = nll_interval(key["model"], key["recipe"], key["dataset"], column)
         if key["metric"] == PERPLEXITY_METRIC:
             interval = interval.map(exp_or_inf)
         return {"value": interval.value, "ci_low": interval.low, "ci_high": interval.high, "windows": windows}
@@ -348,9 +363,18 @@ def _windows_of_result(result: dict[str, Any], path: str | os.PathLike) -> list[
                        "from it. Evaluate it again: delete the file, or `snakemake --forcerun eval_ppl`")
     if any(isinstance(loss, bool) or not isinstance(loss, numbers.Real) for loss in losses):
         raise PtqError(f"{path}: 'window_nll' holds a value that is not a number")
+    columns = {NLL_METRIC: losses}
+    for column, key in WINDOW_METRICS.items():
+        values = result.get(key)
+        if column != NLL_METRIC and values is not None:
+            if (not isinstance(values, list) or len(values) != len(losses)
+                    or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in values)):
+                raise PtqError(f"{path}: '{key}' is not one number per window of 'window_nll'")
+            columns[column] = values
     common = {"model": result["model"], "recipe": result["recipe"], "seed": result.get("calibration_seed"),
               "dataset": result["dataset"], "windows_sha256": fingerprint, "source": str(path)}
-    return [{**common, "window": index, "nll": float(loss)} for index, loss in enumerate(losses)]
+    return [{**common, "window": index, **{column: float(values[index]) for column, values in columns.items()}}
+            for index in range(len(losses))]
 
 
 def _read_result(path: str | os.PathLike) -> dict[str, Any]:
@@ -422,6 +446,12 @@ def _model_table(model_rows: pd.DataFrame) -> str:
         selected = _selected(model_rows, PERPLEXITY_KIND, PERPLEXITY_METRIC, dataset)
         if (selected["seeds"].str.split().str.len() > 1).any():
             table[f"{dataset} over seeds"] = [_seed_spread(selected, recipe) for recipe in recipes["recipe"]]
+        for metric, label, decimals in ((KLD_METRIC, "KLD", 4), (FLIPS_METRIC, "flips", 3)):
+            if not _selected(model_rows, PERPLEXITY_KIND, metric, dataset).empty:
+                table[f"{dataset} {label}"] = _cells_with_intervals(model_rows, PERPLEXITY_KIND, metric, dataset,
+                                                                    recipes["recipe"], decimals)
+    if not perplexity.empty:
+        table.insert(4, "draws", [calibration_draws(model_rows, recipe) for recipe in recipes["recipe"]])
     for metric in ZEROSHOT_METRICS:
         accuracy = _metric_by_recipe(model_rows, ZEROSHOT_KIND, metric)
         for task in accuracy.columns:
@@ -485,6 +515,14 @@ def _significant(half_width: float) -> str:
         return "inf"
     decimals = min(3, max(0, 1 - math.floor(math.log10(half_width))))
     return f"{half_width:.{decimals}f}"
+
+
+def calibration_draws(rows: pd.DataFrame, recipe: str) -> str:
+    """How many calibration draws (seeds) a recipe's perplexities rest on, as text: the
+    missing-cell mark for a recipe that reads no calibration data."""
+    seeds = rows.loc[(rows["recipe"] == recipe) & (rows["kind"] == PERPLEXITY_KIND), "seeds"]
+    counts = {len([seed for seed in text.split() if seed != MISSING_CELL]) for text in seeds}
+    return MISSING_CELL if not counts or counts == {0} else str(min(counts))
 
 
 def _seed_spread(selected: pd.DataFrame, recipe: str) -> str:
