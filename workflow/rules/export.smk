@@ -88,8 +88,8 @@ rule vllm_check:
         result=f"results/export/{RUN_DIR}/vllm-reference-ppl-{VLLM_DATASET}.json",
         corpus=f"results/corpora/{VLLM_DATASET}",
     output:
-        f"results/export/{RUN_DIR}/vllm-check.md",
-        f"results/export/{RUN_DIR}/vllm-check.json",
+        table=f"results/export/{RUN_DIR}/vllm-check.md",
+        record=f"results/export/{RUN_DIR}/vllm-check.json",
     log:
         run=f"results/logs/export/{RUN_DIR}/vllm-check.log",
         vllm=f"results/logs/export/{RUN_DIR}/vllm-check-vllm.log",
@@ -104,7 +104,7 @@ rule vllm_check:
     shell:
         "ptqrepro vllm-check --exported {input.exported} --result {input.result} --corpus {input.corpus}"
         " {params.python} --windows {params.windows} --dtype {params.dtype} --log {log.vllm}"
-        " --out {output[0]} > {log.run} 2>&1"
+        " --out {output.table} > {log.run} 2>&1"
 
 
 if VLLM_RUNS:
@@ -116,5 +116,10 @@ if VLLM_RUNS:
 else:
 
     rule export_vllm:
-        run:
-            print("snakemake export_vllm: no recipe to check (config export_vllm.recipes is empty or names none)")
+        log:
+            "results/logs/export/export_vllm.log",
+        conda:
+            CONDA_ENV
+        shell:
+            "echo 'snakemake export_vllm: no recipe to check (config export_vllm.recipes is empty or names none)'"
+            " | tee {log}"
