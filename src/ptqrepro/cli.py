@@ -9,7 +9,8 @@
     ptqrepro zeroshot-tasks --corpus DIR --items N --seed S --out DIR
     ptqrepro stage-tasks    --tasks T... [--metric T=acc_norm...] --out FILE.json
     ptqrepro eval-zeroshot  --model DIR --quantized DIR --tasks T... [--include DIR] [--staged FILE.json] [--num-fewshot K] [--metric T=acc_norm...] --out-dir DIR
-    ptqrepro export         --model DIR --quantized DIR --format compressed-tensors|dequantized [--drop-activation-quantization] --out DIR
+    ptqrepro export         --model DIR --quantized DIR --format compressed-tensors|dequantized [--drop-activation-quantization] [--target vllm-cpu] --out DIR
+    ptqrepro vllm-check     --exported DIR --result JSON --corpus DIR [--vllm-python PY] [--windows N] --out TABLE.md
     ptqrepro tables         --out DIR [--bootstrap-samples B --bootstrap-seed S --level 0.95] [--averages '{avg: {task: acc}}'] RESULT.json...
     ptqrepro plots          --table all.csv --out STEM
     ptqrepro paper-tables   --table all.csv --reference config/reference/magr.csv... --out DIR
@@ -518,9 +519,20 @@ def cmd_export(args) -> None:
     from ptqrepro.export import export_model
 
     check_writable(args.out, "--out")
-    manifest = export_model(args.model, args.quantized, args.format, args.out, args.drop_activation_quantization)
+    manifest = export_model(args.model, args.quantized, args.format, args.out, args.drop_activation_quantization,
+                            args.target)
     dropped = f", without its {', '.join(manifest['dropped'])}" if manifest["dropped"] else ""
     print(f"{manifest['recipe']} -> {args.out} ({args.format}{dropped})")
+
+
+def cmd_vllm_check(args) -> None:
+    from ptqrepro.vllm_check import vllm_check, write_check
+
+    check_writable(args.out, "--out")
+    record = vllm_check(args.exported, args.result, args.corpus, args.vllm_python, args.windows, args.dtype, args.log)
+    write_check(record, args.out)
+    print(f"{record['recipe']} in vLLM ({record['dtype']}, {record['windows']} windows): largest window NLL "
+          f"difference {record['max_abs_difference']:.3g} nats -> {args.out}")
 
 
 def _bootstrap(args):
@@ -798,8 +810,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "dequantized: float weights, for any recipe (see ptqrepro.export)")
     p.add_argument("--drop-activation-quantization", action="store_true",
                    help="export a recipe with activation quantization without it (recorded in ptqrepro-export.json)")
+    p.add_argument("--target", default="transformers", choices=("transformers", "vllm-cpu"),
+                   help="who serves it: vllm-cpu refuses at export what vLLM's CPU build cannot compute, names what it "
+                        "can, and exports int8 W8A8 with its activation quantization")
     p.add_argument("--out", required=True, help="output model directory")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("vllm-check", help="score an exported model in vLLM (its own environment) against eval-ppl's windows")
+    p.add_argument("--exported", required=True, help="exported model directory (ptqrepro export)")
+    p.add_argument("--result", required=True, help="eval-ppl JSON of the same artifact, in the dtype vLLM runs")
+    p.add_argument("--corpus", required=True, help="prepared corpus directory the result scored")
+    p.add_argument("--vllm-python", help="python of vLLM's environment (default: $PTQ_VLLM_PYTHON)")
+    p.add_argument("--windows", type=_positive, help="score the result's first N windows only")
+    p.add_argument("--dtype", default="bfloat16", help="vLLM's dtype (its CPU 4-bit kernel: bfloat16 or float16)")
+    p.add_argument("--log", help="vLLM's output")
+    p.add_argument("--out", required=True, help="agreement table (Markdown; the record beside it as .json)")
+    p.set_defaults(func=cmd_vllm_check)
 
     p = sub.add_parser("tables", help="gather result JSONs into all.csv, all.md, replicates.csv and windows.csv")
     p.add_argument("--out", required=True, help="output directory")
