@@ -492,15 +492,15 @@ def test_the_default_run_starts_its_longest_jobs_first():
 
 
 def test_the_smoke_config_plans_a_small_dag_with_tables_and_a_figure():
-    """config/smoke.yaml, the README's first run, plans the real SmolLM2's chain in 18 jobs: its five
-    recipes quantized and evaluated once each, the tables, its claim and the two figures, no
+    """config/smoke.yaml, the README's first run, plans the real SmolLM2's chain in 17 jobs: its four
+    recipes quantized and evaluated once each, the float reference, the tables, its claims and the two figures, no
     zero-shot and no paper tables (--forceall: also after a run has made results/)."""
     run = subprocess.run([*SNAKEMAKE, "-n", "--forceall", "--configfile", str(REPO / "config" / "smoke.yaml")],
                          capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     stats = re.search(r"^Job stats:\n.*?\n-+ +-+\n(.*?)^total", run.stdout, flags=re.MULTILINE | re.DOTALL)
     jobs = {rule: int(count) for rule, count in re.findall(r"^(\w+)\s+(\d+)$", stats.group(1), flags=re.MULTILINE)}
-    assert jobs == {"prepare_model": 1, "prepare_corpus": 1, "calibrate": 1, "quantize": 5, "eval_ppl": 5,
+    assert jobs == {"prepare_model": 1, "prepare_corpus": 1, "calibrate": 1, "quantize": 4, "eval_ppl": 4, "float_reference": 1,
                     "tables": 1, "claims": 1, "plot_table_figure": 2, "all": 1}
     assert "results/plots/ppl_vs_bits.png" in run.stdout and "results/tables/claims.md" in run.stdout
 
