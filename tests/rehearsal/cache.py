@@ -1,0 +1,33 @@
+"""The whole rehearsal cache in one call: HF_HOME/hub with every paper model and corpus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rehearsal.hub import ARCHITECTURES, fill_c4, fill_model_cache, fill_wikitext
+
+
+def wiki_mini_splits() -> dict[str, list[str]]:
+    """The articles of the tests' real text, the built-in corpus ``wiki-mini`` (gensim's shortened
+    Wikipedia dump, cleaned as WikiText), by split."""
+    from ptqrepro.data.corpora import SPLITS, corpus_spec, load_documents
+
+    spec = corpus_spec("wiki-mini")
+    return {split: load_documents(spec, split) for split in SPLITS}
+
+
+def build_hub_cache(hf_home: Path, hub_ids=tuple(ARCHITECTURES)) -> dict:
+    """Fill ``hf_home/hub``: a tiny model under each of ``hub_ids`` with a byte-level BPE tokenizer
+    trained on wiki-mini's train split (tests/conftest.py tiny_tokenizer), ``wikitext`` and
+    ``allenai/c4`` from wiki-mini's articles. Returns {repository id: snapshot folder}."""
+    from conftest import tiny_tokenizer
+
+    splits = wiki_mini_splits()
+    text = hf_home / "tokenizer-text"
+    text.mkdir(parents=True, exist_ok=True)
+    (text / "train.jsonl").write_text("".join(json.dumps({"text": article}) + "\n" for article in splits["train"]))
+    snapshots = fill_model_cache(hf_home, hub_ids, tiny_tokenizer(text))
+    snapshots["wikitext"] = fill_wikitext(hf_home, splits)
+    snapshots["allenai/c4"] = fill_c4(hf_home, splits["train"], splits["validation"] + splits["test"])
+    return snapshots
