@@ -33,11 +33,15 @@ from rehearsal.cache import build_hub_cache
 from rehearsal.hub import ARCHITECTURES
 from rehearsal.shrink import write_shrunk_config
 from test_dag import REPO
+from test_slurm import slurm_cluster  # noqa: F401 (a fixture: the single-node SLURM test cluster)
 
 PAPERS = sorted(path.stem for path in (REPO / "config" / "papers").glob("*.yaml"))
 GUARD = Path(__file__).resolve().parent / "rehearsal" / "guard"
 SLICE = ("lqer", ["mistral-7b"])
 """The CI slice: the LQER config on Mistral-7B alone (4 recipes, the MX formats, LQER and L2QER)."""
+SLURM_SLICE = ("mxptq", ["llama-2-7b"], ["fp16", "sq+awq+gptq@mxint4_a=mxint8"])
+"""The slice through the SLURM test cluster: the MX-PTQ config on Llama-2-7B, two recipes (one of
+them SmoothQuant, AWQ and GPTQ composed), both of its corpora: GPU jobs asking for the config's A100."""
 
 
 @pytest.fixture(scope="session")
@@ -84,11 +88,13 @@ def offline_env(hf_home: Path, attempts_log: Path) -> dict:
     return env
 
 
-def rehearse(paper: str, workdir: Path, hf_home: Path, models: list[str] | None = None, extra: list[str] = (),
-             env: dict | None = None, timeout: float = 7200) -> Rehearsal:
-    """Run ``config/papers/<paper>.yaml`` shrunk (and cut to ``models``) in ``workdir``, offline."""
+def rehearse(paper: str, workdir: Path, hf_home: Path, models: list[str] | None = None,
+             recipes: list[str] | None = None, extra: list[str] = (), env: dict | None = None,
+             timeout: float = 7200) -> Rehearsal:
+    """Run ``config/papers/<paper>.yaml`` shrunk (and cut to ``models`` and ``recipes``) in
+    ``workdir``, offline."""
     config_path = write_shrunk_config(REPO / "config" / "papers" / f"{paper}.yaml", workdir / "rehearsal.yaml", REPO,
-                                      models)
+                                      models, recipes)
     attempts_log = workdir / "network-attempts.jsonl"
     started = time.monotonic()
     run = subprocess.run(
@@ -197,6 +203,24 @@ def test_rehearsal_slice(hub_home, tmp_path):
     rehearsal = rehearse(paper, tmp_path, hub_home, models)
     print(f"rehearsal {paper} {models}: {rehearsal.jobs} jobs, {rehearsal.seconds:.0f} s")
     check_rehearsal(rehearsal)
+
+
+@pytest.mark.slow
+def test_rehearsal_slice_on_slurm(slurm_cluster, hub_home, tmp_path):  # noqa: F811 (the imported fixture)
+    """A slice of the MX-PTQ config through `--profile profiles/slurm` on the test cluster, with the
+    environment a user sets (partition and account as SBATCH_* variables): every job a SLURM job,
+    none of them reaching the network, the paper tables written."""
+    paper, models, recipes = SLURM_SLICE
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "SBATCH_"))}
+    env.update(PATH=os.pathsep.join([str(slurm_cluster / "bin"), str(Path(sys.executable).parent), env["PATH"]]),
+               SBATCH_PARTITION="ptqtest", SBATCH_ACCOUNT="ptqlab")
+    rehearsal = rehearse(paper, tmp_path, hub_home, models, recipes, env=env, timeout=1200, extra=[
+        "--profile", str(REPO / "profiles" / "slurm"), "--jobs", "4", "--retries", "0", "--latency-wait", "5",
+        "--slurm-init-seconds-before-status-checks", "1"])
+    print(f"rehearsal {paper} {models} {recipes} on SLURM: {rehearsal.jobs} jobs, {rehearsal.seconds:.0f} s")
+    check_rehearsal(rehearsal)
+    submitted = list((tmp_path / ".snakemake" / "slurm_logs").rglob("*.log"))
+    assert len(submitted) >= 8, submitted  # data, calibration, quantize and evaluation jobs, tables
 
 
 @pytest.mark.rehearsal

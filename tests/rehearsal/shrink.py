@@ -92,37 +92,40 @@ def shrink_config(config: dict) -> dict:
     return config
 
 
-def write_shrunk_config(paper_config: Path, out: Path, repository: Path, models: list[str] | None = None) -> Path:
-    """Read ``paper_config``, shrink it (and keep only ``models``, if given: ``only_models``), make
-    its reference tables' paths absolute (they are relative to ``repository``, and the run happens
-    elsewhere), and write it to ``out``."""
+def write_shrunk_config(paper_config: Path, out: Path, repository: Path, models: list[str] | None = None,
+                        recipes: list[str] | None = None) -> Path:
+    """Read ``paper_config``, shrink it (and keep only ``models`` and ``recipes``, where given:
+    ``only``), make its reference tables' paths absolute (they are relative to ``repository``, and
+    the run happens elsewhere), and write it to ``out``."""
     config = shrink_config(yaml.safe_load(Path(paper_config).read_text()))
-    if models:
-        config = only_models(config, models)
+    if models or recipes:
+        config = only(config, models or list(config["models"]), recipes or list(config["recipes"]))
     config["reference"] = [str(repository / path) for path in config.get("reference", [])]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(config, sort_keys=False))
     return out
 
 
-def only_models(config: dict, models: list[str]) -> dict:
-    """A slice of ``config``, not a shrink: only ``models``, the recipes that run on one of them
-    (each recipe's ``models`` list cut to them), the claims about those recipes alone and the
-    models' ``resources.by_model`` entries."""
+def only(config: dict, models: list[str], recipes: list[str]) -> dict:
+    """A slice of ``config``, not a shrink: only ``models`` and those of ``recipes`` that run on one
+    of them (each recipe's ``models`` list cut to them), the claims about those recipes alone and
+    the models' ``resources.by_model`` entries."""
     from ptqrepro.report.claims import claims_from_config
 
     config = copy.deepcopy(config)
     config["models"] = {name: entry for name, entry in config["models"].items() if name in models}
-    recipes = {}
+    kept = {}
     for name, entry in config["recipes"].items():
+        if name not in recipes:
+            continue
         if "models" in entry:
             entry["models"] = [model for model in entry["models"] if model in models]
             if not entry["models"]:
                 continue
-        recipes[name] = entry
-    config["recipes"] = recipes
+        kept[name] = entry
+    config["recipes"] = kept
     claims = claims_from_config(config.get("claims", []))
-    config["claims"] = [entry for entry, claim in zip(config.get("claims", []), claims) if set(claim.recipes) <= set(recipes)]
+    config["claims"] = [entry for entry, claim in zip(config.get("claims", []), claims) if set(claim.recipes) <= set(kept)]
     by_model = config.get("resources", {}).get("by_model")
     if by_model:
         config["resources"]["by_model"] = {name: entry for name, entry in by_model.items() if name in models}
