@@ -32,6 +32,7 @@ import yaml
 from rehearsal.cache import build_hub_cache
 from rehearsal.hub import ARCHITECTURES
 from rehearsal.shrink import write_shrunk_config
+from rehearsal.tasks import TASK_DATASETS
 from test_dag import REPO
 from test_slurm import slurm_cluster  # noqa: F401 (a fixture: the single-node SLURM test cluster)
 
@@ -163,6 +164,35 @@ def test_every_paper_hub_id_has_a_tiny_model():
     named = {entry["hub"] for paper in PAPERS
              for entry in yaml.safe_load((REPO / "config" / "papers" / f"{paper}.yaml").read_text())["models"].values()}
     assert named == set(ARCHITECTURES)
+
+
+def test_every_paper_zeroshot_task_has_a_stand_in():
+    """Every zero-shot task a paper config scores has stand-in data (tests/rehearsal/tasks.py)."""
+    from ptqrepro.eval.zeroshot import LOCAL_TASKS
+
+    named = {task for paper in PAPERS
+             for task in (yaml.safe_load((REPO / "config" / "papers" / f"{paper}.yaml").read_text())["eval"]
+                          .get("zeroshot") or {}).get("tasks", [])}
+    assert named - set(LOCAL_TASKS) <= set(TASK_DATASETS)
+
+
+@pytest.mark.slow
+def test_zeroshot_stand_ins_build_offline(hub_home, tmp_path):
+    """lm-eval's own task definitions build offline from the stand-in data, in a process with the
+    rehearsal's environment (nothing reaches the network)."""
+    probe = ("from lm_eval.tasks import TaskManager\n"
+             "manager = TaskManager()\n"
+             "for name in ('arc_easy', 'hellaswag', 'lambada_openai'):\n"
+             "    task = manager.load([name])['tasks'][name]\n"
+             "    docs = list(task.eval_docs)\n"
+             "    print(name, len(docs), repr(task.doc_to_text(docs[0]))[:40])\n")
+    log = tmp_path / "attempts.jsonl"
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=offline_env(hub_home, log),
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert [line.split()[:2] for line in run.stdout.splitlines()] == [["arc_easy", "24"], ["hellaswag", "24"],
+                                                                       ["lambada_openai", "24"]]
+    assert not log.exists()
 
 
 def test_hub_cache_resolves_offline(hub_home, monkeypatch):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from rehearsal.hub import ARCHITECTURES, fill_c4, fill_model_cache, fill_wikitext
+from rehearsal.tasks import TASK_DATASETS, fill_task_datasets
 
 
 def wiki_mini_splits() -> dict[str, list[str]]:
@@ -17,10 +18,11 @@ def wiki_mini_splits() -> dict[str, list[str]]:
     return {split: load_documents(spec, split) for split in SPLITS}
 
 
-def build_hub_cache(hf_home: Path, hub_ids=tuple(ARCHITECTURES)) -> dict:
+def build_hub_cache(hf_home: Path, hub_ids=tuple(ARCHITECTURES), tasks=tuple(TASK_DATASETS)) -> dict:
     """Fill ``hf_home/hub``: a tiny model under each of ``hub_ids`` with a byte-level BPE tokenizer
     trained on wiki-mini's train split (tests/conftest.py tiny_tokenizer), ``wikitext`` and
-    ``allenai/c4`` from wiki-mini's articles. Returns {repository id: snapshot folder}."""
+    ``allenai/c4`` from wiki-mini's articles; and the datasets of the zero-shot ``tasks`` as a
+    stage-in leaves them (``rehearsal.tasks``). Returns {repository id or task: its folder}."""
     from conftest import tiny_tokenizer
 
     splits = wiki_mini_splits()
@@ -30,4 +32,5 @@ def build_hub_cache(hf_home: Path, hub_ids=tuple(ARCHITECTURES)) -> dict:
     snapshots = fill_model_cache(hf_home, hub_ids, tiny_tokenizer(text))
     snapshots["wikitext"] = fill_wikitext(hf_home, splits)
     snapshots["allenai/c4"] = fill_c4(hf_home, splits["train"], splits["validation"] + splits["test"])
+    snapshots.update(fill_task_datasets(hf_home, tasks, splits["test"]))
     return snapshots
