@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rehearsal.hub import ARCHITECTURES, fill_c4, fill_model_cache, fill_wikitext
+from rehearsal.hub import ARCHITECTURES, fill_c4, fill_model_cache, fill_slimpajama, fill_wikitext
 from rehearsal.tasks import TASK_DATASETS, fill_task_datasets
 
 
@@ -20,8 +20,8 @@ def wiki_mini_splits() -> dict[str, list[str]]:
 
 def build_hub_cache(hf_home: Path, hub_ids=tuple(ARCHITECTURES), tasks=tuple(TASK_DATASETS)) -> dict:
     """Fill ``hf_home/hub``: a tiny model under each of ``hub_ids`` with a byte-level BPE tokenizer
-    trained on wiki-mini's train split (tests/conftest.py tiny_tokenizer), ``wikitext`` and
-    ``allenai/c4`` from wiki-mini's articles; and the datasets of the zero-shot ``tasks`` as a
+    trained on wiki-mini's train split (tests/conftest.py tiny_tokenizer), ``wikitext``,
+    ``allenai/c4`` and ``DKYoon/SlimPajama-6B`` from wiki-mini's articles; and the datasets of the zero-shot ``tasks`` as a
     stage-in leaves them (``rehearsal.tasks``). Returns {repository id or task: its folder}."""
     from conftest import tiny_tokenizer
 
@@ -32,5 +32,6 @@ def build_hub_cache(hf_home: Path, hub_ids=tuple(ARCHITECTURES), tasks=tuple(TAS
     snapshots = fill_model_cache(hf_home, hub_ids, tiny_tokenizer(text))
     snapshots["wikitext"] = fill_wikitext(hf_home, splits)
     snapshots["allenai/c4"] = fill_c4(hf_home, splits["train"], splits["validation"] + splits["test"])
+    snapshots["DKYoon/SlimPajama-6B"] = fill_slimpajama(hf_home, [article for split in splits.values() for article in split])
     snapshots.update(fill_task_datasets(hf_home, tasks, splits["test"]))
     return snapshots

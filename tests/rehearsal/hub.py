@@ -206,3 +206,33 @@ def fill_c4(hf_home: Path, train: list[str], validation: list[str], repo_id: str
              C4_VALIDATION_SHARD: json_gz_bytes(c4_documents(validation)),
              "README.md": b"# C4 (rehearsal stand-in: Wikipedia text of gensim's test dump)\n"}
     return write_snapshot(hf_home, repo_id, files, repo_type="dataset")
+
+
+SLIMPAJAMA_SHARDS = ("train-00000-of-00048-ab2b35705f029d94", "train-00001-of-00048-f2ff493d6eb6da4e",
+                     "validation-00000-of-00001-1dd1ef6e4ac3a7b0", "test-00000-of-00001-6d9a46ba1ba8cde1")
+"""Four of ``DKYoon/SlimPajama-6B``'s files (``data/<name>.parquet``): its first two train shards,
+its validation and test files. The hash suffixes are stand-ins; the built-in corpus matches
+``train-00000-of-00048-*``."""
+
+
+def fill_slimpajama(hf_home: Path, articles: list[str], repo_id: str = "DKYoon/SlimPajama-6B") -> Path:
+    """``DKYoon/SlimPajama-6B`` as the hub stores it (parquet, columns ``text``, ``meta``,
+    ``__index_level_0__``): each paragraph of ``articles`` a document, the first shard holding the
+    first 4500 (LQER reads the first 4096 train documents), the other files a few each."""
+    paragraphs = [line for article in articles for line in article.split("\n") if not line.startswith(" =")]
+    if len(paragraphs) < 4600:
+        raise ValueError(f"fill_slimpajama: {len(paragraphs)} paragraphs, fewer than 4600")
+    bounds = {SLIMPAJAMA_SHARDS[0]: (0, 4500), SLIMPAJAMA_SHARDS[1]: (4500, 4540),
+              SLIMPAJAMA_SHARDS[2]: (4540, 4570), SLIMPAJAMA_SHARDS[3]: (4570, 4600)}
+    import pyarrow
+    import pyarrow.parquet
+
+    files = {"README.md": b"# SlimPajama-6B (rehearsal stand-in: Wikipedia text of gensim's test dump)\n"}
+    for name, (start, stop) in bounds.items():
+        table = pyarrow.table({"text": paragraphs[start:stop],
+                               "meta": [{"redpajama_set_name": "RedPajamaWikipedia"}] * (stop - start),
+                               "__index_level_0__": list(range(start, stop))})
+        buffer = io.BytesIO()
+        pyarrow.parquet.write_table(table, buffer)
+        files[f"data/{name}.parquet"] = buffer.getvalue()
+    return write_snapshot(hf_home, repo_id, files, repo_type="dataset")
