@@ -108,8 +108,8 @@ def write_shrunk_config(paper_config: Path, out: Path, repository: Path, models:
 
 def only(config: dict, models: list[str], recipes: list[str]) -> dict:
     """A slice of ``config``, not a shrink: only ``models`` and those of ``recipes`` that run on one
-    of them (each recipe's ``models`` list cut to them), the claims about those recipes alone and
-    the models' ``resources.by_model`` entries."""
+    of them (each recipe's ``models`` list cut to them), the claims about those recipes alone, the
+    zero-shot ``recipes`` and ``models`` among them and the models' ``resources.by_model`` entries."""
     from ptqrepro.report.claims import claims_from_config
 
     config = copy.deepcopy(config)
@@ -126,6 +126,13 @@ def only(config: dict, models: list[str], recipes: list[str]) -> dict:
     config["recipes"] = kept
     claims = claims_from_config(config.get("claims", []))
     config["claims"] = [entry for entry, claim in zip(config.get("claims", []), claims) if set(claim.recipes) <= set(kept)]
+    zeroshot = config["eval"].get("zeroshot") or {}
+    for key, names in (("recipes", kept), ("models", models)):
+        if zeroshot.get(key):
+            zeroshot[key] = [name for name in zeroshot[key] if name in names]
+            if not zeroshot[key]:
+                del config["eval"]["zeroshot"]
+                break
     by_model = config.get("resources", {}).get("by_model")
     if by_model:
         config["resources"]["by_model"] = {name: entry for name, entry in by_model.items() if name in models}
