@@ -255,8 +255,12 @@ def test_rehearsal_slice_on_slurm(slurm_cluster, hub_home, tmp_path):  # noqa: F
 
 @pytest.mark.rehearsal
 @pytest.mark.parametrize("paper", PAPERS)
-def test_paper_rehearsal(paper, hub_home, tmp_path):
-    """A whole paper config shrunk in sizes only, offline, to its paper tables and claims."""
-    rehearsal = rehearse(paper, tmp_path, hub_home)
+def test_paper_rehearsal(paper, request, tmp_path):
+    """A whole paper config shrunk in sizes only, offline, to its paper tables and claims. Runs only
+    when the mark expression names it (``-m rehearsal``): another ``-m`` replaces the default
+    deselection, and one config takes tens of minutes."""
+    if "rehearsal" not in request.config.getoption("markexpr"):
+        pytest.skip("the whole rehearsal runs with -m rehearsal")
+    rehearsal = rehearse(paper, tmp_path, request.getfixturevalue("hub_home"))
     print(f"rehearsal {paper}: {rehearsal.jobs} jobs, {rehearsal.seconds:.0f} s")
     check_rehearsal(rehearsal)
