@@ -72,3 +72,45 @@ def test_every_key_given_twice_in_every_file_is_listed(tmp_path):
         f"{first}: duplicate key 'c' (line 2, columns 5 and 11)",
         f"{second}: duplicate key 'r' (line 2 and line 3)",
     ]
+
+
+def test_a_slow_tokenizer_transformers_cannot_load_is_refused(tmp_path, monkeypatch):
+    """transformers 5 has no slow LLaMA/Mistral/OPT tokenizer: `slow` is a planning-time error
+    naming both keys that ask for it, never a silent fast one."""
+    from ptqrepro import config as config_module
+
+    config = tiny_config(tmp_path / "model", tmp_path / "corpus")
+    config["calibration"]["tokenizer"] = "slow"
+    config["eval"]["ppl"]["tokenizer"] = "slow"
+    monkeypatch.setattr(config_module, "slow_tokenizer_problem", lambda: "transformers 9.0 has none")
+    assert config_errors(config) == [
+        "calibration.tokenizer and eval.ppl.tokenizer: slow cannot be honoured: transformers 9.0 has none; set fast"
+    ]
+    monkeypatch.setattr(config_module, "slow_tokenizer_problem", lambda: None)
+    check_config(config)
+
+
+def test_a_corpus_without_the_split_a_job_reads_is_refused(tmp_path):
+    config = tiny_config(tmp_path / "model", tmp_path / "corpus")
+    config["eval"]["ppl"]["datasets"] = ["slimpajama"]
+    assert config_errors(config) == ["eval.ppl.datasets: corpus 'slimpajama' has no test split (has: train)"]
+
+
+def test_the_schema_types_the_corpus_and_tokenizer_settings(tmp_path):
+    from pathlib import Path
+
+    from ptqrepro.config import check_schema
+
+    schema = Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml"
+    config = tiny_config(tmp_path / "model", tmp_path / "corpus")
+    config["corpora"]["wikitext2"] = {"trian_join": "\n\n", "exact_length_documents": "drop", "chunk_shards": 0}
+    config["eval"]["ppl"]["tokenizer"] = "slowest"
+    with pytest.raises(PtqError) as refused:
+        check_schema(config, schema)
+    lines = str(refused.value).splitlines()[1:]
+    assert lines == [
+        "  corpora.wikitext2: Additional properties are not allowed ('trian_join' was unexpected)",
+        "  corpora.wikitext2.chunk_shards: 0 is less than the minimum of 1",
+        "  corpora.wikitext2.exact_length_documents: 'drop' is not one of ['keep', 'redraw']",
+        "  eval.ppl.tokenizer: 'slowest' is not one of ['fast', 'slow']",
+    ]

@@ -193,6 +193,16 @@ def test_document_evaluation_accepts_exact_length_and_truncates(corpus):
     assert total_again == 40 and torch.equal(first, windows[:5])
 
 
+def test_document_evaluation_redraw_rule_never_keeps_an_exact_length_document(corpus):
+    documents, tokenizer = corpus
+    redraw = dataclasses.replace(DOCUMENT_SPEC, exact_length_documents="redraw")
+    windows, total = evaluation_windows(documents, tokenizer, redraw, seqlen=40, nsamples=40, seed=0)
+    assert total == 40 and windows.shape == (40, 40)
+    assert 0 not in {document_of(tokenizer, w) for w in windows}  # document 0 has exactly 40 tokens
+    with pytest.raises(PtqError, match="has 120 tokens in its longest document, fewer than one window of seqlen 120"):
+        evaluation_windows(documents, tokenizer, redraw, seqlen=120, nsamples=2)
+
+
 def test_document_protocol_fails_when_no_document_is_long_enough(corpus):
     documents, tokenizer = corpus
     with pytest.raises(PtqError) as error:

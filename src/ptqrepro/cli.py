@@ -2,9 +2,9 @@
 
     ptqrepro prepare-model  --name M --spec '{gguf: {...}}' --out results/models/M
     ptqrepro prepare-corpus --name C [--spec '{path: ...}'] --out results/corpora/C
-    ptqrepro calibrate      --model DIR --corpus DIR --nsamples N --seqlen L --seed S --out FILE.pt
+    ptqrepro calibrate      --model DIR --corpus DIR --nsamples N --seqlen L --seed S [--tokenizer slow] --out FILE.pt
     ptqrepro quantize       --model DIR --calibration FILE.pt --recipe NAME --spec '{steps: [rtn], weight: int4}' [--offload cpu] --out DIR --metrics FILE.json
-    ptqrepro eval-ppl       --model DIR --quantized DIR --corpus DIR --seqlen L [--max-windows K] [--placement layers] --out FILE.json
+    ptqrepro eval-ppl       --model DIR --quantized DIR --corpus DIR --seqlen L [--max-windows K] [--tokenizer slow] [--placement layers] --out FILE.json
     ptqrepro zeroshot-tasks --corpus DIR --items N --seed S --out DIR
     ptqrepro eval-zeroshot  --model DIR --quantized DIR --tasks T... [--include DIR] --out-dir DIR
     ptqrepro export         --model DIR --quantized DIR --format compressed-tensors|dequantized [--drop-activation-quantization] --out DIR
@@ -32,6 +32,7 @@ import torch
 
 from ptqrepro.errors import PtqError, first_line
 from ptqrepro.io import atomic_path, check_writable, load_yaml, read_json, write_json
+from ptqrepro.models.sources import TOKENIZERS
 from ptqrepro.placement import OFFLOADS, PLACEMENTS, check_offload
 
 SPLIT_FILE = "{split}.jsonl"
@@ -112,11 +113,11 @@ def cmd_calibrate(args) -> None:
 
     spec = _corpus(args.corpus)
     check_writable(args.out, "--out")
-    windows = calibration_windows(
-        _documents(args.corpus, "train"), load_tokenizer(args.model), spec, args.nsamples, args.seqlen, args.seed
-    )
+    tokenizer = load_tokenizer(args.model, args.tokenizer)
+    windows = calibration_windows(_documents(args.corpus, "train"), tokenizer, spec, args.nsamples, args.seqlen, args.seed)
     with atomic_path(args.out) as tmp:
-        torch.save({"input_ids": windows, "corpus": spec.name, "seed": args.seed}, tmp)
+        torch.save({"input_ids": windows, "corpus": spec.name, "seed": args.seed, "tokenizer": args.tokenizer,
+                    "tokenizer_class": type(tokenizer).__name__}, tmp)
     print(f"{tuple(windows.shape)} calibration windows from {spec.name} -> {args.out}")
 
 
@@ -337,13 +338,15 @@ def _model_to_evaluate(args):
 def cmd_eval_ppl(args) -> None:
     from ptqrepro.data.windows import evaluation_windows
     from ptqrepro.eval.perplexity import perplexity, windows_fingerprint
+    from ptqrepro.models.sources import load_tokenizer
     from ptqrepro.provenance import Provenance
 
     _set_threads(args.threads)
     provenance = Provenance()
     spec = _corpus(args.corpus)
     check_writable(args.out, "--out")
-    with _model_to_evaluate(args) as (model, tokenizer, manifest, device, dtype, placement):
+    tokenizer = load_tokenizer(args.model, args.tokenizer)
+    with _model_to_evaluate(args) as (model, _, manifest, device, dtype, placement):
         windows, total = evaluation_windows(
             _documents(args.corpus, "test"), tokenizer, spec, args.seqlen, args.max_windows,
             nsamples=args.nsamples, seed=args.seed,
@@ -351,7 +354,8 @@ def cmd_eval_ppl(args) -> None:
         metrics, window_nll = perplexity(model, windows, batch_size=args.batch_size, device=device)
     protocol = {"seqlen": args.seqlen, "windows": int(windows.shape[0]), "total_windows": total,
                 "max_windows": args.max_windows, "dtype": dtype, "sampling": spec.sampling, "split": "test",
-                "seed": args.seed, "windows_sha256": windows_fingerprint(windows)}
+                "seed": args.seed, "tokenizer": args.tokenizer, "tokenizer_class": type(tokenizer).__name__,
+                "windows_sha256": windows_fingerprint(windows)}
     description = _result_description(manifest)
     write_json(args.out, {
         "kind": "perplexity", **description, "dataset": spec.name, "metrics": metrics, "protocol": protocol,
@@ -568,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=_positive, required=True)
     p.add_argument("--seqlen", type=_positive, required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default="fast", choices=TOKENIZERS, help="fast, or slow (use_fast=False, as GPTQ datautils)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_calibrate)
 
@@ -588,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=_positive, help="that many windows spread evenly over the test text")
     p.add_argument("--nsamples", type=_positive, default=256, help="windows drawn by the per-document (C4) protocol")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default="fast", choices=TOKENIZERS, help="fast, or slow (use_fast=False, as GPTQ datautils)")
     p.add_argument("--batch-size", type=_positive, default=4)
     p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (see compute_dtype)")
     p.add_argument("--device", default="auto")

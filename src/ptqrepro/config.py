@@ -18,7 +18,7 @@ from ptqrepro.data.corpora import corpus_spec
 from ptqrepro.errors import PtqError
 from ptqrepro.eval.zeroshot import LOCAL_TASKS
 from ptqrepro.io import load_yaml
-from ptqrepro.models.sources import ModelSource
+from ptqrepro.models.sources import ModelSource, slow_tokenizer_problem
 from ptqrepro.recipes import (
     is_peer,
     is_reconstruction,
@@ -161,8 +161,10 @@ def check_config(config: dict) -> None:
     for name, entry in config["models"].items():
         passes(ModelSource.from_config, name, entry)
     for name in _corpora(config):
-        passes(corpus_spec, name, config.get("corpora", {}).get(name))
+        if passes(corpus_spec, name, config.get("corpora", {}).get(name)):
+            passes(_check_corpus_splits, config, name)
     passes(calibration_seeds, config)
+    passes(_check_tokenizers, config)
     if not config["recipes"]:
         errors.append("config key 'recipes' is empty: name at least one recipe")
     for name in config["recipes"]:
@@ -184,6 +186,29 @@ def _corpora(config: dict) -> set[str]:
     zeroshot = config["eval"].get("zeroshot") or {}
     corpora = set(config.get("corpora", {})) | {config["calibration"]["corpus"], *config["eval"]["ppl"]["datasets"]}
     return corpora | ({zeroshot["corpus"]} if zeroshot.get("corpus") else set())
+
+
+def _check_corpus_splits(config: dict, name: str) -> None:
+    """Corpus ``name`` has the splits the jobs read from it: train to calibrate on, test to evaluate
+    on (perplexity, local zero-shot tasks); slimpajama, for one, has only train."""
+    spec = corpus_spec(name, config.get("corpora", {}).get(name))
+    zeroshot = config["eval"].get("zeroshot") or {}
+    reads = [("calibration.corpus", "train")] if name == config["calibration"]["corpus"] else []
+    reads += [("eval.ppl.datasets", "test")] if name in config["eval"]["ppl"]["datasets"] else []
+    reads += [("eval.zeroshot.corpus", "test")] if name == zeroshot.get("corpus") else []
+    for key, split in reads:
+        if split not in spec.splits:
+            raise PtqError(f"{key}: corpus {name!r} has no {split} split (has: {', '.join(spec.splits)})")
+
+
+def _check_tokenizers(config: dict) -> None:
+    """A ``slow`` tokenizer (calibration, eval.ppl) that the installed transformers cannot load is
+    refused before any job runs, rather than replaced by the fast one (``models.sources``)."""
+    slow = [key for key, section in (("calibration.tokenizer", config["calibration"]),
+                                     ("eval.ppl.tokenizer", config["eval"]["ppl"])) if section.get("tokenizer") == "slow"]
+    problem = slow_tokenizer_problem() if slow else None
+    if problem:
+        raise PtqError(f"{' and '.join(slow)}: slow cannot be honoured: {problem}; set fast")
 
 
 def _check_recipe_models(config: dict, name: str) -> None:

@@ -45,6 +45,8 @@ rule calibrate:
         CONDA_ENV
     resources:
         **OTHER_RESOURCES,
+    params:
+        tokenizer=config["calibration"]["tokenizer"],
     shell:
         "ptqrepro calibrate --model {input.model} --corpus {input.corpus} --nsamples {wildcards.nsamples}"
-        " --seqlen {wildcards.seqlen} --seed {wildcards.seed} --out {output} > {log} 2>&1"
+        " --seqlen {wildcards.seqlen} --seed {wildcards.seed} --tokenizer {params.tokenizer} --out {output} > {log} 2>&1"

@@ -26,11 +26,11 @@ rule eval_ppl:
         placement=config["eval"]["placement"],
     params:
         max_windows=f"--max-windows {PPL['max_windows']}" if PPL.get("max_windows") else "",
-        protocol={key: PPL[key] for key in ("seqlen", "nsamples", "seed", "batch_size", "dtype")},
+        protocol={key: PPL[key] for key in ("seqlen", "nsamples", "seed", "tokenizer", "batch_size", "dtype")},
         device=config["device"],
     shell:
         "ptqrepro-gpu-slot {resources.gpu} {params.device} ptqrepro eval-ppl --model {input.model} --quantized {input.quantized} --corpus {input.corpus}"
-        " --seqlen {params.protocol[seqlen]} {params.max_windows} --nsamples {params.protocol[nsamples]} --seed {params.protocol[seed]}"
+        " --seqlen {params.protocol[seqlen]} {params.max_windows} --nsamples {params.protocol[nsamples]} --seed {params.protocol[seed]} --tokenizer {params.protocol[tokenizer]}"
         " --batch-size {params.protocol[batch_size]} --dtype {params.protocol[dtype]} --device {params.device} --placement {resources.placement}"
         " --threads {threads}"
         " --out {output} > {log} 2>&1"

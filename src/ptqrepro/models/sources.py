@@ -27,6 +27,7 @@ from ptqrepro.provenance import bf16_kernels
 
 MANIFEST = "model.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TOKENIZERS = ("fast", "slow")
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,38 @@ def require_finite_weights(model: torch.nn.Module, what: str) -> None:
             raise PtqError(f"{what}: parameter {name} has NaN or infinite entries")
 
 
-def load_tokenizer(model_dir: str | Path):
+def load_tokenizer(model_dir: str | Path, kind: str = "fast"):
+    """The prepared model's tokenizer as ``AutoTokenizer.from_pretrained(location, use_fast=...)``
+    loads it: ``fast`` (the Rust `tokenizers` backend) or ``slow`` (the sentencepiece or pure-Python
+    class, as IST-DASLab/gptq datautils.py loads it with ``use_fast=False``). A tokenizer of the
+    other kind is a ``PtqError``: transformers falls back silently (v4 to the slow class where a
+    model has no fast one; v5 ignores ``use_fast`` and has no slow class for LLaMA, Mistral or OPT,
+    see :func:`slow_tokenizer_problem`)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_location(model_dir))
+    if kind not in TOKENIZERS:
+        raise PtqError(f"tokenizer {kind!r} is not one of {', '.join(TOKENIZERS)}")
+    location = model_location(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(location, use_fast=kind == "fast")
+    if tokenizer.is_fast != (kind == "fast"):
+        got = "fast" if tokenizer.is_fast else "slow"
+        raise PtqError(
+            f"tokenizer {kind!r} asked for {location}, but transformers loaded the {got} "
+            f"{type(tokenizer).__name__}; set tokenizer: {got}"
+        )
+    return tokenizer
+
+
+def slow_tokenizer_problem() -> str | None:
+    """Why ``tokenizer: slow`` cannot be honoured with the installed transformers, or None.
+    transformers 5 loads LLaMA, Mistral and OPT tokenizers only through the `tokenizers` backend:
+    ``AutoTokenizer.from_pretrained`` drops ``use_fast`` and their slow classes are gone."""
+    from importlib import metadata
+
+    version = metadata.version("transformers")
+    if int(version.split(".")[0]) >= 5:
+        return (
+            f"transformers {version} has no slow tokenizer for LLaMA, Mistral or OPT "
+            "(it ignores use_fast=False and loads the fast one)"
+        )
+    return None
