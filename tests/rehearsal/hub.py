@@ -174,7 +174,7 @@ def wikitext_lines(articles: list[str]) -> list[str]:
     return rows
 
 
-def fill_wikitext(hf_home: Path, splits: dict[str, list[str]], repo_id: str = "wikitext") -> Path:
+def fill_wikitext(hf_home: Path, splits: dict[str, list[str]], repo_id: str) -> Path:
     """``repo_id`` (the built-in corpus ``wikitext2``'s path) with the config ``wikitext-2-raw-v1``:
     one parquet file per split (column ``text``), the README's ``configs`` naming them, as the
     hub repository (Salesforce/wikitext, which ``wikitext`` redirects to) has them."""
@@ -197,7 +197,7 @@ def c4_documents(articles: list[str], paragraphs_per_document: int = 3) -> list[
     return records
 
 
-def fill_c4(hf_home: Path, train: list[str], validation: list[str], repo_id: str = "allenai/c4") -> Path:
+def fill_c4(hf_home: Path, train: list[str], validation: list[str], repo_id: str) -> Path:
     """``allenai/c4`` with the two shards the built-in corpus ``c4`` reads (ptqrepro.data.corpora
     C4_TRAIN_SHARD, C4_VALIDATION_SHARD), JSON lines in gzip as the hub repository stores them."""
     from ptqrepro.data.corpora import C4_TRAIN_SHARD, C4_VALIDATION_SHARD
@@ -215,7 +215,7 @@ its validation and test files. The hash suffixes are stand-ins; the built-in cor
 ``train-00000-of-00048-*``."""
 
 
-def fill_slimpajama(hf_home: Path, articles: list[str], repo_id: str = "DKYoon/SlimPajama-6B") -> Path:
+def fill_slimpajama(hf_home: Path, articles: list[str], repo_id: str) -> Path:
     """``DKYoon/SlimPajama-6B`` as the hub stores it (parquet, columns ``text``, ``meta``,
     ``__index_level_0__``): each paragraph of ``articles`` a document, the first shard holding the
     first 4500 (LQER reads the first 4096 train documents), the other files a few each."""
