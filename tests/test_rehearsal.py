@@ -1,7 +1,9 @@
 """The paper configs rehearsed as a cluster user runs them, offline, on tiny models.
 
 A hub cache (HF_HOME) holds a tiny random model of the right class under every hub id the paper
-configs name and hub-layout snapshots of the corpora (tests/rehearsal/hub.py); each paper config is
+configs name and hub-layout snapshots of the corpora (tests/rehearsal/hub.py), and stand-in data
+for the lm-eval tasks the configs score (tests/rehearsal/tasks.py: the real ones cannot be
+downloaded here); each paper config is
 copied with only its sizes shrunk (tests/rehearsal/shrink.py); Snakemake runs the repository's
 Snakefile on it in a temp folder with HF_HUB_OFFLINE=1 and a network guard in every Python process
 (tests/rehearsal/guard/sitecustomize.py), through the data preparation, calibration, quantization,
@@ -9,8 +11,9 @@ evaluation, tables, claims and the papers' tables. The values are meaningless; t
 
     pytest -m rehearsal            every paper config (tens of minutes: see README)
 
-The default run (and CI) deselects the ``rehearsal`` mark (pyproject.toml) and runs the slice below:
-the LQER config on its Mistral-7B model, locally and through the SLURM test cluster.
+The default run (and CI) deselects the ``rehearsal`` mark (pyproject.toml) and runs two slices: the
+LQER config on its Mistral-7B model (SLICE), and a slice of the MX-PTQ config through
+``--profile profiles/slurm`` on the SLURM test cluster (SLURM_SLICE).
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ them SmoothQuant, AWQ and GPTQ composed), both of its corpora: GPU jobs asking f
 
 @pytest.fixture(scope="session")
 def hub_home(tmp_path_factory) -> Path:
-    """HF_HOME with the hub cache of every paper model and corpus (about 15 s)."""
+    """HF_HOME with the hub cache of every paper model and corpus and the zero-shot stand-ins
+    (rehearsal.cache.build_hub_cache, about 20 s)."""
     home = tmp_path_factory.mktemp("hf-home")
     build_hub_cache(home)
     return home
@@ -55,6 +59,9 @@ def hub_home(tmp_path_factory) -> Path:
 
 @dataclass
 class Rehearsal:
+    """One Snakemake run of a shrunk paper config: its folder, the config it ran, the finished
+    process, its wall time and the connections the guard refused."""
+
     workdir: Path
     config: dict
     run: subprocess.CompletedProcess
