@@ -224,7 +224,7 @@ def test_hub_cache_resolves_offline(hub_home, monkeypatch):
 def test_network_guard_refuses_and_records(tmp_path):
     """A process with the guard on its path cannot connect out (and the attempt is recorded); loopback works."""
     log = tmp_path / "attempts.jsonl"
-    env = offline_env(tmp_path, log)
+    env = {key: value for key, value in offline_env(tmp_path, log).items() if not key.lower().endswith("_proxy")}
     probe = ("import socket, urllib.request\n"
              "server = socket.create_server(('127.0.0.1', 0)); socket.create_connection(server.getsockname()).close()\n"
              "try:\n    urllib.request.urlopen('https://huggingface.co', timeout=5)\nexcept OSError as error:\n"
