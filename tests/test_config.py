@@ -114,3 +114,23 @@ def test_the_schema_types_the_corpus_and_tokenizer_settings(tmp_path):
         "  corpora.wikitext2.exact_length_documents: 'drop' is not one of ['keep', 'redraw']",
         "  eval.ppl.tokenizer: 'slowest' is not one of ['fast', 'slow']",
     ]
+
+
+def test_zero_shot_metrics_averages_and_models_name_what_the_config_has(tmp_path):
+    """``eval.zeroshot.metrics`` and ``averages`` name configured tasks, an average is not a task's
+    name, ``models`` are the config's: one error each."""
+    config = tiny_config(tmp_path / "model", tmp_path / "corpus")
+    zeroshot = config["eval"]["zeroshot"]
+    zeroshot["metrics"] = {"ptq_nextsentence": "acc_norm", "arc_easy": "acc_norm"}
+    zeroshot["averages"] = {"both": ["ptq_lastword", "ptq_nextsentence"], "ptq_lastword": ["ptq_lastword"], "wider": ["piqa"]}
+    zeroshot["models"] = ["tiny", "huge"]
+    assert config_errors(config) == [
+        "eval.zeroshot.metrics: arc_easy is not in eval.zeroshot.tasks",
+        "eval.zeroshot.averages.ptq_lastword: the name of a task; name the average otherwise",
+        "eval.zeroshot.averages.wider: piqa not in eval.zeroshot.tasks",
+        "eval.zeroshot.models: huge not in the config's models",
+    ]
+    zeroshot["metrics"] = {"ptq_nextsentence": "acc_norm"}
+    zeroshot["averages"] = {"both": ["ptq_lastword", "ptq_nextsentence"]}
+    zeroshot["models"] = ["tiny"]
+    check_config(config)

@@ -386,7 +386,7 @@ def test_builtin_corpora_follow_the_reference_loaders():
     """wikitext2 and c4 as GPTQ datautils loads them (both WikiText-2 splits joined with "\\n\\n"),
     slimpajama as LQER's profiling; wiki-mini keeps the space join of the default run."""
     wikitext2, c4, slimpajama = BUILTIN_CORPORA["wikitext2"], BUILTIN_CORPORA["c4"], BUILTIN_CORPORA["slimpajama"]
-    assert (wikitext2.path, wikitext2.config_name) == ("wikitext", "wikitext-2-raw-v1")
+    assert (wikitext2.path, wikitext2.config_name) == ("Salesforce/wikitext", "wikitext-2-raw-v1")
     assert wikitext2.sampling == "concatenated"
     assert (wikitext2.train_join, wikitext2.test_join) == ("\n\n", "\n\n")
     assert c4.sampling == "documents" and c4.splits["test"] == "validation"

@@ -489,6 +489,20 @@ def test_the_default_run_starts_its_longest_jobs_first():
     assert max(level for (rule, _), level in priority.items() if rule == "eval_ppl") < min(quantize.values())
 
 
+def test_the_smoke_config_plans_a_small_dag_with_tables_and_a_figure():
+    """config/smoke.yaml, the README's first run, plans the real SmolLM2's chain in 18 jobs: its five
+    recipes quantized and evaluated once each, the tables, its claim and the two figures, no
+    zero-shot and no paper tables (--forceall: also after a run has made results/)."""
+    run = subprocess.run([*SNAKEMAKE, "-n", "--forceall", "--configfile", str(REPO / "config" / "smoke.yaml")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    stats = re.search(r"^Job stats:\n.*?\n-+ +-+\n(.*?)^total", run.stdout, flags=re.MULTILINE | re.DOTALL)
+    jobs = {rule: int(count) for rule, count in re.findall(r"^(\w+)\s+(\d+)$", stats.group(1), flags=re.MULTILINE)}
+    assert jobs == {"prepare_model": 1, "prepare_corpus": 1, "calibrate": 1, "quantize": 5, "eval_ppl": 5,
+                    "tables": 1, "claims": 1, "plot_table_figure": 2, "all": 1}
+    assert "results/plots/ppl_vs_bits.png" in run.stdout and "results/tables/claims.md" in run.stdout
+
+
 @pytest.mark.slow
 def test_html_report_renders_every_figure_in_chromium(papers_run):
     """`snakemake --report` of the finished tiny run: one self-contained HTML file that headless

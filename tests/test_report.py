@@ -395,3 +395,24 @@ def test_recipes_calibrated_in_different_dtypes_say_which(result_files, tmp_path
     rows = markdown_rows(tables_of(files, tmp_path / "two")["md"].read_text())
     assert (rows["rtn@int3"]["calibrated in"], rows["rtn@int4"]["calibrated in"], rows["fp16"]["calibrated in"]) == (
         "float32", "bfloat16", "—")
+
+
+def test_revisions_reach_all_csv_and_all_md_warns_where_they_differ(tmp_path):
+    """Each result's model and dataset revisions are columns of all.csv (every revision a
+    measurement's seeds used); all.md says which recipes of a model used which revision where its
+    table mixes them, and nothing where they agree."""
+    def with_revisions(recipe, model_revision, dataset_revision="d" * 40):
+        data = result(recipe)
+        data["provenance"] |= {"model_revision": model_revision, "dataset_revision": dataset_revision,
+                               "tokenizer_class": "LlamaTokenizerFast"}
+        return write(tmp_path / f"{recipe}.json", data)
+
+    agreeing = [with_revisions(recipe, "a" * 40) for recipe in ("fp16", "rtn@int4-g64")]
+    written = tables_of(agreeing, tmp_path / "same")
+    table = pd.read_csv(written["csv"])
+    assert set(table["model_revision"]) == {"a" * 40} and set(table["tokenizer_class"]) == {"LlamaTokenizerFast"}
+    assert "Different revisions" not in written["md"].read_text()
+    mixed = [with_revisions("fp16", "a" * 40), with_revisions("rtn@int4-g64", "b" * 40, "e" * 40)]
+    markdown = tables_of(mixed, tmp_path / "mixed")["md"].read_text()
+    assert f"**Different revisions of the model** in this table: {'a' * 12} (fp16); {'b' * 12} (rtn@int4-g64)" in markdown
+    assert f"**Different revisions of the dataset wiki-mini** in this table: {'d' * 12} (fp16); {'e' * 12} (rtn@int4-g64)" in markdown

@@ -6,9 +6,10 @@
     ptqrepro quantize       --model DIR --calibration FILE.pt --recipe NAME --spec '{steps: [rtn], weight: int4}' [--offload cpu] --out DIR --metrics FILE.json
     ptqrepro eval-ppl       --model DIR --quantized DIR --corpus DIR --seqlen L [--max-windows K] [--tokenizer slow] [--placement layers] --out FILE.json
     ptqrepro zeroshot-tasks --corpus DIR --items N --seed S --out DIR
-    ptqrepro eval-zeroshot  --model DIR --quantized DIR --tasks T... [--include DIR] --out-dir DIR
+    ptqrepro stage-tasks    --tasks T... [--metric T=acc_norm...] --out FILE.json
+    ptqrepro eval-zeroshot  --model DIR --quantized DIR --tasks T... [--include DIR] [--staged FILE.json] [--num-fewshot K] [--metric T=acc_norm...] --out-dir DIR
     ptqrepro export         --model DIR --quantized DIR --format compressed-tensors|dequantized [--drop-activation-quantization] --out DIR
-    ptqrepro tables         --out DIR [--bootstrap-samples B --bootstrap-seed S --level 0.95] RESULT.json...
+    ptqrepro tables         --out DIR [--bootstrap-samples B --bootstrap-seed S --level 0.95] [--averages '{avg: {task: acc}}'] RESULT.json...
     ptqrepro plots          --table all.csv --out STEM
     ptqrepro paper-tables   --table all.csv --reference config/reference/magr.csv... --out DIR
     ptqrepro compare        --windows A/windows.csv B/windows.csv [--labels A B] --out DIR
@@ -37,6 +38,8 @@ from ptqrepro.placement import OFFLOADS, PLACEMENTS, check_offload
 
 SPLIT_FILE = "{split}.jsonl"
 CORPUS_MANIFEST = "corpus.json"
+TASKS_SOURCE = "source.json"
+"""What a local zero-shot task folder records of the corpus it was drawn from (its name and revision)."""
 
 
 def _spec(text: str | None) -> dict:
@@ -84,6 +87,20 @@ def _corpus(corpus_dir: str):
     return CorpusSpec(**read_json(manifest)["spec"])
 
 
+def _corpus_revision(corpus_dir: str) -> str | None:
+    """The hub commit a prepared corpus was read at (None: a local source, or prepared before it was recorded)."""
+    return read_json(Path(corpus_dir) / CORPUS_MANIFEST).get("revision")
+
+
+def _revisions(model_dir: str, dataset_revision: str | None, tokenizer_class: str | None) -> dict:
+    """What a result records of the exact inputs it was computed from: the hub commit of its model
+    and of its dataset (None: a local folder or file) and the tokenizer class that tokenized the text."""
+    from ptqrepro.models.sources import model_revision
+
+    return {"model_revision": model_revision(model_dir), "dataset_revision": dataset_revision,
+            "tokenizer_class": tokenizer_class}
+
+
 def _documents(corpus_dir: str, split: str) -> list[str]:
     from ptqrepro.data.corpora import read_documents
 
@@ -98,12 +115,12 @@ def cmd_prepare_model(args) -> None:
 
 
 def cmd_prepare_corpus(args) -> None:
-    from ptqrepro.data.corpora import corpus_spec, write_corpus
+    from ptqrepro.data.corpora import corpus_revision, corpus_spec, write_corpus
 
     spec = corpus_spec(args.name, _spec(args.spec) or None)
     with atomic_path(args.out) as tmp:
         stats = write_corpus(spec, tmp)
-        write_json(tmp / CORPUS_MANIFEST, {"spec": dataclasses.asdict(spec), "stats": stats})
+        write_json(tmp / CORPUS_MANIFEST, {"spec": dataclasses.asdict(spec), "stats": stats, "revision": corpus_revision(spec)})
     print(json.dumps(stats))
 
 
@@ -115,9 +132,10 @@ def cmd_calibrate(args) -> None:
     check_writable(args.out, "--out")
     tokenizer = load_tokenizer(args.model, args.tokenizer)
     windows = calibration_windows(_documents(args.corpus, "train"), tokenizer, spec, args.nsamples, args.seqlen, args.seed)
+    revisions = _revisions(args.model, _corpus_revision(args.corpus), type(tokenizer).__name__)
     with atomic_path(args.out) as tmp:
         torch.save({"input_ids": windows, "corpus": spec.name, "seed": args.seed, "tokenizer": args.tokenizer,
-                    "tokenizer_class": type(tokenizer).__name__}, tmp)
+                    **revisions}, tmp)
     print(f"{tuple(windows.shape)} calibration windows from {spec.name} -> {args.out}")
 
 
@@ -164,7 +182,7 @@ def cmd_quantize(args) -> None:
             dtype=torch_dtype(dtype), checkpoints=checkpoints, offload=args.offload, release_layers=True,
         )
         description = _recipe_description(recipe, settings, result)
-        record = {**provenance.record(settings, device), "offload": args.offload}
+        record = {**provenance.record(settings, device), "offload": args.offload, **_calibration_revisions(args.model, calibration)}
         errors = [r["weight_rel_error"] for r in result.records]
         metrics = {
             "quantize_time_s": record["wall_time_s"],
@@ -186,6 +204,12 @@ def cmd_quantize(args) -> None:
         if checkpoints is not None:
             checkpoints.remove()
     print(f"{recipe.name}: {len(result.quantized)} linears, {description['bits_per_weight']} bits/weight")
+
+
+def _calibration_revisions(model_dir: str, calibration: dict) -> dict:
+    """``_revisions`` of a quantize or DWR job: its model's, and the calibration corpus's and tokenizer
+    class that ``calibrate`` recorded (None in files written before it recorded them)."""
+    return _revisions(model_dir, calibration.get("dataset_revision"), calibration.get("tokenizer_class"))
 
 
 def _quantize_settings(args, spec: dict, calibration: dict, dtype: str) -> dict:
@@ -238,7 +262,7 @@ def _quantize_with_peer(args, spec: dict, provenance) -> None:
     recipe = dataclasses.replace(peer.mirrors, name=peer.name)
     description = {**_recipe_description(recipe, settings, outcome.result), "toolkit": kit.name,
                    "toolkit_version": kit.version(), "mirrors": peer.mirrors.name}
-    record = {**provenance.record(settings, device), "offload": args.offload}
+    record = {**provenance.record(settings, device), "offload": args.offload, **_calibration_revisions(args.model, calibration)}
     metrics = {"quantize_time_s": record["wall_time_s"], "toolkit_time_s": round(outcome.seconds, 3),
                "bits_per_weight": description["bits_per_weight"]}
     save_artifact(args.out, outcome.result.quantized, outcome.result.float_parameters,
@@ -281,7 +305,7 @@ def cmd_dwr(args) -> None:
         result = search_model(model, base, calibration["input_ids"], recipe.settings, device=device,
                               batch_size=args.batch_size, log=print, dtype=torch_dtype(dtype), checkpoints=checkpoints,
                               offload=args.offload)
-        record = {**provenance.record(settings, device), "offload": args.offload}
+        record = {**provenance.record(settings, device), "offload": args.offload, **_calibration_revisions(args.model, calibration)}
         changed = sum(1 for block in result.blocks if block.chosen)
         save_artifact(args.out, result.quantized, base.float_parameters, {**description, "config_hash": record["config_hash"]},
                       corrections=base.corrections)
@@ -361,7 +385,8 @@ def cmd_eval_ppl(args) -> None:
         "kind": "perplexity", **description, "dataset": spec.name, "metrics": metrics, "protocol": protocol,
         "window_nll": window_nll,
         "provenance": {**provenance.record({"protocol": protocol, "quantized": manifest["config_hash"]}, device),
-                       "placement": placement},
+                       "placement": placement,
+                       **_revisions(args.model, _corpus_revision(args.corpus), type(tokenizer).__name__)},
     })
     print(f"{description['recipe']} on {spec.name}: ppl {metrics['ppl']:.3f} over {windows.shape[0]} windows")
 
@@ -371,29 +396,84 @@ def cmd_zeroshot_tasks(args) -> None:
 
     with atomic_path(args.out) as tmp:
         written = write_local_tasks(_documents(args.corpus, "test"), tmp, args.items, args.seed, located_at=args.out)
+        write_json(tmp / TASKS_SOURCE, {"corpus": _corpus(args.corpus).name, "revision": _corpus_revision(args.corpus)})
     print(json.dumps(written))
 
 
+def _task_metrics(pairs: list[str], tasks: list[str]) -> dict[str, str]:
+    """``--metric TASK=METRIC`` pairs as ``{task: metric}``; every task of ``tasks`` not named: acc."""
+    chosen = {}
+    for pair in pairs or []:
+        task, _, metric = pair.partition("=")
+        if task not in tasks or metric not in ("acc", "acc_norm"):
+            raise PtqError(f"--metric {pair}: give TASK=acc or TASK=acc_norm for a task of --tasks")
+        chosen[task] = metric
+    return {task: chosen.get(task, "acc") for task in tasks}
+
+
+def cmd_stage_tasks(args) -> None:
+    from ptqrepro.eval.zeroshot import check_metrics, stage_tasks
+
+    check_writable(args.out, "--out")
+    staged = stage_tasks(args.tasks)
+    check_metrics(staged["tasks"], _task_metrics(args.metric, args.tasks))
+    write_json(args.out, staged)
+    print(f"staged {len(staged['tasks'])} hub task(s) with lm-eval {staged['lm_eval']}: {' '.join(staged['tasks'])}")
+
+
 def cmd_eval_zeroshot(args) -> None:
-    from ptqrepro.eval.zeroshot import HARNESS_SETTINGS, evaluate_zeroshot
+    from ptqrepro.eval.zeroshot import (
+        HARNESS_SETTINGS,
+        LOCAL_TASKS,
+        check_metrics,
+        evaluate_zeroshot,
+        lm_eval_version,
+        load_tasks,
+        task_record,
+        write_items,
+    )
     from ptqrepro.provenance import Provenance
 
     _set_threads(args.threads)
     provenance = Provenance()
     check_writable(Path(args.out_dir) / "zeroshot.json", "--out-dir")
+    metrics_of = _task_metrics(args.metric, args.tasks)
+    if args.staged:
+        staged = read_json(args.staged)
+        if staged["lm_eval"] != lm_eval_version():
+            raise PtqError(f"{args.staged}: staged with lm-eval {staged['lm_eval']}, this job has {lm_eval_version()}: stage the tasks again")
+    loaded = load_tasks(args.tasks, args.include)  # before the model: a task without its data fails at once
+    records = {task: task_record(built) for task, built in loaded[1].items()}
+    check_metrics(records, metrics_of)
+    if args.staged:
+        moved = [f"{task} ({staged['tasks'][task]['dataset_revision']} staged, {record['dataset_revision']} here)"
+                 for task, record in records.items() if task in staged["tasks"]
+                 and None not in (staged["tasks"][task]["dataset_revision"], record["dataset_revision"])
+                 and staged["tasks"][task]["dataset_revision"] != record["dataset_revision"]]
+        if moved:
+            raise PtqError(f"{args.staged}: the cached datasets changed since staging: {', '.join(moved)}; stage the tasks again")
     with _model_to_evaluate(args) as (model, tokenizer, manifest, device, dtype, placement):
         results = evaluate_zeroshot(model, tokenizer, args.tasks, args.include, args.batch_size, args.max_length,
-                                    device, args.limit)
+                                    device, args.limit, args.num_fewshot, loaded)
+    source = Path(args.include or "") / TASKS_SOURCE
+    local_revision = read_json(source).get("revision") if args.include and source.is_file() else None
     description = _result_description(manifest)
     protocol = {"batch_size": args.batch_size, "max_length": args.max_length, "limit": args.limit, "dtype": dtype,
-                "num_fewshot": 0, **HARNESS_SETTINGS}
-    for task, metrics in results.items():
+                "num_fewshot": args.num_fewshot, **HARNESS_SETTINGS}
+    for task, result in results.items():
+        items = Path(args.out_dir) / f"zeroshot-{task}.items.csv"
+        with atomic_path(items) as tmp:
+            write_items(tmp, result.items)
         write_json(Path(args.out_dir) / f"zeroshot-{task}.json", {
-            "kind": "zeroshot", **description, "dataset": task, "metrics": metrics, "protocol": protocol,
+            "kind": "zeroshot", **description, "dataset": task, "metrics": result.metrics,
+            "reported_metric": metrics_of[task], "protocol": protocol,
+            "task": {**result.record, "n_shot": result.num_fewshot, "items": items.name, "lm_eval": lm_eval_version()},
             "provenance": {**provenance.record({"protocol": protocol, "task": task, "quantized": manifest["config_hash"]},
-                                               device), "placement": placement},
+                                               device), "placement": placement,
+                           **_revisions(args.model, local_revision if task in LOCAL_TASKS else result.record["dataset_revision"],
+                                       type(tokenizer).__name__)},
         })
-        shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items() if not name.endswith("stderr"))
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in result.metrics.items() if not name.endswith("stderr"))
         print(f"{description['recipe']} on {task}: {shown}")
 
 
@@ -413,11 +493,14 @@ def _bootstrap(args):
 
 
 def cmd_tables(args) -> None:
-    from ptqrepro.report.tables import gather_results, summarize, write_tables
+    from ptqrepro.report.tables import gather_results, summarize, with_averages, write_tables
 
     settings = _bootstrap(args)
     results = gather_results(args.results)
-    paths = write_tables(results, summarize(results, settings), args.out, settings)
+    averages = load_yaml(args.averages, "--averages") if args.averages else {}
+    if not isinstance(averages, dict) or not all(isinstance(tasks, dict) and tasks for tasks in averages.values()):
+        raise PtqError("--averages: give {name: {task: acc or acc_norm, ...}, ...}")
+    paths = write_tables(results, with_averages(summarize(results, settings), averages), args.out, settings)
     print(" ".join(str(path) for path in paths.values()))
 
 
@@ -515,6 +598,17 @@ def _positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """An argument that may be zero (few-shot examples): an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return value
 
 
@@ -618,13 +712,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--max-length", type=_positive, default=2048)
     p.add_argument("--limit", type=_positive, help="score only the first N items of each task")
+    p.add_argument("--num-fewshot", type=_count, default=0, help="examples per prompt (0: zero-shot)")
+    p.add_argument("--metric", nargs="*", default=[], metavar="TASK=METRIC", help="the accuracy reported per task (acc, acc_norm; default acc)")
+    p.add_argument("--staged", help="the stage-tasks record of the hub tasks (checks lm-eval's version)")
     p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (see compute_dtype)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=_positive)
     p.add_argument("--placement", default="auto", choices=PLACEMENTS,
                    help="whole: the model on the device; layers: one decoder layer at a time there; auto: whole where it fits")
-    p.add_argument("--out-dir", required=True, help="writes zeroshot-<task>.json there")
+    p.add_argument("--out-dir", required=True, help="writes zeroshot-<task>.json and its per-item zeroshot-<task>.items.csv there")
     p.set_defaults(func=cmd_eval_zeroshot)
+
+    p = sub.add_parser("stage-tasks", help="build lm-eval's hub tasks once where the network is, so that jobs find their data offline")
+    p.add_argument("--tasks", required=True, nargs="+", help="lm-eval task names (local ones are skipped)")
+    p.add_argument("--metric", nargs="*", default=[], metavar="TASK=METRIC", help="the accuracy reported per task (acc, acc_norm): checked to exist")
+    p.add_argument("--out", required=True, help="the staging record (JSON): lm-eval's version, each task's dataset and version")
+    p.set_defaults(func=cmd_stage_tasks)
 
     p = sub.add_parser("export", help="a quantized model as a Hugging Face model directory (transformers, vLLM)")
     p.add_argument("--model", required=True, help="prepared model directory")
@@ -640,6 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tables", help="gather result JSONs into all.csv, all.md, replicates.csv and windows.csv")
     p.add_argument("--out", required=True, help="output directory")
     _add_bootstrap_arguments(p)
+    p.add_argument("--averages", help="zero-shot averages to add, as JSON or YAML: {name: {task: acc|acc_norm}}")
     p.add_argument("results", nargs="+")
     p.set_defaults(func=cmd_tables)
 

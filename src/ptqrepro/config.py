@@ -175,6 +175,7 @@ def check_config(config: dict) -> None:
     zeroshot = config["eval"].get("zeroshot") or {}
     passes(_check_zeroshot_recipes, zeroshot, config["recipes"])
     passes(_check_local_tasks, zeroshot)
+    errors += _zeroshot_name_errors(zeroshot, config["models"])
     errors += resource_errors(config)
     if errors:
         raise ConfigError(list(dict.fromkeys(errors)))
@@ -239,6 +240,23 @@ def _check_zeroshot_recipes(zeroshot: dict, recipes: dict) -> None:
     unknown = [name for name in zeroshot.get("recipes") or [] if name not in recipes]
     if unknown:
         raise PtqError(f"eval.zeroshot.recipes: {', '.join(unknown)} not in the config's recipes")
+
+
+def _zeroshot_name_errors(zeroshot: dict, models: dict) -> list[str]:
+    """``eval.zeroshot.metrics`` and ``averages`` name tasks of ``eval.zeroshot.tasks``; an average
+    is not named as a task; ``eval.zeroshot.models`` are models of the config. One error each."""
+    tasks = zeroshot.get("tasks", [])
+    problems = [f"eval.zeroshot.metrics: {task} is not in eval.zeroshot.tasks" for task in zeroshot.get("metrics") or {} if task not in tasks]
+    for name, members in (zeroshot.get("averages") or {}).items():
+        missing = [task for task in members if task not in tasks]
+        if missing:
+            problems.append(f"eval.zeroshot.averages.{name}: {', '.join(missing)} not in eval.zeroshot.tasks")
+        if name in tasks:
+            problems.append(f"eval.zeroshot.averages.{name}: the name of a task; name the average otherwise")
+    unknown = [model for model in zeroshot.get("models") or [] if model not in models]
+    if unknown:
+        problems.append(f"eval.zeroshot.models: {', '.join(unknown)} not in the config's models")
+    return problems
 
 
 def _check_local_tasks(zeroshot: dict) -> None:

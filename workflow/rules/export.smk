@@ -24,5 +24,5 @@ rule export:
     resources:
         **OTHER_RESOURCES,
     shell:
-        "ptqrepro export --model {input.model} --quantized {input.quantized} --format {wildcards.format}"
+        OFFLINE_JOB + "ptqrepro export --model {input.model} --quantized {input.quantized} --format {wildcards.format}"
         " --out {output} > {log} 2>&1"

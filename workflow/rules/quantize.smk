@@ -31,7 +31,8 @@ rule quantize:
         dtype=lambda w: calibration_dtype(config, w.recipe),
         checkpoints=checkpoint_dir,
     shell:
-        "ptqrepro-gpu-slot {resources.gpu} {params.device} ptqrepro quantize --model {input.model} --calibration {input.calibration}"
+        OFFLINE_JOB
+        + "ptqrepro-gpu-slot {resources.gpu} {params.device} ptqrepro quantize --model {input.model} --calibration {input.calibration}"
         " --recipe {wildcards.recipe:q} --spec {params.spec:q} --device {params.device}"
         " --batch-size {params.batch_size} --dtype {params.dtype} --offload {resources.offload} --threads {threads}"
         " --out {output.artifact} --metrics {output.metrics}"
@@ -65,7 +66,8 @@ rule dwr:
         dtype=lambda w: calibration_dtype(config, w.recipe),
         checkpoints=checkpoint_dir,
     shell:
-        "ptqrepro-gpu-slot {resources.gpu} {params.device} ptqrepro dwr --model {input.model} --base {input.base} --calibration {input.calibration}"
+        OFFLINE_JOB
+        + "ptqrepro-gpu-slot {resources.gpu} {params.device} ptqrepro dwr --model {input.model} --base {input.base} --calibration {input.calibration}"
         " --recipe {wildcards.recipe:q} --spec {params.spec:q} --device {params.device}"
         " --batch-size {params.batch_size} --dtype {params.dtype} --offload {resources.offload} --threads {threads}"
         " --out {output.artifact} --metrics {output.metrics}"

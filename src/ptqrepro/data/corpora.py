@@ -25,6 +25,7 @@ SPLITS = ("train", "validation", "test")
 SOURCES = ("gensim-wiki", "hub", "local")
 SAMPLINGS = ("concatenated", "documents", "chunks")
 EXACT_LENGTH_RULES = ("keep", "redraw")
+README = "README.md"
 
 GENSIM_WIKI_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 MIN_PARAGRAPH_WORDS = 12
@@ -84,11 +85,12 @@ SLIMPAJAMA_FIRST_TRAIN_SHARD = "data/train-00000-of-00048-*.parquet"
 BUILTIN_CORPORA: dict[str, CorpusSpec] = {
     "wiki-mini": CorpusSpec(name="wiki-mini", source="gensim-wiki"),
     # IST-DASLab/gptq datautils.py get_wikitext2: both splits joined with "\n\n" (SparseGPT's
-    # datautils joins the train split with " ": `train_join: " "`).
+    # datautils joins the train split with " ": `train_join: " "`); the hub repository that
+    # `load_dataset("wikitext")` is redirected to.
     "wikitext2": CorpusSpec(
         name="wikitext2",
         source="hub",
-        path="wikitext",
+        path="Salesforce/wikitext",
         config_name="wikitext-2-raw-v1",
         train_join="\n\n",
     ),
@@ -254,11 +256,14 @@ def _load_local(spec: CorpusSpec, source_split: str) -> list[str]:
 def _load_hub(spec: CorpusSpec, source_split: str, limit: int | None = None) -> list[str]:
     """``datasets.load_dataset(path, config, data_files=..., split=...)[text_field]`` as in GPTQ
     datautils (get_wikitext2, get_c4), of the first ``limit`` rows only where given (LQER's
-    ``select(range(num_raw_samples))``); ``path`` may also be a local mirror of the hub repository."""
+    ``select(range(num_raw_samples))``). ``path`` is a local mirror of the hub repository, or a hub id:
+    then the files it needs are staged once into the Hugging Face cache (``hub_snapshot``) and loaded
+    from there, so that the load needs no network where they are cached."""
     import datasets
 
+    folder = spec.path if Path(spec.path).expanduser().is_dir() else str(hub_snapshot(spec)[0])
     dataset = datasets.load_dataset(
-        spec.path,
+        folder,
         spec.config_name,
         data_files=_hub_data_files(spec, source_split),
         split=source_split,
@@ -270,6 +275,44 @@ def _load_hub(spec: CorpusSpec, source_split: str, limit: int | None = None) -> 
     if limit is not None and len(dataset) > limit:
         dataset = dataset.select(range(limit))
     return list(dataset[spec.text_field])
+
+
+def hub_snapshot(spec: CorpusSpec) -> tuple[Path, str]:
+    """The snapshot folder in the Hugging Face cache of a hub corpus's dataset repository and its commit,
+    holding only the files the corpus reads: its ``data_files``, or else its ``config_name``'s files
+    as the repository's card (README.md) maps them, or else the whole repository."""
+    from ptqrepro.hub import stage_dataset
+
+    if spec.data_files:
+        return stage_dataset(spec.path, tuple(sorted(set(spec.data_files.values()))))
+    if spec.config_name is None:
+        return stage_dataset(spec.path, None)
+    card, _ = stage_dataset(spec.path, (README,))
+    return stage_dataset(spec.path, (README, *_config_files(spec, card / README)))
+
+
+def corpus_revision(spec: CorpusSpec) -> str | None:
+    """The commit of a hub corpus's dataset repository it was read at (None: a local source)."""
+    if spec.source != "hub" or Path(spec.path).expanduser().is_dir():
+        return None
+    return hub_snapshot(spec)[1]
+
+
+def _config_files(spec: CorpusSpec, card: Path) -> list[str]:
+    """The file patterns of ``spec.config_name`` in a dataset card's ``configs`` (datasets' metadata)."""
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard
+
+    configs = MetadataConfigs.from_dataset_card_data(DatasetCard.load(card).data)
+    if spec.config_name not in configs:
+        raise PtqError(f"corpus {spec.name!r}: dataset {spec.path} has no config {spec.config_name!r} "
+                       f"(has: {', '.join(configs) or 'none'})")
+    data_files = configs[spec.config_name].get("data_files") or []
+    if isinstance(data_files, str):
+        return [data_files]
+    if isinstance(data_files, dict):
+        data_files = [{"path": path} for path in data_files.values()]
+    return sorted({path for entry in data_files for path in ([entry["path"]] if isinstance(entry["path"], str) else entry["path"])})
 
 
 def _hub_data_files(spec: CorpusSpec, source_split: str) -> dict[str, str] | None:

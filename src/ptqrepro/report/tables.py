@@ -12,6 +12,9 @@ Written by ``write_tables`` into one folder:
   interval (``report.uncertainty``); zero-shot accuracies the mean over seeds, ± z·lm-eval's
   stderr; other metrics the mean over seeds. ``seed_low``/``seed_high`` are the smallest and
   largest per-seed values.
+- zero-shot averages (``with_averages``): where the config names them (``eval.zeroshot.averages``),
+  one more ``all.csv`` row per (model, recipe) that has every task of an average: the mean of the
+  tasks' reported accuracies, as a zero-shot result whose dataset is the average's name.
 - ``all.md``: a recipe-by-dataset table per model, ``value ±half-width``, the spread over seeds
   where a recipe has several, and how the intervals were made.
 """
@@ -52,6 +55,11 @@ MEASUREMENT_KEYS = ("kind", "dataset")
 PROVENANCE_KEYS = ("config_hash", "git_commit", "device", "wall_time_s", "peak_rss_mb")
 """Keys of the ``provenance`` object copied into every row."""
 
+REVISION_KEYS = ("model_revision", "dataset_revision", "tokenizer_class")
+"""Keys of the ``provenance`` object naming the exact inputs: the hub commits of the model and of
+the dataset (empty for a local source, and in results written before they were recorded) and the
+tokenizer class."""
+
 COLUMNS = (
     *RECIPE_KEYS,
     "seed",
@@ -60,6 +68,7 @@ COLUMNS = (
     "metric",
     "value",
     *PROVENANCE_KEYS,
+    *REVISION_KEYS,
     "hardware",
     "source",
 )
@@ -80,12 +89,13 @@ SUMMARY_COLUMNS = (
     "seed_high",
     "windows",
     *PROVENANCE_KEYS,
+    *REVISION_KEYS,
     "hardware",
     "source",
 )
 """Columns of the summary (``all.csv``): one row per measurement over its seeds. ``seeds`` lists
 them ("0 1 2"), ``windows`` counts a perplexity's test windows; provenance is the first seed's,
-``source`` every file, space-separated."""
+``source`` every file, space-separated; a revision column lists every revision its seeds used."""
 
 WINDOW_COLUMNS = ("model", "recipe", "seed", "dataset", "window", "nll", "windows_sha256", "source")
 """Columns of ``windows.csv``: one row per perplexity result and test window."""
@@ -174,12 +184,48 @@ def summarize(results: Results, settings: BootstrapSettings) -> pd.DataFrame:
         row = group.iloc[0][[*RECIPE_KEYS, *MEASUREMENT_KEYS, "metric", "calibration_dtype", *PROVENANCE_KEYS,
                              "hardware"]].to_dict()
         values = group["value"].to_numpy(float)
+        row |= {key: " ".join(sorted(group[key].dropna().unique())) or None for key in REVISION_KEYS}
         row |= {"seeds": " ".join(_seed_text(seed) for seed in group["seed"]),
                 "seed_low": values.min(), "seed_high": values.max(),
                 "source": " ".join(group["source"]), "windows": math.nan}
         row |= _summary_value(dict(zip(keys, key)), group, values, results, settings, nll_interval)
         rows.append(row)
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+
+
+def average_metric(metrics: Iterable[str]) -> str:
+    """The metric name of an average of tasks reporting ``metrics``: the common one (``acc``,
+    ``acc_norm``), else the distinct ones joined by ``+`` (``acc+acc_norm``)."""
+    return "+".join(sorted(set(metrics)))
+
+
+def with_averages(summary: pd.DataFrame, averages: dict[str, dict[str, str]]) -> pd.DataFrame:
+    """``summary`` plus, per (model, recipe) scored on every task of an average (``{name: {task:
+    metric}}``), one zero-shot row: dataset the average's name, metric ``average_metric`` of its
+    tasks, value the unweighted mean of the tasks' values (as LQER's workbook and MagR's Table 4
+    average their tasks); its interval half-width is sqrt(sum h_i^2) / n over the tasks' half-widths
+    h_i (independent tasks; none where a task has none). Provenance is the first task's, its cost
+    (wall time, memory) left empty; ``source`` lists every task's files."""
+    rows = []
+    zeroshot = summary[summary["kind"] == ZEROSHOT_KIND]
+    for name, members in averages.items():
+        for (model, recipe), group in zeroshot.groupby(["model", "recipe"], sort=False):
+            chosen = [group[(group["dataset"] == task) & (group["metric"] == metric)] for task, metric in members.items()]
+            if any(len(rows_of_task) != 1 for rows_of_task in chosen):
+                continue
+            tasks = pd.concat(chosen)
+            value = float(tasks["value"].mean())
+            halves = np.maximum(tasks["ci_high"] - tasks["value"], tasks["value"] - tasks["ci_low"]).to_numpy(float)
+            half = math.sqrt(float((halves ** 2).sum())) / len(halves)
+            row = tasks.iloc[0].to_dict() | {
+                "dataset": name, "metric": average_metric(members.values()), "value": value,
+                "ci_low": value - half, "ci_high": value + half, "seed_low": value, "seed_high": value,
+                "wall_time_s": math.nan, "peak_rss_mb": math.nan, "source": " ".join(tasks["source"]),
+            }
+            rows.append(row)
+    if not rows:
+        return summary
+    return pd.concat([summary, pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))], ignore_index=True)
 
 
 def write_tables(results: Results, summary: pd.DataFrame, out_dir: str | os.PathLike,
@@ -205,7 +251,25 @@ def render_markdown(frame: pd.DataFrame, settings: BootstrapSettings) -> str:
         files = len({source for sources in model_rows["source"] for source in sources.split()})
         sections.append(f"Perplexity (lower is better), zero-shot accuracy (higher is better); generated from {files} result files.\n")
         sections.append(_uncertainty_note(model_rows, settings))
+        sections.append(_revision_note(model_rows))
     return "\n".join(sections)
+
+
+def _revision_note(model_rows: pd.DataFrame) -> str:
+    """A warning where the results of one model, compared in its table, were computed from different
+    hub revisions of the model, or of one dataset (an upstream change between runs); else nothing."""
+    lines = []
+    spans = [("model", model_rows)] + [(f"dataset {dataset}", rows) for dataset, rows in model_rows.groupby("dataset", sort=True)]
+    column = {"model": "model_revision"}
+    for what, rows in spans:
+        key = column.get(what, "dataset_revision")
+        used = {revision: sorted(set(rows.loc[rows[key].fillna("").str.contains(revision, regex=False), "recipe"]))
+                for revisions in rows[key].dropna() for revision in revisions.split()}
+        if len(used) > 1:
+            listed = "; ".join(f"{revision[:12]} ({', '.join(recipes)})" for revision, recipes in sorted(used.items()))
+            lines.append(f"**Different revisions of the {what}** in this table: {listed}. Its values are not comparable "
+                         "across them: run them again on one revision (`model_revision`, `dataset_revision` in all.csv).\n")
+    return "\n".join(lines)
 
 
 def _summary_value(key: dict, group: pd.DataFrame, values: np.ndarray, results: Results,
@@ -263,6 +327,7 @@ def _rows_of_result(result: dict[str, Any], path: str | os.PathLike) -> list[dic
     common |= {key: _required(provenance, key, path, "provenance.") for key in PROVENANCE_KEYS}
     common["seed"] = result.get("calibration_seed")
     common["calibration_dtype"] = result.get("calibration_dtype")
+    common |= {key: provenance.get(key) for key in REVISION_KEYS}
     common["hardware"] = (provenance.get("hardware") or {}).get("label")
     common["source"] = str(path)
     return [
