@@ -31,10 +31,9 @@ def build_hub_cache(hf_home: Path, hub_ids=tuple(ARCHITECTURES), tasks=tuple(TAS
     text.mkdir(parents=True, exist_ok=True)
     (text / "train.jsonl").write_text("".join(json.dumps({"text": article}) + "\n" for article in splits["train"]))
     snapshots = fill_model_cache(hf_home, hub_ids, tiny_tokenizer(text))
-    # under the repositories the built-in corpora name (ptqrepro.data.corpora.BUILTIN_CORPORA)
     paths = {name: spec.path for name, spec in BUILTIN_CORPORA.items()}
-    snapshots[paths["wikitext2"]] = fill_wikitext(hf_home, splits, paths["wikitext2"])
-    snapshots[paths["c4"]] = fill_c4(hf_home, splits["train"], splits["validation"] + splits["test"], paths["c4"])
+    snapshots[paths["wikitext2"]] = fill_wikitext(hf_home, splits)
+    snapshots[paths["c4"]] = fill_c4(hf_home, splits["train"], splits["validation"] + splits["test"])
     snapshots[paths["slimpajama"]] = fill_slimpajama(hf_home, [article for split in splits.values() for article in split],
                                                       paths["slimpajama"])
     snapshots.update(fill_task_datasets(hf_home, tasks, splits["test"]))

@@ -1,33 +1,21 @@
-"""A Hugging Face hub cache filled here: tiny random models of the paper configs' classes under
-their real hub ids, and hub-layout snapshots of the datasets the built-in corpora name.
+"""What the rehearsal puts into the hub cache (laid out by tests/hubcache.py): tiny random models of
+the paper configs' classes under their real hub ids, and snapshots of the datasets the built-in
+corpora name, with wiki-mini's text.
 
-The layout is what ``huggingface_hub`` itself writes (its cache documentation, "Understand caching"):
-
-    HF_HOME/hub/{models,datasets}--<org>--<name>/
-        blobs/<hash>                      every file's bytes, named by the hash the hub gives it
-        refs/main                         the commit the main branch points at
-        snapshots/<commit>/<path>         a relative symlink to ../../blobs/<hash>
-
-With ``HF_HUB_OFFLINE=1`` ``from_pretrained("meta-llama/Llama-2-7b-hf")`` and
-``snapshot_download(...)`` resolve ``main`` through ``refs/main`` and read the snapshot, so a run
-here takes the code paths a cluster user's run takes after the download.
+With ``HF_HUB_OFFLINE=1`` the stage-in and every job resolve ``main`` through the cache's
+``refs/main`` and read the snapshot, so a run here takes the code paths a cluster user's run takes
+after the download.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import io
-import json
-import os
 import tempfile
 from pathlib import Path
 
 import torch
 
-LFS_SUFFIXES = (".safetensors", ".bin", ".parquet", ".gz")
-"""Files the hub stores through Git LFS: their blob is named by the SHA-256 of the content; the
-others by their Git blob SHA-1."""
+from hubcache import C4_REPO, WIKITEXT_REPO, add_c4_snapshot, add_snapshot, add_wikitext_snapshot
 
 ARCHITECTURES = {
     "meta-llama/Llama-2-7b-hf": "llama",
@@ -59,32 +47,14 @@ LAYERS = 2
 MAX_POSITIONS = 512
 
 
-def git_blob_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+def snapshot_folder(hf_home: Path, repo_id: str, repo_type: str, commit: str) -> Path:
+    return Path(hf_home) / "hub" / f"{repo_type}s--{repo_id.replace('/', '--')}" / "snapshots" / commit
 
 
-def write_snapshot(hf_home: Path, repo_id: str, files: dict[str, bytes], repo_type: str = "model") -> Path:
-    """Store ``files`` ({path in the repository: bytes}) as the ``main`` snapshot of ``repo_id`` in
-    the hub cache under ``hf_home``; returns the snapshot folder. The commit hash is derived from
-    the content, so the same files give the same revision."""
-    folder = Path(hf_home) / "hub" / f"{repo_type}s--{repo_id.replace('/', '--')}"
-    tree = hashlib.sha1()
-    hashes = {}
-    for path, data in sorted(files.items()):
-        hashes[path] = hashlib.sha256(data).hexdigest() if path.endswith(LFS_SUFFIXES) else git_blob_sha1(data)
-        tree.update(f"{path}\0{hashes[path]}\n".encode())
-    commit = tree.hexdigest()
-    snapshot = folder / "snapshots" / commit
-    (folder / "blobs").mkdir(parents=True, exist_ok=True)
-    (folder / "refs").mkdir(exist_ok=True)
-    for path, data in files.items():
-        blob = folder / "blobs" / hashes[path]
-        blob.write_bytes(data)
-        link = snapshot / path
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (folder / "refs" / "main").write_text(commit)
-    return snapshot
+def add(hf_home: Path, repo_id: str, files: dict[str, bytes], repo_type: str = "model") -> Path:
+    """``files`` as the ``main`` snapshot of ``repo_id`` in ``hf_home``'s hub cache
+    (hubcache.add_snapshot); returns the snapshot folder."""
+    return snapshot_folder(hf_home, repo_id, repo_type, add_snapshot(Path(hf_home) / "hub", repo_id, files, repo_type))
 
 
 def tiny_model(architecture: str, vocab_size: int, seed: int):
@@ -127,39 +97,11 @@ def fill_model_cache(hf_home: Path, hub_ids, tokenizer) -> dict[str, Path]:
     for seed, hub_id in enumerate(sorted(hub_ids)):
         model = tiny_model(ARCHITECTURES[hub_id], len(tokenizer), seed)
         files = saved_files(lambda folder: model.save_pretrained(folder, max_shard_size="300KB"))
-        snapshots[hub_id] = write_snapshot(hf_home, hub_id, {**files, **tokenizer_files})
+        snapshots[hub_id] = add(hf_home, hub_id, {**files, **tokenizer_files})
     return snapshots
 
 
 # --- datasets -------------------------------------------------------------------------------------
-
-
-def parquet_bytes(column: str, values: list[str]) -> bytes:
-    import pyarrow
-    import pyarrow.parquet
-
-    buffer = io.BytesIO()
-    pyarrow.parquet.write_table(pyarrow.table({column: values}), buffer)
-    return buffer.getvalue()
-
-
-def json_gz_bytes(records: list[dict]) -> bytes:
-    return gzip.compress("".join(json.dumps(record) + "\n" for record in records).encode(), mtime=0)
-
-
-WIKITEXT_README = """---
-configs:
-- config_name: wikitext-2-raw-v1
-  data_files:
-  - split: test
-    path: wikitext-2-raw-v1/test-*
-  - split: train
-    path: wikitext-2-raw-v1/train-*
-  - split: validation
-    path: wikitext-2-raw-v1/validation-*
----
-# WikiText (rehearsal stand-in: Wikipedia text of gensim's test dump, laid out as the hub repository)
-"""
 
 
 def wikitext_lines(articles: list[str]) -> list[str]:
@@ -174,38 +116,28 @@ def wikitext_lines(articles: list[str]) -> list[str]:
     return rows
 
 
-def fill_wikitext(hf_home: Path, splits: dict[str, list[str]], repo_id: str) -> Path:
-    """``repo_id`` (the built-in corpus ``wikitext2``'s path) with the config ``wikitext-2-raw-v1``:
-    one parquet file per split (column ``text``), the README's ``configs`` naming them, as the
-    hub repository (Salesforce/wikitext, which ``wikitext`` redirects to) has them."""
-    files = {"README.md": WIKITEXT_README.encode()}
-    for split, articles in splits.items():
-        files[f"wikitext-2-raw-v1/{split}-00000-of-00001.parquet"] = parquet_bytes("text", wikitext_lines(articles))
-    return write_snapshot(hf_home, repo_id, files, repo_type="dataset")
+def fill_wikitext(hf_home: Path, splits: dict[str, list[str]]) -> Path:
+    """WikiText's repository with the config ``wikitext-2-raw-v1`` (hubcache.add_wikitext_snapshot),
+    its rows cut from ``splits`` ({split: articles}) as ``wikitext_lines`` cuts them."""
+    commit = add_wikitext_snapshot(Path(hf_home) / "hub", {split: wikitext_lines(articles) for split, articles in splits.items()})
+    return snapshot_folder(hf_home, WIKITEXT_REPO, "dataset", commit)
 
 
-def c4_documents(articles: list[str], paragraphs_per_document: int = 3) -> list[dict]:
-    """C4-like records (``text``, ``timestamp``, ``url``): a few consecutive paragraphs of an article
-    each, headings left out."""
-    records = []
-    for number, article in enumerate(articles):
+def c4_documents(articles: list[str], paragraphs_per_document: int = 3) -> list[str]:
+    """C4-like documents: a few consecutive paragraphs of an article each, headings left out."""
+    documents = []
+    for article in articles:
         paragraphs = [line for line in article.split("\n") if not line.startswith(" =")]
-        for start in range(0, len(paragraphs), paragraphs_per_document):
-            text = "\n".join(paragraphs[start:start + paragraphs_per_document])
-            records.append({"text": text, "timestamp": "2019-04-25T12:57:54Z",
-                            "url": f"https://example.org/{number}/{start}"})
-    return records
+        documents += ["\n".join(paragraphs[start:start + paragraphs_per_document])
+                      for start in range(0, len(paragraphs), paragraphs_per_document)]
+    return documents
 
 
-def fill_c4(hf_home: Path, train: list[str], validation: list[str], repo_id: str) -> Path:
-    """``allenai/c4`` with the two shards the built-in corpus ``c4`` reads (ptqrepro.data.corpora
-    C4_TRAIN_SHARD, C4_VALIDATION_SHARD), JSON lines in gzip as the hub repository stores them."""
-    from ptqrepro.data.corpora import C4_TRAIN_SHARD, C4_VALIDATION_SHARD
-
-    files = {C4_TRAIN_SHARD: json_gz_bytes(c4_documents(train)),
-             C4_VALIDATION_SHARD: json_gz_bytes(c4_documents(validation)),
-             "README.md": b"# C4 (rehearsal stand-in: Wikipedia text of gensim's test dump)\n"}
-    return write_snapshot(hf_home, repo_id, files, repo_type="dataset")
+def fill_c4(hf_home: Path, train: list[str], validation: list[str]) -> Path:
+    """``allenai/c4`` with the two shards the built-in corpus ``c4`` reads (hubcache.add_c4_snapshot),
+    documents cut from the ``train`` and ``validation`` articles."""
+    commit = add_c4_snapshot(Path(hf_home) / "hub", {"train": c4_documents(train), "validation": c4_documents(validation)})
+    return snapshot_folder(hf_home, C4_REPO, "dataset", commit)
 
 
 SLIMPAJAMA_SHARDS = ("train-00000-of-00048-ab2b35705f029d94", "train-00001-of-00048-f2ff493d6eb6da4e",
@@ -235,4 +167,4 @@ def fill_slimpajama(hf_home: Path, articles: list[str], repo_id: str) -> Path:
         buffer = io.BytesIO()
         pyarrow.parquet.write_table(table, buffer)
         files[f"data/{name}.parquet"] = buffer.getvalue()
-    return write_snapshot(hf_home, repo_id, files, repo_type="dataset")
+    return add(hf_home, repo_id, files, repo_type="dataset")

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from rehearsal.hub import write_snapshot
+from rehearsal.hub import add
 
 TASK_DATASETS = {
     "arc_easy": ("allenai/ai2_arc", "ARC-Easy"),
@@ -125,6 +125,6 @@ def fill_task_datasets(hf_home: Path, tasks, documents: list[str]) -> dict[str, 
     for repo_id in sorted({TASK_DATASETS[task][0] for task in chosen}):
         files = {f"{TASK_DATASETS[task][1]}/{split}-00000-of-00001.parquet": rows_parquet(rows)
                  for task in chosen if TASK_DATASETS[task][0] == repo_id for split, rows in splits[task].items()}
-        revisions[repo_id] = write_snapshot(hf_home, repo_id, files, repo_type="dataset").name
+        revisions[repo_id] = add(hf_home, repo_id, files, repo_type="dataset").name
     return {task: fill_datasets_cache(hf_home, *TASK_DATASETS[task], splits[task], revisions[TASK_DATASETS[task][0]])
             for task in chosen}
