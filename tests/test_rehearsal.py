@@ -145,21 +145,9 @@ def unfilled(rehearsal: Rehearsal) -> list[str]:
     return missing
 
 
-KNOWN_GAPS = {
-    "on the Hub (OfflineModeIsEnabled)":
-        "prepare_corpus loads the hub dataset by name, which `datasets` cannot do offline (issue 22: stage-in)",
-}
-"""Failures of the pipeline that issue 22 lists and that are being fixed: the run is an expected
-failure while its log shows one of these (and a failure otherwise)."""
-
-
 def check_rehearsal(rehearsal: Rehearsal) -> None:
     if rehearsal.run.returncode != 0:
-        failure = rehearsal.failure()
-        for message, reason in KNOWN_GAPS.items():
-            if message in failure:
-                pytest.xfail(reason)
-        pytest.fail(failure, pytrace=False)
+        pytest.fail(rehearsal.failure(), pytrace=False)
     assert rehearsal.attempts == [], f"connections attempted: {rehearsal.attempts[:5]}"
     assert unfilled(rehearsal) == []
     claims = pandas.read_csv(rehearsal.workdir / "results" / "tables" / "claims.csv")
