@@ -19,11 +19,13 @@ from ptqrepro.config import (
     recipe_calibrates,
     recipe_job_spec,
     recipe_seeds,
+    single_draw_warnings,
 )
 from ptqrepro.errors import PtqError
+from ptqrepro.hub import staging_environment
 from ptqrepro.interrupts import stop_jobs_with_snakemake
 from ptqrepro.peers import toolkit
-from ptqrepro.preflight import preflight, require_hub_models
+from ptqrepro.preflight import preflight, snakemake_dry_run
 from ptqrepro.report.claims import claims_from_config
 from ptqrepro.recipes import is_peer, is_reconstruction, recipe_from_config, reconstruction_from_config
 
@@ -45,19 +47,41 @@ try:
     check_schema(config, os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml"))
     validate(config, "workflow/schemas/config.schema.yaml")
     check_config(config)
+    # The Hugging Face cache (staging.hf_home) and the offline variables, set before the checks below
+    # read the cache (see the stage-in below).
+    os.environ.update(staging_environment(config["staging"]))
+    if config["offline"]:
+        os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    if workflow.is_main_process:
+        for warning in single_draw_warnings(config):
+            print(f"config warning: {warning}", file=sys.stderr)
     # against the models' shapes and this machine, once: a cluster job's own Snakemake (on its node)
     # reads this file again
     if workflow.is_main_process:
-        preflight(config, "results/models", log=lambda line: print(line, file=sys.stderr))
+        preflight(
+            config, "results/models", log=lambda line: print(line, file=sys.stderr), dry_run=snakemake_dry_run(sys.argv)
+        )
 except PtqError as error:
     sys.exit(f"config error: {error}")
 
-# Offline (the default config): no job's hub library reaches the network. Set here, not asked of the
-# user, so not `envvars:` (which stops where one is unset): online, what the user set stays and
-# nothing else is set (HF_DATASETS_OFFLINE=0 would override a user's HF_HUB_OFFLINE for datasets).
-# A job's Snakemake on a cluster node reads the config and sets them again.
-if config["offline"]:
-    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+
+# Stage-in: the hub's files are fetched once, by the rules that prepare the models and corpora
+# (target `stage`), which run where Snakemake runs (the submit host, where the network is:
+# `localrules`). Every job after them reads the cache with the offline variables set (OFFLINE_JOB),
+# whatever `offline` says, so no GPU job waits on the network.
+localrules:
+    stage,
+    prepare_model,
+    prepare_corpus,
+
+
+OFFLINE_JOB = "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 "
+
+# HF_HOME and `offline` (the default config: no job's hub library reaches the network, the stage-in
+# included) are set above, not asked of the user, so not `envvars:` (which stops where one is unset):
+# online, what the user set stays and nothing else is set (HF_DATASETS_OFFLINE=0 would override a
+# user's HF_HUB_OFFLINE for datasets). A job's Snakemake on a cluster node reads the config and
+# sets them again.
 
 # glibc hands every freed block over 32 MB back to the kernel and faults in fresh zeroed pages on
 # the next allocation; the jobs allocate and free such tensors (activations, logits) by the
@@ -104,8 +128,8 @@ SEEDED_RUNS = [(model, recipe, seed) for model, recipe in RUNS for seed in SEEDS
 # path), so that changing it reruns exactly the jobs it affects (Snakemake's default rerun triggers:
 # params, code, input, mtime); Snakemake records a param's value without its name, so a rule's
 # evaluation settings form one mapping (`protocol`) whose record names each. Where a job keeps its
-# data (calibration.offload, eval.placement) gives the same results (config/README.md, README "On a
-# cluster"), so the rules pass it as a resource (`offload`, `placement`), which is no rerun trigger:
+# data (calibration.offload, eval.placement) gives the same results (docs/configuration.md,
+# docs/cluster.md), so the rules pass it as a resource (`offload`, `placement`), which is no rerun trigger:
 # changing it reruns nothing; nor do the threads and the other resources a job gets. `device` is a
 # param: a GPU's arithmetic is not the CPU's.
 PPL = config["eval"]["ppl"]
@@ -114,9 +138,15 @@ PPL = config["eval"]["ppl"]
 CLAIMED = {name for claim in claims_from_config(config["claims"]) for name in claim.recipes}
 REPORTED = [name for name in RECIPES if name not in PEERS or name in CLAIMED]
 REPORTED_RUNS = [(model, recipe, seed) for model, recipe, seed in SEEDED_RUNS if recipe in REPORTED]
-# Recipes scored zero-shot: eval.zeroshot.recipes, or every reported recipe; at each recipe's first seed.
+# Recipes scored zero-shot: eval.zeroshot.recipes, or every reported recipe, on eval.zeroshot.models
+# or every model; at each recipe's first seed.
 ZEROSHOT_RUNS = (
-    [(m, r, SEEDS[r][0]) for m, r in RUNS if r in (config["eval"]["zeroshot"].get("recipes") or REPORTED)]
+    [
+        (m, r, SEEDS[r][0])
+        for m, r in RUNS
+        if r in (config["eval"]["zeroshot"].get("recipes") or REPORTED)
+        and m in (config["eval"]["zeroshot"].get("models") or MODELS)
+    ]
     if config["eval"].get("zeroshot")
     else []
 )
@@ -129,6 +159,9 @@ STEP_NAMES = {
 MAGR_RUNS = [(model, recipe) for model, recipe in RUNS if "magr" in STEP_NAMES.get(recipe, ())]
 HAS_LOW_RANK = any(names & {"lqer", "l2qer"} for names in STEP_NAMES.values())
 CALIB = config["calibration"]
+# The corpora the jobs read: calibration, perplexity, local zero-shot tasks.
+ZEROSHOT_CORPUS = (config["eval"].get("zeroshot") or {}).get("corpus")
+STAGED_CORPORA = sorted({CALIB["corpus"], *PPL["datasets"], *([ZEROSHOT_CORPUS] if ZEROSHOT_CORPUS else [])})
 CALIBRATION_FILE = "results/calibration/{model}/" + "{corpus}-n{nsamples}-l{seqlen}-s".format(**CALIB) + "{seed}.pt"
 # Where a (model, recipe, seed) job's artifact and results go; {seed} is the calibration seed.
 RUN_DIR = "{model}/{recipe}/s{seed}"
@@ -173,13 +206,8 @@ include: "workflow/rules/peers.smk"
 
 # SIGINT or SIGTERM to this Snakemake alone stops its running jobs too, so that a quantize job keeps
 # its finished layers for the rerun (ptqrepro.interrupts; profiles/default: rerun-incomplete).
-# A run (not a dry run) stops before its first job where a hub model cannot be had offline.
 onstart:
     stop_jobs_with_snakemake()
-    try:
-        require_hub_models(config)
-    except PtqError as error:
-        sys.exit(f"config error: {error}")
 
 
 rule all:

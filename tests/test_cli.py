@@ -39,8 +39,11 @@ def test_by_hand_quantize_then_evaluate(prepared, tmp_path, capsys):
     assert code == 0, out.err
     result = json.loads((tmp_path / "ppl.json").read_text())
     assert result["protocol"]["windows"] == 5 and result["metrics"]["ppl"] > 1
+    assert (result["protocol"]["tokenizer"], result["protocol"]["tokenizer_class"]) == ("fast", "TokenizersBackend")
     assert result["provenance"]["config_hash"] and result["provenance"]["peak_rss_mb"] > 0
-    assert torch.load(prepared / "calib.pt")["input_ids"].shape == (4, 32)
+    calibration = torch.load(prepared / "calib.pt")
+    assert calibration["input_ids"].shape == (4, 32)
+    assert (calibration["tokenizer"], calibration["tokenizer_class"]) == ("fast", "TokenizersBackend")
 
 
 @pytest.mark.parametrize(

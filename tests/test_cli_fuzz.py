@@ -59,6 +59,12 @@ def world(tiny_model_dir, tiny_corpus, tmp_path_factory) -> Path:
     ok("prepare-model", "--name", "gone", "--spec", json.dumps({"hub": str(gone)}), "--out", root / "gone")
     shutil.rmtree(gone)
 
+    from ptqrepro.eval.zeroshot import TASK_YAML
+
+    tasks = root / "tasks"  # a local zero-shot task, so that eval-zeroshot gets past its tasks to its inputs
+    tasks.mkdir()
+    (tasks / "ptq_lastword.jsonl").write_text(json.dumps({"context": "The cat sat on the", "target": "mat"}) + "\n")
+    (tasks / "ptq_lastword.yaml").write_text(TASK_YAML["ptq_lastword"].format(data=json.dumps(str(tasks / "ptq_lastword.jsonl"))))
     (root / "afile").write_text("a file, not a folder\n")
     (root / "emptydir").mkdir()
     (root / "empty.csv").write_text("")
@@ -99,7 +105,8 @@ def eval_ppl(*extra):
 
 
 def eval_zeroshot(*extra):
-    base = {"--model": "%W/model", "--quantized": "%W/q", "--tasks": "wiki_cloze", "--device": "cpu", "--out-dir": "%T/z"}
+    base = {"--model": "%W/model", "--quantized": "%W/q", "--tasks": "ptq_lastword", "--include": "%W/tasks", "--device": "cpu",
+            "--out-dir": "%T/z"}
     return ["eval-zeroshot", *_merged(base, extra)]
 
 
@@ -122,7 +129,7 @@ def _merged(base: dict, extra: tuple) -> list[str]:
 SPEC = "--spec"
 CASES = [
     # prepare-model
-    ("prepare-model: a local model that does not exist", ["prepare-model", "--name", "m", SPEC, "{hub: /nonexistent/model}", "--out", "%T/m"], 1, "/nonexistent/model is not a folder"),
+    ("prepare-model: a local model that does not exist", ["prepare-model", "--name", "m", SPEC, "{hub: /nonexistent/model}", "--out", "%T/m"], 1, "/nonexistent/model: no such folder"),
     ("prepare-model: no source", ["prepare-model", "--name", "m", SPEC, "{}", "--out", "%T/m"], 2, "exactly one source"),
     ("prepare-model: two sources", ["prepare-model", "--name", "m", SPEC, "{hub: a, gguf: {package: p, file: f}}", "--out", "%T/m"], 2, "exactly one source"),
     ("prepare-model: spec not a mapping", ["prepare-model", "--name", "m", SPEC, "[1]", "--out", "%T/m"], 2, "--spec must be a mapping"),
@@ -132,6 +139,16 @@ CASES = [
     ("prepare-model: out under a file", ["prepare-model", "--name", "m", SPEC, "{hub: %W/model}", "--out", "%W/afile/m"], 2, "cannot write there"),
     ("prepare-model: out is a file", ["prepare-model", "--name", "m", SPEC, "{hub: %W/model}", "--out", "%W/afile"], 2, "it is a file, and the output is a folder"),
     ("prepare-model: no --name", ["prepare-model", SPEC, "{hub: x}", "--out", "%T/m"], 2, "the following arguments are required: --name"),
+    # float-reference, stage-tasks, compare-claims, vllm-check
+    ("float-reference: corpus missing", ["float-reference", "--model", "%W/model", "--corpus", "/nonexistent", "--seqlen", "16", "--out", "%T/r.safetensors"], 1, "/nonexistent is not a prepared corpus"),
+    ("float-reference: model missing", ["float-reference", "--model", "/nonexistent", "--corpus", "%W/corpus", "--seqlen", "16", "--out", "%T/r.safetensors"], 1, "/nonexistent is not a prepared model"),
+    ("float-reference: top-k zero", ["float-reference", "--model", "%W/model", "--corpus", "%W/corpus", "--seqlen", "16", "--top-k", "0", "--out", "%T/r.safetensors"], 2, "must be a positive integer"),
+    ("float-reference: out under a file", ["float-reference", "--model", "%W/model", "--corpus", "%W/corpus", "--seqlen", "16", "--out", "%W/afile/r.safetensors"], 2, "cannot write there"),
+    ("eval-ppl: reference missing", eval_ppl("--reference", "/nonexistent.safetensors"), 1, "/nonexistent.safetensors"),
+    ("stage-tasks: no --out", ["stage-tasks", "--tasks", "ptq_lastword"], 2, "the following arguments are required: --out"),
+    ("stage-tasks: a metric a task cannot have", ["stage-tasks", "--tasks", "ptq_lastword", "--metric", "ptq_lastword=f1", "--out", "%T/s.json"], 2, "--metric ptq_lastword=f1"),
+    ("compare-claims: run folders missing", ["compare-claims", "--runs", "/nonexistent/a", "/nonexistent/b", "--config", "config/config.yaml", "--out", "%T/cc"], 1, "/nonexistent/a"),
+    ("vllm-check: no vLLM environment", ["vllm-check", "--exported", "/nonexistent", "--result", "%W/notjson.json", "--corpus", "%W/corpus", "--out", "%T/v.md"], 2, "where is vLLM?"),
     # prepare-corpus
     ("prepare-corpus: unknown corpus", ["prepare-corpus", "--name", "wikitext-3", "--out", "%T/c"], 2, "wikitext-3"),
     ("prepare-corpus: local folder missing", ["prepare-corpus", "--name", "c", SPEC, "{source: local, path: /nonexistent}", "--out", "%T/c"], 1, "neither /nonexistent/train.jsonl"),
@@ -193,7 +210,7 @@ CASES = [
     ("eval-ppl: artifact broken", eval_ppl("--quantized", "%W/brokenq"), 1, "is a broken quantized-model artifact"),
     ("eval-ppl: corpus missing", eval_ppl("--corpus", "/nonexistent"), 1, "not a prepared corpus"),
     ("eval-ppl: corpus without its test split", eval_ppl("--corpus", "%W/notest"), 1, "--corpus %W/notest/test.jsonl: No such file"),
-    ("eval-ppl: model source gone", eval_ppl("--model", "%W/gone"), 1, "cannot load the model in"),
+    ("eval-ppl: model source gone", eval_ppl("--model", "%W/gone"), 1, "cannot load the tokenizer in"),
     ("eval-ppl: out is a folder", eval_ppl("--out", "%W/emptydir"), 2, "cannot write there (it is a folder"),
     ("eval-ppl: out under a file", eval_ppl("--out", "%W/afile/p.json"), 2, "cannot write there"),
     ("eval-ppl: unknown placement", eval_ppl("--placement", "gpu"), 2, "invalid choice: 'gpu'"),
@@ -297,7 +314,7 @@ def test_the_table_covers_every_subcommand():
     from ptqrepro.cli import build_parser
 
     commands = set(build_parser()._subparsers._group_actions[0].choices)
-    assert len(commands) == 16 and commands <= {argv[0] for _, argv, _, _ in CASES if argv}
+    assert len(commands) >= 20 and commands <= {argv[0] for _, argv, _, _ in CASES if argv}
     assert len(CASES) >= 80
 
 
@@ -319,12 +336,10 @@ def test_a_bad_invocation_is_one_line(world, tmp_path, capsys, argv, code, messa
 def test_an_offline_hub_id_not_in_the_cache_is_refused(tmp_path, capsys, monkeypatch):
     """While the hub is offline, a hub id that is not in the hub cache cannot be loaded by any later
     job: prepare-model says so at once (and writes nothing)."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
     code, err = _run(["prepare-model", "--name", "m", "--spec", "{hub: nobody/no-such-model}", "--out", str(tmp_path / "m")], capsys)
-    assert code == 1 and err.count("\n") == 1 and "hub model 'nobody/no-such-model' is not in the hub cache" in err, err
+    assert code == 1 and err.count("\n") == 1 and "nobody/no-such-model: not in the Hugging Face cache" in err, err
     assert not (tmp_path / "m").exists()
 
 
@@ -350,25 +365,17 @@ def test_an_interrupt_is_one_line_and_exit_code_130(world, tmp_path, signum):
     assert (tmp_path / "ckpt" / "layer-0000" / "manifest.json").is_file()
 
 
-def test_models_that_no_job_could_load_are_found_before_the_jobs(tmp_path, monkeypatch):
-    """A local model folder that does not exist is a planning error (``preflight``); a hub id that
-    is not in the hub cache while offline stops a run before its first job (``require_hub_models``,
-    the Snakefile's ``onstart``), while a dry run still lists the DAG."""
-    from huggingface_hub import constants
+def test_models_that_no_job_could_load_are_found_before_the_work(tmp_path):
+    """A local model folder that does not exist, or a hub id not in the hub cache while offline, is
+    one line of ``prepare-model`` before it writes anything (``preflight.model_source_problem``, the
+    check planning makes too: ``staging_problems``)."""
+    from ptqrepro.models.sources import ModelSource
+    from ptqrepro.preflight import model_source_problem
 
-    from ptqrepro.models.sources import local_model_problem
-    from ptqrepro.preflight import PreflightError, require_hub_models
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "home")}
+    ghost = ModelSource(name="ghost", hub="nobody/no-such-model")
+    assert "not in the Hugging Face cache" in model_source_problem(ghost, offline)
+    assert model_source_problem(ModelSource(name="local", hub=str(tmp_path)), offline) is None
+    missing = model_source_problem(ModelSource(name="gone", hub="/nonexistent/model"), offline)
+    assert missing.startswith("/nonexistent/model: no such folder")
 
-    assert local_model_problem("/nonexistent/model") == "/nonexistent/model is not a folder (a local model needs its folder)"
-    assert local_model_problem(str(tmp_path)) is None and local_model_problem("org/name") is None
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    config = {"offline": True, "models": {"ghost": {"hub": "nobody/no-such-model"}, "local": {"hub": str(tmp_path)}}}
-    with pytest.raises(PreflightError, match=r"models.ghost.hub: 'nobody/no-such-model': hub model .* is not in the hub cache") as error:
-        require_hub_models(config)
-    assert "models.local" not in str(error.value)
-    cached = tmp_path / "hub" / "models--nobody--no-such-model" / "snapshots" / "0"
-    cached.mkdir(parents=True)
-    (cached / "config.json").write_text("{}")
-    (tmp_path / "hub" / "models--nobody--no-such-model" / "refs").mkdir()
-    (tmp_path / "hub" / "models--nobody--no-such-model" / "refs" / "main").write_text("0")
-    require_hub_models(config)

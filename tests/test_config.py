@@ -72,3 +72,85 @@ def test_every_key_given_twice_in_every_file_is_listed(tmp_path):
         f"{first}: duplicate key 'c' (line 2, columns 5 and 11)",
         f"{second}: duplicate key 'r' (line 2 and line 3)",
     ]
+
+
+def test_a_slow_tokenizer_transformers_cannot_load_is_refused(tmp_path, monkeypatch):
+    """transformers 5 has no slow LLaMA/Mistral/OPT tokenizer: `slow` is a planning-time error
+    naming both keys that ask for it, never a silent fast one."""
+    from ptqrepro import config as config_module
+
+    config = tiny_config(tmp_path / "model", tmp_path / "corpus")
+    config["calibration"]["tokenizer"] = "slow"
+    config["eval"]["ppl"]["tokenizer"] = "slow"
+    monkeypatch.setattr(config_module, "slow_tokenizer_problem", lambda: "transformers 9.0 has none")
+    assert config_errors(config) == [
+        "calibration.tokenizer and eval.ppl.tokenizer: slow cannot be honoured: transformers 9.0 has none; set fast"
+    ]
+    monkeypatch.setattr(config_module, "slow_tokenizer_problem", lambda: None)
+    check_config(config)
+
+
+def test_a_corpus_without_the_split_a_job_reads_is_refused(tmp_path):
+    config = tiny_config(tmp_path / "model", tmp_path / "corpus")
+    config["eval"]["ppl"]["datasets"] = ["slimpajama"]
+    assert config_errors(config) == ["eval.ppl.datasets: corpus 'slimpajama' has no test split (has: train)"]
+
+
+def test_the_schema_types_the_corpus_and_tokenizer_settings(tmp_path):
+    from pathlib import Path
+
+    from ptqrepro.config import check_schema
+
+    schema = Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml"
+    config = tiny_config(tmp_path / "model", tmp_path / "corpus")
+    config["corpora"]["wikitext2"] = {"trian_join": "\n\n", "exact_length_documents": "drop", "chunk_shards": 0}
+    config["eval"]["ppl"]["tokenizer"] = "slowest"
+    with pytest.raises(PtqError) as refused:
+        check_schema(config, schema)
+    lines = str(refused.value).splitlines()[1:]
+    assert lines == [
+        "  corpora.wikitext2: Additional properties are not allowed ('trian_join' was unexpected)",
+        "  corpora.wikitext2.chunk_shards: 0 is less than the minimum of 1",
+        "  corpora.wikitext2.exact_length_documents: 'drop' is not one of ['keep', 'redraw']",
+        "  eval.ppl.tokenizer: 'slowest' is not one of ['fast', 'slow']",
+    ]
+
+
+def test_zero_shot_metrics_averages_and_models_name_what_the_config_has(tmp_path):
+    """``eval.zeroshot.metrics`` and ``averages`` name configured tasks, an average is not a task's
+    name, ``models`` are the config's: one error each."""
+    config = tiny_config(tmp_path / "model", tmp_path / "corpus")
+    zeroshot = config["eval"]["zeroshot"]
+    zeroshot["metrics"] = {"ptq_nextsentence": "acc_norm", "arc_easy": "acc_norm"}
+    zeroshot["averages"] = {"both": ["ptq_lastword", "ptq_nextsentence"], "ptq_lastword": ["ptq_lastword"], "wider": ["piqa"]}
+    zeroshot["models"] = ["tiny", "huge"]
+    assert config_errors(config) == [
+        "eval.zeroshot.metrics: arc_easy is not in eval.zeroshot.tasks",
+        "eval.zeroshot.averages.ptq_lastword: the name of a task; name the average otherwise",
+        "eval.zeroshot.averages.wider: piqa not in eval.zeroshot.tasks",
+        "eval.zeroshot.models: huge not in the config's models",
+    ]
+    zeroshot["metrics"] = {"ptq_nextsentence": "acc_norm"}
+    zeroshot["averages"] = {"both": ["ptq_lastword", "ptq_nextsentence"]}
+    zeroshot["models"] = ["tiny"]
+    check_config(config)
+
+
+def test_calibrated_recipes_a_claim_names_at_fewer_than_three_seeds_are_warned_about():
+    """The default and every paper config run each calibrated recipe a claim names at three or more
+    seeds; at one seed the warning names exactly the calibrated recipes (not fp16 or RTN)."""
+    import glob
+
+    from ptqrepro.config import single_draw_warnings
+    from ptqrepro.io import load_yaml
+
+    for path in ["config/config.yaml", *sorted(glob.glob("config/papers/*.yaml"))]:
+        assert single_draw_warnings(load_yaml(open(path).read(), path)) == [], path
+    config = {"calibration": {"seeds": [0]},
+              "recipes": {"fp16": {"steps": []}, "rtn@int4": {"steps": ["rtn"], "weight": "int4"},
+                          "gptq@int4": {"steps": ["gptq"], "weight": "int4"},
+                          "awq+rtn@int4": {"steps": ["awq", "rtn"], "weight": "int4", "seeds": [0, 1, 2]}},
+              "claims": [{"paper": "X", "claim": "c", "below": ["fp16", "gptq@int4", "rtn@int4"]},
+                         {"paper": "X", "claim": "d", "below": ["awq+rtn@int4", "rtn@int4"]}]}
+    warnings = single_draw_warnings(config)
+    assert len(warnings) == 1 and warnings[0].startswith("recipe 'gptq@int4' is named by a claim") and "[0]" in warnings[0]

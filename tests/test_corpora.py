@@ -382,17 +382,25 @@ def test_read_documents_round_trips_unicode_and_newlines(tmp_path):
 # --- corpus_spec -------------------------------------------------------------------------------------
 
 
-def test_builtin_corpora_follow_gptq_datautils():
-    wikitext2, c4 = BUILTIN_CORPORA["wikitext2"], BUILTIN_CORPORA["c4"]
-    assert (wikitext2.path, wikitext2.config_name) == ("wikitext", "wikitext-2-raw-v1")
+def test_builtin_corpora_follow_the_reference_loaders():
+    """wikitext2 and c4 as GPTQ datautils loads them (both WikiText-2 splits joined with "\\n\\n"),
+    slimpajama as LQER's profiling; wiki-mini keeps the space join of the default run."""
+    wikitext2, c4, slimpajama = BUILTIN_CORPORA["wikitext2"], BUILTIN_CORPORA["c4"], BUILTIN_CORPORA["slimpajama"]
+    assert (wikitext2.path, wikitext2.config_name) == ("Salesforce/wikitext", "wikitext-2-raw-v1")
     assert wikitext2.sampling == "concatenated"
-    assert (wikitext2.train_join, wikitext2.test_join) == (" ", "\n\n")
+    assert (wikitext2.train_join, wikitext2.test_join) == ("\n\n", "\n\n")
     assert c4.sampling == "documents" and c4.splits["test"] == "validation"
     assert c4.data_files == {
         "train": "en/c4-train.00000-of-01024.json.gz",
         "validation": "en/c4-validation.00000-of-00008.json.gz",
     }
-    assert BUILTIN_CORPORA["wiki-mini"].source == "gensim-wiki"
+    assert c4.exact_length_documents == "keep"
+    assert (slimpajama.path, slimpajama.splits, slimpajama.sampling) == ("DKYoon/SlimPajama-6B", {"train": "train"}, "chunks")
+    assert slimpajama.data_files == {"train": "data/train-00000-of-00048-*.parquet"}
+    assert (slimpajama.train_join, slimpajama.train_documents, slimpajama.chunk_shards, slimpajama.chunk_batch) == (
+        "\n\n", 4096, 8, 1000)
+    wiki_mini = BUILTIN_CORPORA["wiki-mini"]
+    assert (wiki_mini.source, wiki_mini.train_join, wiki_mini.sampling) == ("gensim-wiki", " ", "concatenated")
 
 
 def test_corpus_spec_applies_overrides_to_builtins():
@@ -411,13 +419,17 @@ def test_corpus_spec_defines_a_corpus_from_config():
 @pytest.mark.parametrize(
     ("name", "overrides", "message"),
     [
-        ("nope", None, r"unknown corpus 'nope' \(known: c4, wiki-mini, wikitext2"),
+        ("nope", None, r"unknown corpus 'nope' \(known: c4, slimpajama, wiki-mini, wikitext2"),
         ("wikitext2", {"colour": "red"}, r"unknown key 'colour'"),
         ("wikitext2", {"name": "other"}, r"unknown key 'name'"),
         ("mine", {"source": "ftp", "path": "/x"}, r"source 'ftp'"),
         ("wikitext2", {"sampling": "random"}, r"sampling 'random'"),
         ("mine", {"source": "local"}, r"corpus 'mine': source 'local' needs a 'path'"),
         ("wikitext2", {"splits": {"dev": "validation"}}, r"split 'dev'"),
+        ("c4", {"exact_length_documents": "trim"}, r"exact_length_documents 'trim' is not one of keep, redraw"),
+        ("slimpajama", {"train_documents": 0}, r"train_documents must be a positive integer, got 0"),
+        ("slimpajama", {"chunk_shards": "8"}, r"chunk_shards must be a positive integer, got '8'"),
+        ("wikitext2", {"train_join": 2}, r"train_join must be a string, got 2"),
     ],
 )
 def test_corpus_spec_rejects_bad_config_in_one_line(name, overrides, message):

@@ -209,10 +209,10 @@ AFTER_THE_TABLES = {"tables": 1, "claims": 1, "plot_table_figure": 2, "all": 1}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key, value, rerun", [
-    (("eval", "ppl", "dtype"), "bfloat16", {"eval_ppl": 3}),
-    (("eval", "ppl", "seqlen"), 16, {"eval_ppl": 3}),
-    (("eval", "ppl", "max_windows"), 3, {"eval_ppl": 3}),
-    (("eval", "ppl", "batch_size"), 2, {"eval_ppl": 3}),
+    (("eval", "ppl", "dtype"), "bfloat16", {"float_reference": 1, "eval_ppl": 3}),
+    (("eval", "ppl", "seqlen"), 16, {"float_reference": 1, "eval_ppl": 3}),
+    (("eval", "ppl", "max_windows"), 3, {"float_reference": 1, "eval_ppl": 3}),
+    (("eval", "ppl", "batch_size"), 2, {"float_reference": 1, "eval_ppl": 3}),
     # the calibration's settings: only the recipe that reads calibration data (gptq), not fp16 or RTN
     (("calibration", "dtype"), "bfloat16", {"quantize": 1, "eval_ppl": 1}),
     (("calibration", "batch_size"), 1, {"quantize": 1, "eval_ppl": 1}),
@@ -461,10 +461,12 @@ def test_method_settings_out_of_range_stop_the_dry_run_all_at_once(tmp_path, tin
 
 
 def test_a_good_config_plans_the_same_dag(tmp_path, tiny_model_dir, tiny_corpus):
-    """The start-up checks pass the tiny config, whose dry run lists the jobs it always did."""
+    """The start-up checks pass the tiny config, whose dry run lists the jobs it always did, and the
+    float model's reference for the KL divergence."""
     write_config(tmp_path, tiny_config(tiny_model_dir, tiny_corpus))
     assert dry_run_jobs(tmp_path) == {
-        "prepare_corpus": 1, "prepare_model": 1, "zeroshot_tasks": 1, "quantize": 4, "eval_ppl": 4,  # no calibrating recipe
+        "prepare_corpus": 1, "prepare_model": 1, "zeroshot_tasks": 1, "quantize": 4, "float_reference": 1,  # no calibrating recipe
+        "eval_ppl": 4,
         "eval_zeroshot": 1, "tables": 1, "claims": 1, "paper_tables": 1, "plot_table_figure": 3, "all": 1}
     assert not (tmp_path / "results").exists()
 
@@ -475,6 +477,7 @@ def test_paper_configs_list_their_whole_dag_without_a_hub(paper, tmp_path):
     calibration seed) the config asks for (a recipe's `models`, else every model; its seeds), nothing
     inherited."""
     from ptqrepro.config import recipe_seeds
+    from ptqrepro.data.corpora import corpus_spec
 
     config = yaml.safe_load(paper.read_text())
     run = subprocess.run([*SNAKEMAKE, "-n", "--configfile", str(paper)], capture_output=True, text=True, cwd=REPO,
@@ -487,7 +490,9 @@ def test_paper_configs_list_their_whole_dag_without_a_hub(paper, tmp_path):
     runs = [(model, name, seed) for name, entry in config["recipes"].items() for model in entry.get("models", config["models"])
             for seed in recipe_seeds(config, name)]
     reconstructions = [run for run in runs if "base" in config["recipes"][run[1]]]
-    assert any(len(recipe_seeds(config, name)) == 3 for name in config["recipes"])  # the paper configs replicate
+    corpus = config["calibration"]["corpus"]
+    drawn = corpus_spec(corpus, config.get("corpora", {}).get(corpus)).sampling != "chunks"  # LQER's chunks: no draw
+    assert any(len(recipe_seeds(config, name)) == 3 for name in config["recipes"]) == drawn  # the paper configs replicate draws
     assert jobs["dwr"] == len(reconstructions)
     assert jobs["quantize"] == len(runs) - len(reconstructions)
     assert jobs["eval_ppl"] == len(runs) * len(config["eval"]["ppl"]["datasets"])
@@ -510,6 +515,20 @@ def test_the_default_run_starts_its_longest_jobs_first():
     assert quantize["awq+rtn@int3"] > quantize["magr+gptq@int2-beta0.8"] > quantize["gptq@int2"] > quantize["rtn@int3"] > 0
     assert quantize["gptq@int3"] > quantize["gptq@int2"]
     assert max(level for (rule, _), level in priority.items() if rule == "eval_ppl") < min(quantize.values())
+
+
+def test_the_smoke_config_plans_a_small_dag_with_tables_and_a_figure():
+    """config/smoke.yaml, the README's first run, plans the real SmolLM2's chain in 17 jobs: its four
+    recipes quantized and evaluated once each, the float reference, the tables, its claims and the two figures, no
+    zero-shot and no paper tables (--forceall: also after a run has made results/)."""
+    run = subprocess.run([*SNAKEMAKE, "-n", "--forceall", "--configfile", str(REPO / "config" / "smoke.yaml")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    stats = re.search(r"^Job stats:\n.*?\n-+ +-+\n(.*?)^total", run.stdout, flags=re.MULTILINE | re.DOTALL)
+    jobs = {rule: int(count) for rule, count in re.findall(r"^(\w+)\s+(\d+)$", stats.group(1), flags=re.MULTILINE)}
+    assert jobs == {"prepare_model": 1, "prepare_corpus": 1, "calibrate": 1, "quantize": 4, "eval_ppl": 4, "float_reference": 1,
+                    "tables": 1, "claims": 1, "plot_table_figure": 2, "all": 1}
+    assert "results/plots/ppl_vs_bits.png" in run.stdout and "results/tables/claims.md" in run.stdout
 
 
 @pytest.mark.slow

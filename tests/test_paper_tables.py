@@ -84,3 +84,60 @@ def test_a_reference_file_with_other_columns_is_refused(tmp_path):
     path.write_text("paper,model,value\nMagR,llama-2-7b,5.47\n")
     with pytest.raises(PtqError, match="reference columns must be"):
         load_reference([path])
+
+
+def zeroshot_result(recipe, task, acc, acc_norm=None, stderr=0.01):
+    """One zero-shot result JSON as eval-zeroshot writes it (the keys the tables read)."""
+    metrics = {"acc": acc, "acc_stderr": stderr} | ({"acc_norm": acc_norm, "acc_norm_stderr": stderr} if acc_norm is not None else {})
+    return {"kind": "zeroshot", "model": "llama-2-7b", "recipe": recipe, "method": recipe.split("@")[0],
+            "weight_format": None, "weight_scheme": None, "weight_bits": 16, "bits_per_weight": 16.0, "act_format": None,
+            "dataset": task, "metrics": metrics, "calibration_seed": None,
+            "provenance": {"config_hash": "h", "git_commit": "c", "device": "cpu", "wall_time_s": 1.0, "peak_rss_mb": 1.0}}
+
+
+def zeroshot_summary(tmp_path, results):
+    from ptqrepro.report.tables import gather_results, summarize
+    from ptqrepro.report.uncertainty import BootstrapSettings
+
+    paths = []
+    for index, result in enumerate(results):
+        paths.append(tmp_path / f"zs-{index}.json")
+        paths[-1].write_text(__import__("json").dumps(result))
+    return summarize(gather_results(paths), BootstrapSettings(samples=200, seed=0, level=0.95))
+
+
+def test_averages_are_the_mean_of_each_tasks_reported_accuracy(tmp_path):
+    from ptqrepro.report.tables import with_averages
+
+    summary = zeroshot_summary(tmp_path, [
+        zeroshot_result("fp16", "arc_easy", 0.70, 0.60, stderr=0.03), zeroshot_result("fp16", "piqa", 0.80, 0.90, stderr=0.04),
+        zeroshot_result("gptq@int4", "arc_easy", 0.50, 0.40),  # piqa not scored: no average
+    ])
+    table = with_averages(summary, {"avg": {"arc_easy": "acc", "piqa": "acc"}, "mixed": {"arc_easy": "acc_norm", "piqa": "acc"}})
+    added = table.iloc[len(summary):].set_index("dataset")
+    assert list(added.index) == ["avg", "mixed"] and set(added["recipe"]) == {"fp16"} and set(added["kind"]) == {"zeroshot"}
+    assert added.loc["avg", "metric"] == "acc" and added.loc["avg", "value"] == pytest.approx(0.75)
+    assert added.loc["mixed", "metric"] == "acc+acc_norm" and added.loc["mixed", "value"] == pytest.approx(0.70)
+    z = 1.959964
+    assert added.loc["avg", "ci_high"] - 0.75 == pytest.approx(z * (0.03**2 + 0.04**2) ** 0.5 / 2, rel=1e-4)
+    assert len(added.loc["avg", "source"].split()) == 2
+    assert with_averages(summary, {}) is summary
+
+
+def test_zero_shot_cells_put_our_percentages_beside_the_papers(tmp_path):
+    from ptqrepro.report.tables import with_averages
+
+    summary = zeroshot_summary(tmp_path, [zeroshot_result("fp16", "arc_easy", 0.70, 0.60), zeroshot_result("fp16", "piqa", 0.80, 0.90)])
+    results = with_averages(summary, {"average": {"arc_easy": "acc", "piqa": "acc"}})
+    path = tmp_path / "ref.csv"
+    pd.DataFrame([
+        ("MagR", "Table 4", "llama-2-7b", "fp16", "FP16", "arc_easy", "acc_pct", "69.3", "fp16", "T4"),
+        ("MagR", "Table 4", "llama-2-7b", "fp16", "FP16", "piqa", "acc_norm_pct", "78.5", "fp16", "T4"),
+        ("MagR", "Table 4", "llama-2-7b", "fp16", "FP16", "average", "acc_pct", "63.8", "fp16", "T4"),
+        ("MagR", "Table 4", "llama-2-7b", "omniquant", "W4A16", "average", "acc_pct", "62.5", "", "T4"),
+    ], columns=list(REFERENCE_COLUMNS)).to_csv(path, index=False)
+    table = paper_sections(with_ours(load_reference([path]), results), results)["MagR"]["Table 4"]
+    assert table.loc[("FP16", "fp16"), ("arc_easy", "llama-2-7b")] == "69.30 / 70.00 (+0.70)"
+    assert table.loc[("FP16", "fp16"), ("piqa", "llama-2-7b")] == "78.50 / 90.00 (+11.50)"  # acc_norm, as the row says
+    assert table.loc[("FP16", "fp16"), ("average", "llama-2-7b")] == "63.80 / 75.00 (+11.20)"
+    assert table.loc[("W4A16", "omniquant"), ("average", "llama-2-7b")] == "62.50 / —"

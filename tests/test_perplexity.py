@@ -27,7 +27,8 @@ def test_perplexity_equals_hand_computation(model):
 
 def test_each_windows_loss_is_kept_and_the_perplexity_is_their_mean(model):
     windows = torch.randint(0, 96, (5, 16), generator=torch.Generator().manual_seed(1))
-    metrics, window_nll = perplexity(model, windows, batch_size=2)
+    metrics, per_window = perplexity(model, windows, batch_size=2)
+    window_nll = per_window["window_nll"]
     hand = [math.log(hand_perplexity(model, windows[i : i + 1])) for i in range(5)]
     assert window_nll == pytest.approx(hand, rel=1e-5) and len(set(window_nll)) == 5
     assert metrics["nll"] == pytest.approx(sum(window_nll) / 5) and metrics["ppl"] == pytest.approx(math.exp(metrics["nll"]))

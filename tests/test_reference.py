@@ -14,12 +14,16 @@ REFERENCE = Path(__file__).resolve().parents[1] / "config" / "reference"
 PAPERS = REFERENCE.parent / "papers"
 COLUMNS = ["paper", "table", "model", "method", "setting", "dataset", "metric", "value", "recipe", "source"]
 # paper -> the configs that reproduce its numbers, by evaluation dataset
-CONFIGS = {"MagR": {"wikitext2": "magr.yaml", "c4": "magr-c4.yaml"}, "LQER": {"wikitext2": "lqer.yaml"}}
+ZEROSHOT_DATASETS = {"MagR": ["arc_challenge", "arc_easy", "piqa", "winogrande", "average"], "LQER": ["average6"],
+                     "DWR": ["commonsense_qa_average"]}
+CONFIGS = {"MagR": {"wikitext2": "magr.yaml", "c4": "magr-c4.yaml", **dict.fromkeys(ZEROSHOT_DATASETS["MagR"], "magr.yaml")},
+           "LQER": {"wikitext2": "lqer.yaml", "average6": "lqer.yaml"},
+           "DWR": {"wikitext2": "dwr.yaml", "commonsense_qa_average": "dwr.yaml"}}
 # (file, paper table) -> number of values the paper reports there (counted by hand in the paper's tables)
 EXPECTED_ROWS = {
     ("magr.csv", "Table 1"): 12,   # 3 models x (FP16, MagR) x (Wiki, C4)
     ("magr.csv", "Table 3"): 160,  # 28 rows x 6 columns, less 8 empty cells (70B: OPTQ W2g128, AWQ W3/W3g128/W4)
-    ("magr.csv", "Table 4"): 60,   # 8 LLaMA2-7B rows x 5 columns; 13B and 70B: FP16 and 3 x 3 averages each
+    ("magr.csv", "Table 4"): 64,   # 8 LLaMA2-7B rows x 5 columns; 13B: FP16's 5 columns and 3 x 3 averages; 70B: FP16 and 3 x 3 averages
     ("magr.csv", "Table 6"): 200,  # 25 rows x 8 columns
     ("magr.csv", "Table 7"): 20,   # 5 alphas x (W4, W3) x (Wiki, C4)
     ("magr.csv", "Table 8"): 16,   # 4 betas x (W3, W2) x (Wiki, C4)
@@ -57,9 +61,28 @@ def test_every_paper_table_has_all_its_rows():
 def test_reproducible_numbers_name_a_recipe_and_model_of_the_paper_config(paper):
     rows = pd.concat(frames().values())
     rows = rows[(rows["paper"] == paper) & (rows["recipe"] != "")]
-    assert len(rows) > 50
+    assert len(rows) > (50 if paper != "DWR" else 6)
+    assert set(rows["dataset"]) <= set(CONFIGS[paper])
     for dataset, config_name in CONFIGS[paper].items():
         config = yaml.safe_load((PAPERS / config_name).read_text())
         for row in rows[rows["dataset"] == dataset].itertuples():
             assert row.recipe in config["recipes"], (config_name, row.source, row.recipe)
             assert row.model in config["recipes"][row.recipe].get("models", config["models"]), (config_name, row.source)
+
+
+@pytest.mark.parametrize("paper", sorted(ZEROSHOT_DATASETS))
+def test_zero_shot_numbers_are_scored_by_the_paper_config(paper):
+    """Every zero-shot number with a recipe is one its paper config scores: the recipe and model
+    among eval.zeroshot's, the dataset a task or an average of it, the metric the task's reported
+    one (acc_pct: acc, acc_norm_pct: acc_norm) or every member's for an average."""
+    rows = pd.concat(frames().values())
+    rows = rows[(rows["paper"] == paper) & (rows["recipe"] != "") & rows["dataset"].isin(ZEROSHOT_DATASETS[paper])]
+    assert len(rows) >= 4
+    config = yaml.safe_load((PAPERS / CONFIGS[paper][rows["dataset"].iloc[0]]).read_text())
+    zeroshot = config["eval"]["zeroshot"]
+    reported = {task: (zeroshot.get("metrics") or {}).get(task, "acc") for task in zeroshot["tasks"]}
+    for row in rows.itertuples():
+        assert row.recipe in zeroshot["recipes"] and row.model in zeroshot.get("models", config["models"]), row.source
+        members = zeroshot["averages"].get(row.dataset, [row.dataset])
+        assert set(members) <= set(reported), row.source
+        assert row.metric == "+".join(sorted({reported[task] for task in members})) + "_pct", row.source

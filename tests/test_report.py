@@ -395,3 +395,48 @@ def test_recipes_calibrated_in_different_dtypes_say_which(result_files, tmp_path
     rows = markdown_rows(tables_of(files, tmp_path / "two")["md"].read_text())
     assert (rows["rtn@int3"]["calibrated in"], rows["rtn@int4"]["calibrated in"], rows["fp16"]["calibrated in"]) == (
         "float32", "bfloat16", "—")
+
+
+def test_revisions_reach_all_csv_and_all_md_warns_where_they_differ(tmp_path):
+    """Each result's model and dataset revisions are columns of all.csv (every revision a
+    measurement's seeds used); all.md says which recipes of a model used which revision where its
+    table mixes them, and nothing where they agree."""
+    def with_revisions(recipe, model_revision, dataset_revision="d" * 40):
+        data = result(recipe)
+        data["provenance"] |= {"model_revision": model_revision, "dataset_revision": dataset_revision,
+                               "tokenizer_class": "LlamaTokenizerFast"}
+        return write(tmp_path / f"{recipe}.json", data)
+
+    agreeing = [with_revisions(recipe, "a" * 40) for recipe in ("fp16", "rtn@int4-g64")]
+    written = tables_of(agreeing, tmp_path / "same")
+    table = pd.read_csv(written["csv"])
+    assert set(table["model_revision"]) == {"a" * 40} and set(table["tokenizer_class"]) == {"LlamaTokenizerFast"}
+    assert "Different revisions" not in written["md"].read_text()
+    mixed = [with_revisions("fp16", "a" * 40), with_revisions("rtn@int4-g64", "b" * 40, "e" * 40)]
+    markdown = tables_of(mixed, tmp_path / "mixed")["md"].read_text()
+    assert f"**Different revisions of the model** in this table: {'a' * 12} (fp16); {'b' * 12} (rtn@int4-g64)" in markdown
+    assert f"**Different revisions of the dataset wiki-mini** in this table: {'d' * 12} (fp16); {'e' * 12} (rtn@int4-g64)" in markdown
+
+
+def test_kl_divergence_and_flips_reach_the_tables_with_intervals(result_files, tmp_path):
+    kld, flips = [0.01, 0.03, 0.02, 0.02, 0.04, 0.0], [0.1, 0.2, 0.1, 0.3, 0.2, 0.1]
+    seeds = {seed: {**result("rtn@int3"), "calibration_seed": seed, "window_kld": [v * (1 + seed) for v in kld],
+                    "window_flips": flips, "metrics": {"ppl": 9876.5, "kld": 0.02 * (1 + seed), "flips": 1 / 6}}
+             for seed in (0, 1, 2)}
+    files = [path for path in result_files if "rtn@int3.json" not in path.name]
+    files += [write(tmp_path / f"ppl-rtn@int3-s{seed}.json", entry) for seed, entry in seeds.items()]
+    written = tables_of(files, tmp_path / "tables")
+    windows = pd.read_csv(written["windows"])
+    assert windows.loc[windows["recipe"] == "rtn@int3", "kld"].sum() == pytest.approx(sum(kld) * 6)
+    assert windows.loc[windows["recipe"] == "fp16", ["kld", "flips"]].isna().all().all()
+    table = pd.read_csv(written["csv"]).set_index(["recipe", "dataset", "metric"])
+    row = table.loc[("rtn@int3", "wiki-mini", "kld")]
+    assert row["value"] == pytest.approx(0.04) and row["ci_low"] < 0.04 < row["ci_high"]  # mean over seeds and windows
+    assert table.loc[("rtn@int3", "wiki-mini", "flips"), "value"] == pytest.approx(1 / 6)
+    rows = markdown_rows(written["md"].read_text())
+    assert rows["rtn@int3"]["wiki-mini KLD"].startswith("0.0400 ±") and rows["rtn@int3"]["wiki-mini flips"].startswith("0.167 ±")
+    assert rows["fp16"]["wiki-mini KLD"] == "—"
+    assert rows["rtn@int3"]["draws"] == "3" and rows["rtn@int4"]["draws"] == "1"
+    broken = {**seeds[0], "window_kld": kld[:3]}
+    with pytest.raises(PtqError, match="'window_kld' is not one number per window"):
+        gather_results([write(tmp_path / "broken.json", broken)])

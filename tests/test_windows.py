@@ -193,6 +193,16 @@ def test_document_evaluation_accepts_exact_length_and_truncates(corpus):
     assert total_again == 40 and torch.equal(first, windows[:5])
 
 
+def test_document_evaluation_redraw_rule_never_keeps_an_exact_length_document(corpus):
+    documents, tokenizer = corpus
+    redraw = dataclasses.replace(DOCUMENT_SPEC, exact_length_documents="redraw")
+    windows, total = evaluation_windows(documents, tokenizer, redraw, seqlen=40, nsamples=40, seed=0)
+    assert total == 40 and windows.shape == (40, 40)
+    assert 0 not in {document_of(tokenizer, w) for w in windows}  # document 0 has exactly 40 tokens
+    with pytest.raises(PtqError, match="has 120 tokens in its longest document, fewer than one window of seqlen 120"):
+        evaluation_windows(documents, tokenizer, redraw, seqlen=120, nsamples=2)
+
+
 def test_document_protocol_fails_when_no_document_is_long_enough(corpus):
     documents, tokenizer = corpus
     with pytest.raises(PtqError) as error:
@@ -245,3 +255,13 @@ def test_non_positive_sizes_are_rejected(corpus, keyword, value):
             calibration_windows(documents, tokenizer, STREAM_SPEC, seed=0, **arguments)
         else:
             evaluation_windows(documents, tokenizer, STREAM_SPEC, **arguments)
+
+
+def test_only_the_chunks_protocol_draws_no_calibration_windows():
+    """LQER's chunks are the same at every seed (its results then carry no seed: no draw to
+    replicate); GPTQ's concatenated and documents protocols draw them at random."""
+    from ptqrepro.data.corpora import BUILTIN_CORPORA
+    from ptqrepro.data.windows import calibration_is_drawn
+
+    drawn = {name: calibration_is_drawn(spec) for name, spec in BUILTIN_CORPORA.items()}
+    assert drawn == {"wiki-mini": True, "wikitext2": True, "c4": True, "slimpajama": False}

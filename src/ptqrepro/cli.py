@@ -2,16 +2,20 @@
 
     ptqrepro prepare-model  --name M --spec '{gguf: {...}}' --out results/models/M
     ptqrepro prepare-corpus --name C [--spec '{path: ...}'] --out results/corpora/C
-    ptqrepro calibrate      --model DIR --corpus DIR --nsamples N --seqlen L --seed S --out FILE.pt
+    ptqrepro calibrate      --model DIR --corpus DIR --nsamples N --seqlen L --seed S [--tokenizer slow] --out FILE.pt
     ptqrepro quantize       --model DIR [--calibration FILE.pt] --recipe NAME --spec '{steps: [rtn], weight: int4}' [--offload cpu] --out DIR --metrics FILE.json
-    ptqrepro eval-ppl       --model DIR --quantized DIR --corpus DIR --seqlen L [--max-windows K] [--placement layers] --out FILE.json
+    ptqrepro float-reference --model DIR --corpus DIR --seqlen L [--max-windows K] [--tokenizer slow] --top-k K --out FILE.safetensors
+    ptqrepro eval-ppl       --model DIR --quantized DIR --corpus DIR --seqlen L [--max-windows K] [--tokenizer slow] [--reference FILE] [--placement layers] --out FILE.json
     ptqrepro zeroshot-tasks --corpus DIR --items N --seed S --out DIR
-    ptqrepro eval-zeroshot  --model DIR --quantized DIR --tasks T... [--include DIR] --out-dir DIR
-    ptqrepro export         --model DIR --quantized DIR --format compressed-tensors|dequantized [--drop-activation-quantization] --out DIR
-    ptqrepro tables         --out DIR [--bootstrap-samples B --bootstrap-seed S --level 0.95] RESULT.json...
+    ptqrepro stage-tasks    --tasks T... [--metric T=acc_norm...] --out FILE.json
+    ptqrepro eval-zeroshot  --model DIR --quantized DIR --tasks T... [--include DIR] [--staged FILE.json] [--num-fewshot K] [--metric T=acc_norm...] --out-dir DIR
+    ptqrepro export         --model DIR --quantized DIR --format compressed-tensors|dequantized [--drop-activation-quantization] [--target vllm-cpu] --out DIR
+    ptqrepro vllm-check     --exported DIR --result JSON --corpus DIR [--vllm-python PY] [--windows N] --out TABLE.md
+    ptqrepro tables         --out DIR [--bootstrap-samples B --bootstrap-seed S --level 0.95] [--averages '{avg: {task: acc}}'] RESULT.json...
     ptqrepro plots          --table all.csv --out STEM
     ptqrepro paper-tables   --table all.csv --reference config/reference/magr.csv... --out DIR
     ptqrepro compare        --windows A/windows.csv B/windows.csv [--labels A B] --out DIR
+    ptqrepro compare-claims --runs A B --config CONFIG.yaml --out DIR
     ptqrepro claims         --table all.csv --windows windows.csv --claims '[{paper: ..., claim: ..., below: [A, B]}]' --out DIR
 
 Bad input ends with one line ``ptqrepro: error: ...``, exit code 2 for a bad argument and 1 for a
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import pickle
@@ -36,10 +41,13 @@ import torch
 
 from ptqrepro.errors import InputError, PtqError, first_line
 from ptqrepro.io import atomic_path, check_writable, load_yaml, read_json, write_json
+from ptqrepro.models.sources import TOKENIZERS
 from ptqrepro.placement import OFFLOADS, PLACEMENTS, check_offload
 
 SPLIT_FILE = "{split}.jsonl"
 CORPUS_MANIFEST = "corpus.json"
+TASKS_SOURCE = "source.json"
+"""What a local zero-shot task folder records of the corpus it was drawn from (its name and revision)."""
 
 
 def _spec(text: str | None) -> dict:
@@ -85,6 +93,20 @@ def _corpus(corpus_dir: str):
     if not manifest.is_file():
         raise InputError(f"{corpus_dir} is not a prepared corpus (no {CORPUS_MANIFEST}); run prepare-corpus")
     return CorpusSpec(**read_json(manifest)["spec"])
+
+
+def _corpus_revision(corpus_dir: str) -> str | None:
+    """The hub commit a prepared corpus was read at (None: a local source, or prepared before it was recorded)."""
+    return read_json(Path(corpus_dir) / CORPUS_MANIFEST).get("revision")
+
+
+def _revisions(model_dir: str, dataset_revision: str | None, tokenizer_class: str | None) -> dict:
+    """What a result records of the exact inputs it was computed from: the hub commit of its model
+    and of its dataset (None: a local folder or file) and the tokenizer class that tokenized the text."""
+    from ptqrepro.models.sources import model_revision
+
+    return {"model_revision": model_revision(model_dir), "dataset_revision": dataset_revision,
+            "tokenizer_class": tokenizer_class}
 
 
 def _documents(corpus_dir: str, split: str) -> list[str]:
@@ -134,10 +156,11 @@ def _windows_table(path: str, option: str = "--windows"):
 
 
 def cmd_prepare_model(args) -> None:
-    from ptqrepro.models.sources import ModelSource, local_model_problem, offline_hub_problem, prepare_model
+    from ptqrepro.models.sources import ModelSource, prepare_model
+    from ptqrepro.preflight import model_source_problem
 
     source = ModelSource.from_config(args.name, _spec(args.spec))
-    problem = source.hub and (local_model_problem(source.hub) or offline_hub_problem(source.hub))
+    problem = model_source_problem(source)
     if problem:
         raise InputError(f"--spec: model {args.name!r}: {problem}")
     check_writable(args.out, "--out", folder=True)
@@ -146,28 +169,31 @@ def cmd_prepare_model(args) -> None:
 
 
 def cmd_prepare_corpus(args) -> None:
-    from ptqrepro.data.corpora import corpus_spec, write_corpus
+    from ptqrepro.data.corpora import corpus_revision, corpus_spec, write_corpus
 
     spec = corpus_spec(args.name, _spec(args.spec) or None)
     check_writable(args.out, "--out", folder=True)
     with atomic_path(args.out) as tmp:
         stats = write_corpus(spec, tmp)
-        write_json(tmp / CORPUS_MANIFEST, {"spec": dataclasses.asdict(spec), "stats": stats})
+        write_json(tmp / CORPUS_MANIFEST, {"spec": dataclasses.asdict(spec), "stats": stats, "revision": corpus_revision(spec)})
     print(json.dumps(stats))
 
 
 def cmd_calibrate(args) -> None:
-    from ptqrepro.data.windows import calibration_windows
+    """The calibration windows, with their seed, or None where the protocol draws nothing (LQER's
+    chunks): every seed gives the same windows, so its results carry no seed and rest on no draw."""
+    from ptqrepro.data.windows import calibration_is_drawn, calibration_windows
     from ptqrepro.models.sources import load_tokenizer
 
     spec = _corpus(args.corpus)
     check_writable(args.out, "--out")
-    tokenizer = load_tokenizer(args.model)
-    windows = calibration_windows(
-        _documents(args.corpus, "train"), tokenizer, spec, args.nsamples, args.seqlen, args.seed
-    )
+    tokenizer = load_tokenizer(args.model, args.tokenizer)
+    windows = calibration_windows(_documents(args.corpus, "train"), tokenizer, spec, args.nsamples, args.seqlen, args.seed)
+    revisions = _revisions(args.model, _corpus_revision(args.corpus), type(tokenizer).__name__)
     with atomic_path(args.out) as tmp:
-        torch.save({"input_ids": windows, "corpus": spec.name, "seed": args.seed}, tmp)
+        seed = args.seed if calibration_is_drawn(spec) else None
+        torch.save({"input_ids": windows, "corpus": spec.name, "seed": seed, "tokenizer": args.tokenizer,
+                    **revisions}, tmp)
     print(f"{tuple(windows.shape)} calibration windows from {spec.name} -> {args.out}")
 
 
@@ -219,7 +245,7 @@ def cmd_quantize(args) -> None:
             dtype=torch_dtype(dtype), checkpoints=checkpoints, offload=args.offload, release_layers=True,
         )
         description = _recipe_description(recipe, settings, result)
-        record = {**provenance.record(settings, device), "offload": args.offload}
+        record = {**provenance.record(settings, device), "offload": args.offload, **_calibration_revisions(args.model, calibration)}
         errors = [r["weight_rel_error"] for r in result.records]
         metrics = {
             "quantize_time_s": record["wall_time_s"],
@@ -241,6 +267,14 @@ def cmd_quantize(args) -> None:
         if checkpoints is not None:
             checkpoints.remove()
     print(f"{recipe.name}: {len(result.quantized)} linears, {description['bits_per_weight']} bits/weight")
+
+
+def _calibration_revisions(model_dir: str, calibration: dict | None) -> dict:
+    """``_revisions`` of a quantize or DWR job: its model's, and the calibration corpus's and tokenizer
+    class that ``calibrate`` recorded (None where the recipe reads no calibration data, or in files
+    written before it recorded them)."""
+    calibration = calibration or {}
+    return _revisions(model_dir, calibration.get("dataset_revision"), calibration.get("tokenizer_class"))
 
 
 def _quantize_settings(args, spec: dict, calibration: dict | None, dtype: str) -> dict:
@@ -300,7 +334,7 @@ def _quantize_with_peer(args, spec: dict, provenance) -> None:
     recipe = dataclasses.replace(peer.mirrors, name=peer.name)
     description = {**_recipe_description(recipe, settings, outcome.result), "toolkit": kit.name,
                    "toolkit_version": kit.version(), "mirrors": peer.mirrors.name}
-    record = {**provenance.record(settings, device), "offload": args.offload}
+    record = {**provenance.record(settings, device), "offload": args.offload, **_calibration_revisions(args.model, calibration)}
     metrics = {"quantize_time_s": record["wall_time_s"], "toolkit_time_s": round(outcome.seconds, 3),
                "bits_per_weight": description["bits_per_weight"]}
     save_artifact(args.out, outcome.result.quantized, outcome.result.float_parameters,
@@ -345,7 +379,7 @@ def cmd_dwr(args) -> None:
         result = search_model(model, base, calibration["input_ids"], recipe.settings, device=device,
                               batch_size=args.batch_size, log=print, dtype=torch_dtype(dtype), checkpoints=checkpoints,
                               offload=args.offload)
-        record = {**provenance.record(settings, device), "offload": args.offload}
+        record = {**provenance.record(settings, device), "offload": args.offload, **_calibration_revisions(args.model, calibration)}
         changed = sum(1 for block in result.blocks if block.chosen)
         save_artifact(args.out, result.quantized, base.float_parameters,
                       {**description, "config_hash": record["config_hash"], BASE_MODEL: base_model}, corrections=base.corrections)
@@ -401,30 +435,65 @@ def _model_to_evaluate(args):
 
 def cmd_eval_ppl(args) -> None:
     from ptqrepro.data.windows import evaluation_windows
+    from ptqrepro.eval.divergence import FloatReference
     from ptqrepro.eval.perplexity import perplexity, windows_fingerprint
+    from ptqrepro.models.sources import load_tokenizer
     from ptqrepro.provenance import Provenance
 
     _set_threads(args.threads)
     provenance = Provenance()
     spec = _corpus(args.corpus)
     check_writable(args.out, "--out")
-    with _model_to_evaluate(args) as (model, tokenizer, manifest, device, dtype, placement):
+    tokenizer = load_tokenizer(args.model, args.tokenizer)
+    reference = FloatReference.load(args.reference) if args.reference else None
+    with _model_to_evaluate(args) as (model, _, manifest, device, dtype, placement):
         windows, total = evaluation_windows(
             _documents(args.corpus, "test"), tokenizer, spec, args.seqlen, args.max_windows,
             nsamples=args.nsamples, seed=args.seed,
         )
-        metrics, window_nll = perplexity(model, windows, batch_size=args.batch_size, device=device)
+        if reference is not None:
+            reference.check_windows(windows_fingerprint(windows), args.reference)
+        metrics, per_window = perplexity(model, windows, batch_size=args.batch_size, device=device, reference=reference)
     protocol = {"seqlen": args.seqlen, "windows": int(windows.shape[0]), "total_windows": total,
                 "max_windows": args.max_windows, "dtype": dtype, "sampling": spec.sampling, "split": "test",
-                "seed": args.seed, "windows_sha256": windows_fingerprint(windows)}
+                "seed": args.seed, "tokenizer": args.tokenizer, "tokenizer_class": type(tokenizer).__name__,
+                "windows_sha256": windows_fingerprint(windows), "kld_top_k": reference.k if reference is not None else None}
     description = _result_description(manifest)
     write_json(args.out, {
         "kind": "perplexity", **description, "dataset": spec.name, "metrics": metrics, "protocol": protocol,
-        "window_nll": window_nll,
+        **per_window,
         "provenance": {**provenance.record({"protocol": protocol, "quantized": manifest["config_hash"]}, device),
-                       "placement": placement},
+                       "placement": placement,
+                       **_revisions(args.model, _corpus_revision(args.corpus), type(tokenizer).__name__)},
     })
     print(f"{description['recipe']} on {spec.name}: ppl {metrics['ppl']:.3f} over {windows.shape[0]} windows")
+
+
+def cmd_float_reference(args) -> None:
+    """The float model's top-k next-token log-probabilities on the evaluation windows, once per
+    model, dataset and protocol, for the KL and flips of every eval-ppl (``eval.divergence``)."""
+    from ptqrepro.data.windows import evaluation_windows
+    from ptqrepro.eval.divergence import float_reference
+    from ptqrepro.eval.perplexity import windows_fingerprint
+    from ptqrepro.models.sources import compute_dtype, load_model, load_tokenizer, require_finite_weights, resolve_device
+    from ptqrepro.placement import placed_for_evaluation
+
+    _set_threads(args.threads)
+    spec = _corpus(args.corpus)
+    check_writable(args.out, "--out")
+    device = resolve_device(args.device)
+    dtype = compute_dtype(args.dtype, device)
+    tokenizer = load_tokenizer(args.model, args.tokenizer)
+    model, _ = load_model(args.model, dtype)
+    require_finite_weights(model, args.model)
+    windows, _ = evaluation_windows(_documents(args.corpus, "test"), tokenizer, spec, args.seqlen, args.max_windows,
+                                    nsamples=args.nsamples, seed=args.seed)
+    with placed_for_evaluation(model, device, args.placement):
+        reference = float_reference(model, windows, args.top_k, args.batch_size, device, windows_fingerprint(windows))
+    with atomic_path(args.out) as tmp:
+        reference.save(tmp, {"model": Path(args.model).name, "dataset": spec.name, "seqlen": args.seqlen, "dtype": dtype,
+                             "top_k": reference.k})
+    print(f"float top-{reference.k} of {spec.name}: {tuple(reference.ids.shape[:2])} positions -> {args.out}")
 
 
 def cmd_zeroshot_tasks(args) -> None:
@@ -434,29 +503,84 @@ def cmd_zeroshot_tasks(args) -> None:
     check_writable(args.out, "--out", folder=True)
     with atomic_path(args.out) as tmp:
         written = write_local_tasks(_documents(args.corpus, "test"), tmp, args.items, args.seed, located_at=args.out)
+        write_json(tmp / TASKS_SOURCE, {"corpus": _corpus(args.corpus).name, "revision": _corpus_revision(args.corpus)})
     print(json.dumps(written))
 
 
+def _task_metrics(pairs: list[str], tasks: list[str]) -> dict[str, str]:
+    """``--metric TASK=METRIC`` pairs as ``{task: metric}``; every task of ``tasks`` not named: acc."""
+    chosen = {}
+    for pair in pairs or []:
+        task, _, metric = pair.partition("=")
+        if task not in tasks or metric not in ("acc", "acc_norm"):
+            raise PtqError(f"--metric {pair}: give TASK=acc or TASK=acc_norm for a task of --tasks")
+        chosen[task] = metric
+    return {task: chosen.get(task, "acc") for task in tasks}
+
+
+def cmd_stage_tasks(args) -> None:
+    from ptqrepro.eval.zeroshot import check_metrics, stage_tasks
+
+    check_writable(args.out, "--out")
+    staged = stage_tasks(args.tasks)
+    check_metrics(staged["tasks"], _task_metrics(args.metric, args.tasks))
+    write_json(args.out, staged)
+    print(f"staged {len(staged['tasks'])} hub task(s) with lm-eval {staged['lm_eval']}: {' '.join(staged['tasks'])}")
+
+
 def cmd_eval_zeroshot(args) -> None:
-    from ptqrepro.eval.zeroshot import HARNESS_SETTINGS, evaluate_zeroshot
+    from ptqrepro.eval.zeroshot import (
+        HARNESS_SETTINGS,
+        LOCAL_TASKS,
+        check_metrics,
+        evaluate_zeroshot,
+        lm_eval_version,
+        load_tasks,
+        task_record,
+        write_items,
+    )
     from ptqrepro.provenance import Provenance
 
     _set_threads(args.threads)
     provenance = Provenance()
     check_writable(Path(args.out_dir) / "zeroshot.json", "--out-dir")
+    metrics_of = _task_metrics(args.metric, args.tasks)
+    if args.staged:
+        staged = read_json(args.staged)
+        if staged["lm_eval"] != lm_eval_version():
+            raise PtqError(f"{args.staged}: staged with lm-eval {staged['lm_eval']}, this job has {lm_eval_version()}: stage the tasks again")
+    loaded = load_tasks(args.tasks, args.include)  # before the model: a task without its data fails at once
+    records = {task: task_record(built) for task, built in loaded[1].items()}
+    check_metrics(records, metrics_of)
+    if args.staged:
+        moved = [f"{task} ({staged['tasks'][task]['dataset_revision']} staged, {record['dataset_revision']} here)"
+                 for task, record in records.items() if task in staged["tasks"]
+                 and None not in (staged["tasks"][task]["dataset_revision"], record["dataset_revision"])
+                 and staged["tasks"][task]["dataset_revision"] != record["dataset_revision"]]
+        if moved:
+            raise PtqError(f"{args.staged}: the cached datasets changed since staging: {', '.join(moved)}; stage the tasks again")
     with _model_to_evaluate(args) as (model, tokenizer, manifest, device, dtype, placement):
         results = evaluate_zeroshot(model, tokenizer, args.tasks, args.include, args.batch_size, args.max_length,
-                                    device, args.limit)
+                                    device, args.limit, args.num_fewshot, loaded)
+    source = Path(args.include or "") / TASKS_SOURCE
+    local_revision = read_json(source).get("revision") if args.include and source.is_file() else None
     description = _result_description(manifest)
     protocol = {"batch_size": args.batch_size, "max_length": args.max_length, "limit": args.limit, "dtype": dtype,
-                "num_fewshot": 0, **HARNESS_SETTINGS}
-    for task, metrics in results.items():
+                "num_fewshot": args.num_fewshot, **HARNESS_SETTINGS}
+    for task, result in results.items():
+        items = Path(args.out_dir) / f"zeroshot-{task}.items.csv"
+        with atomic_path(items) as tmp:
+            write_items(tmp, result.items)
         write_json(Path(args.out_dir) / f"zeroshot-{task}.json", {
-            "kind": "zeroshot", **description, "dataset": task, "metrics": metrics, "protocol": protocol,
+            "kind": "zeroshot", **description, "dataset": task, "metrics": result.metrics,
+            "reported_metric": metrics_of[task], "protocol": protocol,
+            "task": {**result.record, "n_shot": result.num_fewshot, "items": items.name, "lm_eval": lm_eval_version()},
             "provenance": {**provenance.record({"protocol": protocol, "task": task, "quantized": manifest["config_hash"]},
-                                               device), "placement": placement},
+                                               device), "placement": placement,
+                           **_revisions(args.model, local_revision if task in LOCAL_TASKS else result.record["dataset_revision"],
+                                       type(tokenizer).__name__)},
         })
-        shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items() if not name.endswith("stderr"))
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in result.metrics.items() if not name.endswith("stderr"))
         print(f"{description['recipe']} on {task}: {shown}")
 
 
@@ -464,9 +588,20 @@ def cmd_export(args) -> None:
     from ptqrepro.export import export_model
 
     check_writable(args.out, "--out", folder=True)
-    manifest = export_model(args.model, args.quantized, args.format, args.out, args.drop_activation_quantization)
+    manifest = export_model(args.model, args.quantized, args.format, args.out, args.drop_activation_quantization,
+                            args.target)
     dropped = f", without its {', '.join(manifest['dropped'])}" if manifest["dropped"] else ""
     print(f"{manifest['recipe']} -> {args.out} ({args.format}{dropped})")
+
+
+def cmd_vllm_check(args) -> None:
+    from ptqrepro.vllm_check import vllm_check, write_check
+
+    check_writable(args.out, "--out")
+    record = vllm_check(args.exported, args.result, args.corpus, args.vllm_python, args.windows, args.dtype, args.log)
+    write_check(record, args.out)
+    print(f"{record['recipe']} in vLLM ({record['dtype']}, {record['windows']} windows): largest window NLL "
+          f"difference {record['max_abs_difference']:.3g} nats -> {args.out}")
 
 
 def _bootstrap(args):
@@ -476,12 +611,15 @@ def _bootstrap(args):
 
 
 def cmd_tables(args) -> None:
-    from ptqrepro.report.tables import gather_results, summarize, write_tables
+    from ptqrepro.report.tables import gather_results, summarize, with_averages, write_tables
 
     settings = _bootstrap(args)
     check_writable(args.out, "--out", folder=True)
     results = gather_results(args.results)
-    paths = write_tables(results, summarize(results, settings), args.out, settings)
+    averages = load_yaml(args.averages, "--averages") if args.averages else {}
+    if not isinstance(averages, dict) or not all(isinstance(tasks, dict) and tasks for tasks in averages.values()):
+        raise PtqError("--averages: give {name: {task: acc or acc_norm, ...}, ...}")
+    paths = write_tables(results, with_averages(summarize(results, settings), averages), args.out, settings)
     print(" ".join(str(path) for path in paths.values()))
 
 
@@ -564,6 +702,20 @@ def cmd_compare(args) -> None:
     print(f"{len(table)} measurements, {int(table['resolved'].sum())} moved beyond the windows' noise ->", paths["md"])
 
 
+def cmd_compare_claims(args) -> None:
+    from ptqrepro.report.claims import claims_from_config
+    from ptqrepro.report.compare import compare_verdicts, read_run, write_verdict_comparison
+
+    settings = _bootstrap(args)
+    config = load_yaml(Path(args.config).read_text(), args.config)
+    claims = claims_from_config(config.get("claims") or [])
+    runs = [read_run(folder) for folder in args.runs]
+    table = compare_verdicts(claims, runs[0][:2], runs[1][:2], settings)
+    labels = tuple(args.labels or (Path(folder).name for folder in args.runs))
+    paths = write_verdict_comparison(table, args.out, labels, (runs[0][2], runs[1][2]))
+    print(f"{int(table['differs'].sum())} of {len(table)} claims differ ->", paths["md"])
+
+
 def _check_outputs(args) -> None:
     """A quantize or DWR job's outputs writable, checked before its work (``io.check_writable``)."""
     for option, folder in (("out", True), ("metrics", False), ("checkpoint_dir", True)):
@@ -579,6 +731,17 @@ def _positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """An argument that may be zero (few-shot examples): an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return value
 
 
@@ -637,6 +800,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=_positive, required=True)
     p.add_argument("--seqlen", type=_positive, required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default="fast", choices=TOKENIZERS, help="fast, or slow (use_fast=False, as GPTQ datautils)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_calibrate)
 
@@ -649,7 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="artifact directory of the base recipe")
     p.set_defaults(func=cmd_dwr)
 
-    p = sub.add_parser("eval-ppl", help="perplexity of a quantized model with the GPTQ protocol")
+    p = eval_ppl = sub.add_parser("eval-ppl", help="perplexity of a quantized model with the GPTQ protocol")
     p.add_argument("--model", required=True)
     p.add_argument("--quantized", required=True, help="artifact directory from quantize")
     p.add_argument("--corpus", required=True)
@@ -657,14 +821,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=_positive, help="that many windows spread evenly over the test text")
     p.add_argument("--nsamples", type=_positive, default=256, help="windows drawn by the per-document (C4) protocol")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default="fast", choices=TOKENIZERS, help="fast, or slow (use_fast=False, as GPTQ datautils)")
     p.add_argument("--batch-size", type=_positive, default=4)
     p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (see compute_dtype)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=_positive)
     p.add_argument("--placement", default="auto", choices=PLACEMENTS,
                    help="whole: the model on the device; layers: one decoder layer at a time there; auto: whole where it fits")
+    p.add_argument("--reference", help="the float model's top-k log-probabilities (float-reference): adds KL and flips")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_eval_ppl)
+
+    p = sub.add_parser("float-reference", help="the float model's top-k next-token log-probabilities on the evaluation windows")
+    # eval-ppl's own options but the quantized model's and the outputs: the same windows, tokens and dtype
+    for action in eval_ppl._actions:
+        if action.dest not in ("help", "quantized", "reference", "out"):
+            p._add_action(copy.copy(action))
+    p.add_argument("--top-k", type=_positive, default=128, help="log-probabilities kept per token (default 128)")
+    p.add_argument("--out", required=True, help="safetensors file")
+    p.set_defaults(func=cmd_float_reference)
 
     p = sub.add_parser("zeroshot-tasks", help="write the local zero-shot tasks (data and lm-eval YAMLs) from a corpus's test split")
     p.add_argument("--corpus", required=True, help="prepared corpus directory")
@@ -681,13 +856,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--max-length", type=_positive, default=2048)
     p.add_argument("--limit", type=_positive, help="score only the first N items of each task")
+    p.add_argument("--num-fewshot", type=_count, default=0, help="examples per prompt (0: zero-shot)")
+    p.add_argument("--metric", nargs="*", default=[], metavar="TASK=METRIC", help="the accuracy reported per task (acc, acc_norm; default acc)")
+    p.add_argument("--staged", help="the stage-tasks record of the hub tasks (checks lm-eval's version)")
     p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (see compute_dtype)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=_positive)
     p.add_argument("--placement", default="auto", choices=PLACEMENTS,
                    help="whole: the model on the device; layers: one decoder layer at a time there; auto: whole where it fits")
-    p.add_argument("--out-dir", required=True, help="writes zeroshot-<task>.json there")
+    p.add_argument("--out-dir", required=True, help="writes zeroshot-<task>.json and its per-item zeroshot-<task>.items.csv there")
     p.set_defaults(func=cmd_eval_zeroshot)
+
+    p = sub.add_parser("stage-tasks", help="build lm-eval's hub tasks once where the network is, so that jobs find their data offline")
+    p.add_argument("--tasks", required=True, nargs="+", help="lm-eval task names (local ones are skipped)")
+    p.add_argument("--metric", nargs="*", default=[], metavar="TASK=METRIC", help="the accuracy reported per task (acc, acc_norm): checked to exist")
+    p.add_argument("--out", required=True, help="the staging record (JSON): lm-eval's version, each task's dataset and version")
+    p.set_defaults(func=cmd_stage_tasks)
 
     p = sub.add_parser("export", help="a quantized model as a Hugging Face model directory (transformers, vLLM)")
     p.add_argument("--model", required=True, help="prepared model directory")
@@ -697,12 +881,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "dequantized: float weights, for any recipe (see ptqrepro.export)")
     p.add_argument("--drop-activation-quantization", action="store_true",
                    help="export a recipe with activation quantization without it (recorded in ptqrepro-export.json)")
+    p.add_argument("--target", default="transformers", choices=("transformers", "vllm-cpu"),
+                   help="who serves it: vllm-cpu refuses at export what vLLM's CPU build cannot compute, names what it "
+                        "can, and exports int8 W8A8 with its activation quantization")
     p.add_argument("--out", required=True, help="output model directory")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("vllm-check", help="score an exported model in vLLM (its own environment) against eval-ppl's windows")
+    p.add_argument("--exported", required=True, help="exported model directory (ptqrepro export)")
+    p.add_argument("--result", required=True, help="eval-ppl JSON of the same artifact, in the dtype vLLM runs")
+    p.add_argument("--corpus", required=True, help="prepared corpus directory the result scored")
+    p.add_argument("--vllm-python", help="python of vLLM's environment (default: $PTQ_VLLM_PYTHON)")
+    p.add_argument("--windows", type=_positive, help="score the result's first N windows only")
+    p.add_argument("--dtype", default="bfloat16", help="vLLM's dtype (its CPU 4-bit kernel: bfloat16 or float16)")
+    p.add_argument("--log", help="vLLM's output")
+    p.add_argument("--out", required=True, help="agreement table (Markdown; the record beside it as .json)")
+    p.set_defaults(func=cmd_vllm_check)
 
     p = sub.add_parser("tables", help="gather result JSONs into all.csv, all.md, replicates.csv and windows.csv")
     p.add_argument("--out", required=True, help="output directory")
     _add_bootstrap_arguments(p)
+    p.add_argument("--averages", help="zero-shot averages to add, as JSON or YAML: {name: {task: acc|acc_norm}}")
     p.add_argument("results", nargs="+")
     p.set_defaults(func=cmd_tables)
 
@@ -740,6 +939,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for compare.csv and compare.md")
     _add_bootstrap_arguments(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("compare-claims", help="every claim whose verdict differs between two kept runs (benchmarks/runs/)")
+    p.add_argument("--runs", required=True, nargs=2, metavar=("A", "B"),
+                   help="two kept runs' folders, each with all.csv, windows.csv and provenance.json")
+    p.add_argument("--config", required=True, help="the config whose claims are judged (e.g. config/config.yaml)")
+    p.add_argument("--labels", nargs=2, metavar=("A", "B"), help="names of the runs (default: the folders' names)")
+    p.add_argument("--out", required=True, help="output directory for compare-claims.csv and compare-claims.md")
+    _add_bootstrap_arguments(p)
+    p.set_defaults(func=cmd_compare_claims)
 
     p = sub.add_parser("claims", help="check the papers' claims (config 'claims') against all.csv")
     p.add_argument("--table", required=True, help="all.csv from tables")

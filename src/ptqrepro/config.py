@@ -15,10 +15,11 @@ from pathlib import Path
 
 from ptqrepro.cluster import resource_errors
 from ptqrepro.data.corpora import corpus_spec
+from ptqrepro.data.windows import calibration_is_drawn
 from ptqrepro.errors import PtqError
 from ptqrepro.eval.zeroshot import LOCAL_TASKS
 from ptqrepro.io import load_yaml
-from ptqrepro.models.sources import ModelSource
+from ptqrepro.models.sources import ModelSource, slow_tokenizer_problem
 from ptqrepro.recipes import (
     is_peer,
     is_reconstruction,
@@ -172,8 +173,10 @@ def check_config(config: dict) -> None:
     for name, entry in config["models"].items():
         passes(ModelSource.from_config, name, entry)
     for name in _corpora(config):
-        passes(corpus_spec, name, config.get("corpora", {}).get(name))
+        if passes(corpus_spec, name, config.get("corpora", {}).get(name)):
+            passes(_check_corpus_splits, config, name)
     passes(calibration_seeds, config)
+    passes(_check_tokenizers, config)
     if not config["recipes"]:
         errors.append("config key 'recipes' is empty: name at least one recipe")
     for name in config["recipes"]:
@@ -184,9 +187,37 @@ def check_config(config: dict) -> None:
     zeroshot = config["eval"].get("zeroshot") or {}
     passes(_check_zeroshot_recipes, zeroshot, config["recipes"])
     passes(_check_local_tasks, zeroshot)
+    errors += _zeroshot_name_errors(zeroshot, config["models"])
     errors += resource_errors(config)
     if errors:
         raise ConfigError(list(dict.fromkeys(errors)))
+
+
+MIN_CLAIM_DRAWS = 3
+"""Calibration seeds a calibrated recipe named by a claim should run at."""
+
+
+def single_draw_warnings(config: dict) -> list[str]:
+    """One line per recipe that a claim names, reads calibration data and runs at fewer than
+    ``MIN_CLAIM_DRAWS`` calibration seeds (none where the calibration protocol draws nothing). A warning, not an error: its comparisons are marked
+    "single draw" (or rest on few draws) in claims.md and all.md rather than judged, so nothing is
+    misread, and a quick look at one draw stays possible."""
+    named = dict.fromkeys(name for claim in claims_from_config(config.get("claims", []), config["recipes"])
+                          for name in claim.recipes)
+    corpus = config["calibration"].get("corpus")
+    if corpus and not calibration_is_drawn(corpus_spec(corpus, config.get("corpora", {}).get(corpus))):
+        return []  # the same windows at every seed: no draw to replicate
+    warnings = []
+    for name in named:
+        entry = config["recipes"][name]
+        calibrated = (is_peer(entry) or is_reconstruction(entry)
+                      or recipe_from_config(name, recipe_entry(entry)).needs_stats)
+        seeds = recipe_seeds(config, name)
+        if calibrated and len(seeds) < MIN_CLAIM_DRAWS:
+            warnings.append(f"recipe {name!r} is named by a claim and reads calibration data, but runs at "
+                            f"{len(seeds)} calibration seed(s) {seeds}: its claims cannot hold or fail on fewer than "
+                            f"2 draws and are thin on fewer than {MIN_CLAIM_DRAWS} (set calibration.seeds or its seeds)")
+    return warnings
 
 
 def _corpora(config: dict) -> set[str]:
@@ -195,6 +226,29 @@ def _corpora(config: dict) -> set[str]:
     zeroshot = config["eval"].get("zeroshot") or {}
     corpora = set(config.get("corpora", {})) | {config["calibration"]["corpus"], *config["eval"]["ppl"]["datasets"]}
     return corpora | ({zeroshot["corpus"]} if zeroshot.get("corpus") else set())
+
+
+def _check_corpus_splits(config: dict, name: str) -> None:
+    """Corpus ``name`` has the splits the jobs read from it: train to calibrate on, test to evaluate
+    on (perplexity, local zero-shot tasks); slimpajama, for one, has only train."""
+    spec = corpus_spec(name, config.get("corpora", {}).get(name))
+    zeroshot = config["eval"].get("zeroshot") or {}
+    reads = [("calibration.corpus", "train")] if name == config["calibration"]["corpus"] else []
+    reads += [("eval.ppl.datasets", "test")] if name in config["eval"]["ppl"]["datasets"] else []
+    reads += [("eval.zeroshot.corpus", "test")] if name == zeroshot.get("corpus") else []
+    for key, split in reads:
+        if split not in spec.splits:
+            raise PtqError(f"{key}: corpus {name!r} has no {split} split (has: {', '.join(spec.splits)})")
+
+
+def _check_tokenizers(config: dict) -> None:
+    """A ``slow`` tokenizer (calibration, eval.ppl) that the installed transformers cannot load is
+    refused before any job runs, rather than replaced by the fast one (``models.sources``)."""
+    slow = [key for key, section in (("calibration.tokenizer", config["calibration"]),
+                                     ("eval.ppl.tokenizer", config["eval"]["ppl"])) if section.get("tokenizer") == "slow"]
+    problem = slow_tokenizer_problem() if slow else None
+    if problem:
+        raise PtqError(f"{' and '.join(slow)}: slow cannot be honoured: {problem}; set fast")
 
 
 def _check_recipe_models(config: dict, name: str) -> None:
@@ -225,6 +279,23 @@ def _check_zeroshot_recipes(zeroshot: dict, recipes: dict) -> None:
     unknown = [name for name in zeroshot.get("recipes") or [] if name not in recipes]
     if unknown:
         raise PtqError(f"eval.zeroshot.recipes: {', '.join(unknown)} not in the config's recipes")
+
+
+def _zeroshot_name_errors(zeroshot: dict, models: dict) -> list[str]:
+    """``eval.zeroshot.metrics`` and ``averages`` name tasks of ``eval.zeroshot.tasks``; an average
+    is not named as a task; ``eval.zeroshot.models`` are models of the config. One error each."""
+    tasks = zeroshot.get("tasks", [])
+    problems = [f"eval.zeroshot.metrics: {task} is not in eval.zeroshot.tasks" for task in zeroshot.get("metrics") or {} if task not in tasks]
+    for name, members in (zeroshot.get("averages") or {}).items():
+        missing = [task for task in members if task not in tasks]
+        if missing:
+            problems.append(f"eval.zeroshot.averages.{name}: {', '.join(missing)} not in eval.zeroshot.tasks")
+        if name in tasks:
+            problems.append(f"eval.zeroshot.averages.{name}: the name of a task; name the average otherwise")
+    unknown = [model for model in zeroshot.get("models") or [] if model not in models]
+    if unknown:
+        problems.append(f"eval.zeroshot.models: {', '.join(unknown)} not in the config's models")
+    return problems
 
 
 def _check_local_tasks(zeroshot: dict) -> None:

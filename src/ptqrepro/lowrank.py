@@ -1,6 +1,6 @@
 """A quantized low-rank term beside a quantized weight: LQER's error reconstruction at inference.
 
-LQER (Zhang et al., ICML 2024, repo README; papers.md §2.1) keeps a linear's quantized weight
+LQER (Zhang et al., ICML 2024, repo README; docs/papers.md#lqer-the-method) keeps a linear's quantized weight
 ``Q(W)`` and adds a rank-k approximation ``A_k B_k`` of the quantization error ``Eᵀ = (W - Q(W))ᵀ``
 (``A`` [in, k], ``B`` [k, out]), both stored in their own format. With an activation format
 ``Q_a`` the layer computes (issue 4; ``LinearFlexibleLqer.forward`` in the authors' code):

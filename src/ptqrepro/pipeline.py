@@ -1,4 +1,4 @@
-"""Sequential, layer-by-layer application of a recipe (DESIGN.md "pipeline").
+"""Sequential, layer-by-layer application of a recipe (docs/methods.md#decisions, "Which activations calibrate a layer").
 
 1. Capture the inputs of decoder layer 0 on the calibration windows (a pre-hook on layer 0
    records them and stops the forward pass; only the modules before layer 0 visit the device).

@@ -6,10 +6,10 @@ the models' shapes come from their configs (``models.shapes``: ``config.json`` o
 metadata, never the weights). Every problem is collected and one ``PreflightError`` lists them all,
 each as ``key: value: what is wrong; allowed: what would do``. Nothing is written.
 
-* models: a GGUF source's package installed with its file; a supported architecture; a local
-  folder that exists. A hub model whose ``config.json`` cannot be had here (offline and not in the
-  cache) is not checked: a note says so, a dry run lists its jobs, and a run stops before its first
-  job (``require_hub_models``, the Snakefile's ``onstart``);
+* models: a GGUF source's package installed with its file; a supported architecture. A hub model
+  whose ``config.json`` cannot be had here (offline and not in the cache) is not checked: a note
+  says so; the stage-in's own problems (a local folder that does not exist, a hub model not in the
+  cache while offline, a gated one without a token, the cache's room) are ``staging_problems``;
 * recipes, on every model they run on: the weight and activation formats' groups or blocks divide
   the inputs of every linear, and so does MagR's ``group_size``; an LQER/L2QER rank is at most
   min(in, out) of every linear, and its factors' format fits the inputs and the rank as
@@ -20,14 +20,20 @@ each as ``key: value: what is wrong; allowed: what would do``. Nothing is writte
 * a local corpus: the file of each split a job reads exists and holds at least one window (a token
   is at least one byte);
 * zero-shot task names: local, or known to lm-eval;
-* ``device``: ``cuda[:N]`` needs that GPU here.
+* ``device``: ``cuda[:N]`` needs that GPU here;
+* the stage-in (``staging_problems``): the Hugging Face home ``staging.hf_home`` exists and is
+  writable, with room for the hub models not yet in its cache beside ``staging.min_free_gb``; a
+  hub model or corpus not in the cache while offline, a gated model not in it without a token, and
+  a model folder that does not exist.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -38,8 +44,10 @@ from ptqrepro.errors import PtqError
 from ptqrepro.eval.zeroshot import LOCAL_TASKS
 from ptqrepro.formats import GroupedFormat, parse_format
 from ptqrepro.lowrank import fit_reduction
-from ptqrepro.models.shapes import ModelShapes, read_model_config, shapes_of
-from ptqrepro.models.sources import ModelSource, local_model_problem, offline_hub_problem
+from ptqrepro.hub import (TOKEN_STEPS, cached_revision, has_weights, hub_cache, is_gated, is_local_path, repo_folder,
+                          staging_environment, token_available)
+from ptqrepro.models.shapes import KNOWN_PARAMETERS, ModelShapes, checkpoint_bytes, read_model_config, shapes_of
+from ptqrepro.models.sources import ModelSource
 from ptqrepro.recipes import is_peer, is_reconstruction, recipe_from_config, reconstruction_from_config
 from ptqrepro.steps import LqerStep, MagrStep
 
@@ -67,20 +75,18 @@ class PreflightError(PtqError):
 
 
 def preflight(config: dict, prepared_models: str | Path, log: Callable[[str], None] = print,
-              cuda_devices: int | None = None) -> None:
+              cuda_devices: int | None = None, dry_run: bool = False) -> None:
     """Check ``config`` (schema-validated, ``check_config`` passed) against its models' shapes and
     this machine; raise one ``PreflightError`` listing every problem. ``prepared_models``: the folder
     of the prepared models (``<folder>/<model>``, only read); ``cuda_devices``: the GPUs torch sees
-    (None: ask torch)."""
+    (None: ask torch); ``dry_run``: only planned, so the stage-in's problems are notes, not errors
+    (a dry run reads no model)."""
     problems: list[Problem] = []
-    shapes = {}
+    shapes, model_configs = {}, {}
     for name, entry in config["models"].items():
-        problem = isinstance(entry, dict) and entry.get("hub") is not None and local_model_problem(str(entry["hub"]))
-        if problem:
-            problems.append(Problem(f"models.{name}.hub", entry["hub"], problem, "a local model folder, or a hub id"))
-            continue
         try:
-            shapes[name] = shapes_of(read_model_config(ModelSource.from_config(name, entry), Path(prepared_models) / name))
+            model_configs[name] = read_model_config(ModelSource.from_config(name, entry), Path(prepared_models) / name)
+            shapes[name] = shapes_of(model_configs[name])
         except PtqError as error:
             problems.append(Problem(f"models.{name}", entry, str(error), "an installed package with the file, and a model_type the adapters know"))
         except OSError as error:
@@ -93,20 +99,25 @@ def preflight(config: dict, prepared_models: str | Path, log: Callable[[str], No
     problems += sequence_problems(config, shapes)
     problems += corpus_problems(config)
     problems += zeroshot_problems(config)
+    staging = staging_problems(config, model_configs, log)
+    if dry_run:
+        for problem in staging:
+            log(f"preflight: before a real run: {problem}")
+    else:
+        problems += staging
     if problems:
         raise PreflightError(problems)
 
 
-def require_hub_models(config: dict) -> None:
-    """Before the first job of a run (not of a dry run, which lists the DAG without the models): a
-    ``PreflightError`` listing every hub model that no job could load, the hub being offline and
-    the model not in the hub cache."""
-    problems = [Problem(f"models.{name}.hub", entry["hub"], problem, "a hub id in the hub cache, or the hub online")
-                for name, entry in config["models"].items()
-                if isinstance(entry, dict) and entry.get("hub") is not None
-                and (problem := offline_hub_problem(str(entry["hub"]), bool(config.get("offline"))))]
-    if problems:
-        raise PreflightError(problems)
+def snakemake_dry_run(argv: list[str]) -> bool:
+    """Whether the Snakemake of command line ``argv`` only plans (``-n``): its own parser's reading,
+    since ``workflow.dryrun`` is not known while the Snakefile is read. False for another command line."""
+    from snakemake.cli import get_argument_parser
+
+    try:
+        return bool(get_argument_parser().parse_known_args(argv[1:])[0].dryrun)
+    except SystemExit:  # not Snakemake's command line (the API)
+        return False
 
 
 def device_problems(device: str, cuda_devices: int | None = None) -> list[Problem]:
@@ -257,3 +268,131 @@ def zeroshot_problems(config: dict, known: Callable[[], set[str] | None] = lm_ev
         unknown = [task for task in unknown if task not in TaskManager().all_tasks]
     return [Problem("eval.zeroshot.tasks", task, "not a local task and not in lm-eval's registry",
                     f"{', '.join(LOCAL_TASKS)} (local) or an lm-eval task, e.g. arc_easy, piqa, hellaswag") for task in unknown]
+
+
+def staging_problems(config: dict, model_configs: dict, log: Callable[[str], None] = print,
+                     environ=os.environ) -> list[Problem]:
+    """What would stop the stage-in (``prepare_model``, ``prepare_corpus``) or a job reading it: the
+    Hugging Face home of ``staging.hf_home`` missing or not writable; a model folder that does not
+    exist; a hub model or corpus neither in the cache nor reachable (offline: ``offline: true`` or
+    ``HF_HUB_OFFLINE``); a gated hub model (``hub.GATED``, or so marked on the hub) not in the cache
+    without a token; and less free disk in the cache than the models still to download need beside
+    ``staging.min_free_gb``. A download's size is ``checkpoint_bytes`` of its ``config.json``
+    (``model_configs``: read where it could be), else ``KNOWN_PARAMETERS`` in float16, else unknown
+    (said in a note)."""
+    staging = config.get("staging") or {}
+    environ = {**environ, **staging_environment(staging, environ)}
+    cache = hub_cache(environ)
+    offline = bool(config["offline"]) or environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    problems = home_problems(staging)
+    downloads: dict[str, int | None] = {}
+    for name, entry in config["models"].items():
+        hub = entry.get("hub")
+        key = f"models.{name}.hub"
+        if hub is None:
+            continue
+        problem = hub_model_problem(hub, cache, offline)
+        if problem:
+            problems.append(Problem(key, hub, *problem))
+        elif not is_local_path(hub) and not is_staged(hub, cache):
+            downloads[name] = download_bytes(hub, model_configs.get(name))
+    problems += corpus_stage_problems(config, cache, offline)
+    problems += disk_problems(staging, cache, downloads, config["models"], log)
+    return problems
+
+
+def is_staged(hub: str, cache: Path) -> bool:
+    """Whether a hub model's snapshot, weights included, is in the cache."""
+    revision = cached_revision(hub, "model", cache)
+    return bool(revision) and has_weights(repo_folder(hub, "model", cache) / "snapshots" / revision)
+
+
+def hub_model_problem(hub: str, cache: Path, offline: bool) -> tuple[str, str] | None:
+    """Why a model's ``hub:`` entry cannot be staged or loaded here, and what would do, or None: a
+    local folder that does not exist; a hub model not in ``cache`` while ``offline``; a gated one
+    (``hub.GATED``, or so marked on the hub) not in the cache without a token."""
+    if is_local_path(hub):
+        if Path(hub).expanduser().is_dir():
+            return None
+        return "no such folder", "an existing model folder, or a hub id org/name"
+    if is_staged(hub, cache):
+        return None
+    if offline:
+        return (f"not in the Hugging Face cache {cache}, and offline (offline: true or HF_HUB_OFFLINE)",
+                "stage it first where the network is: offline: false, HF_HUB_OFFLINE unset, then the `stage` target")
+    if is_gated(hub, ask_hub=True) and not token_available():
+        return "a gated repository, not in the Hugging Face cache, and no hub token here", TOKEN_STEPS.format(repo=hub)
+    return None
+
+
+def model_source_problem(source: ModelSource, environ=os.environ) -> str | None:
+    """``hub_model_problem`` of a model source as ``prepare-model`` sees it (the cache and offline
+    mode of ``environ``), as one line; None for a GGUF source or a model that can be had."""
+    if source.hub is None:
+        return None
+    offline = environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    problem = hub_model_problem(source.hub, hub_cache(environ), offline)
+    return f"{source.hub}: {problem[0]}; {problem[1]}" if problem else None
+
+
+def home_problems(staging: dict) -> list[Problem]:
+    """``staging.hf_home`` (where set) is not an existing, writable folder."""
+    home = staging.get("hf_home")
+    if not home:
+        return []
+    path = Path(home).expanduser()
+    allowed = "an existing folder you can write, on a filesystem the submit host and every node share"
+    if not path.is_dir():
+        return [Problem("staging.hf_home", home, "no such folder", allowed)]
+    if not os.access(path, os.W_OK | os.X_OK):
+        return [Problem("staging.hf_home", home, "not writable here", allowed)]
+    return []
+
+
+def download_bytes(hub: str, model_config) -> int | None:
+    """The bytes of a hub model's download: from its config where read, else ``KNOWN_PARAMETERS`` in
+    float16, else None (unknown)."""
+    if model_config is not None:
+        return checkpoint_bytes(model_config)
+    parameters = KNOWN_PARAMETERS.get(hub)
+    return round(parameters * 2) if parameters else None
+
+
+def corpus_stage_problems(config: dict, cache: Path, offline: bool) -> list[Problem]:
+    """A hub corpus (by its repository id) that a job reads, not in the cache while offline."""
+    names = {config["calibration"]["corpus"], *config["eval"]["ppl"]["datasets"]}
+    if (config["eval"].get("zeroshot") or {}).get("corpus"):
+        names.add(config["eval"]["zeroshot"]["corpus"])
+    problems = []
+    for name in sorted(names):
+        spec = corpus_spec(name, config.get("corpora", {}).get(name))
+        if not offline or spec.source != "hub" or Path(spec.path).expanduser().is_dir():
+            continue
+        if cached_revision(spec.path, "dataset", cache) is None:
+            problems.append(Problem(f"corpora.{name}.path", spec.path, f"dataset not in the Hugging Face cache {cache}, and offline",
+                                    "stage it first where the network is: offline: false, HF_HUB_OFFLINE unset, then the `stage` target"))
+    return problems
+
+
+def disk_problems(staging: dict, cache: Path, downloads: dict[str, int | None], models: dict,
+                  log: Callable[[str], None]) -> list[Problem]:
+    """Less free space where the cache is (or would be made) than the known download sizes plus
+    ``staging.min_free_gb``; a model of unknown size is said in a note."""
+    if not downloads:
+        return []
+    unknown = [name for name, size in downloads.items() if size is None]
+    if unknown:
+        log(f"preflight: download size of model(s) {', '.join(unknown)} unknown (config.json not readable here): "
+            "not counted in the disk check")
+    existing = next((folder for folder in (cache, *cache.parents) if folder.is_dir()), None)
+    if existing is None:
+        return []
+    needed = sum(size for size in downloads.values() if size) + staging.get("min_free_gb", 10) * 1e9
+    free = shutil.disk_usage(existing).free
+    if free >= needed:
+        return []
+    listed = ", ".join(f"{models[name]['hub']} {size / 1e9:.1f} GB" for name, size in downloads.items() if size)
+    return [Problem("staging.hf_home", staging.get("hf_home") or str(cache),
+                    f"{free / 1e9:.1f} GB free at {existing}, but the downloads need {needed / 1e9:.1f} GB ({listed}, "
+                    f"and min_free_gb {staging.get('min_free_gb', 10)})",
+                    "a Hugging Face home on a filesystem with that room, or fewer models")]

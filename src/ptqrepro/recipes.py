@@ -142,7 +142,7 @@ DWR_SPACES = ("svd", "random")
 
 @dataclass(frozen=True)
 class DwrSettings:
-    """DWR's search (papers.md §4, §7): the search space, the candidate ranks k (k = 0, the base,
+    """DWR's search (docs/papers.md#dwr): the search space, the candidate ranks k (k = 0, the base,
     is always a candidate), how many calibration windows score a candidate (None: all), the seed
     of the random space."""
 

@@ -1,7 +1,7 @@
 """DWR's search over a quantized model: block by block, greedy, by calibration perplexity.
 
 Algorithm 1 of "Treasures in Discarded Weights for LLM Quantization" (Yu et al., AAAI 2025), as
-papers.md §4 quotes it, with the update this project reads from it (papers.md §7):
+docs/papers.md#dwr-what-is-known quotes it, with the update this project reads from it (docs/papers.md#dwr-our-reading-of-the-update):
 
     p_o <- calibration perplexity of the quantized model
     for each decoder layer (block), in order:

@@ -1,6 +1,18 @@
 # Stage 1: models, corpora and calibration windows, each made once and shared by every method.
+# prepare_model and prepare_corpus are the stage-in (local rules, the Snakefile): a hub model's
+# snapshot and a hub corpus's files are downloaded there once into the Hugging Face cache, with the
+# commit each resolved to; every later job reads them from the cache, offline.
 
 import json
+
+
+# Everything the jobs read from the hub, staged: `snakemake --cores 4 stage --configfile X.yaml`;
+# the zero-shot tasks' datasets too (rule stage_zeroshot_tasks, workflow/rules/evaluate.smk).
+rule stage:
+    input:
+        expand("results/models/{model}", model=MODELS),
+        expand("results/corpora/{corpus}", corpus=STAGED_CORPORA),
+        lambda w: [STAGED_TASKS] if STAGED_TASKS else [],
 
 
 rule prepare_model:
@@ -45,6 +57,9 @@ rule calibrate:
         CONDA_ENV
     resources:
         **OTHER_RESOURCES,
+    params:
+        tokenizer=config["calibration"]["tokenizer"],
     shell:
-        "ptqrepro calibrate --model {input.model} --corpus {input.corpus} --nsamples {wildcards.nsamples}"
-        " --seqlen {wildcards.seqlen} --seed {wildcards.seed} --out {output} > {log} 2>&1"
+        OFFLINE_JOB
+        + "ptqrepro calibrate --model {input.model} --corpus {input.corpus} --nsamples {wildcards.nsamples}"
+        " --seqlen {wildcards.seqlen} --seed {wildcards.seed} --tokenizer {params.tokenizer} --out {output} > {log} 2>&1"

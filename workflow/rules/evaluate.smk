@@ -1,9 +1,45 @@
 # Stage 3: perplexity of every quantized model on every evaluation corpus (GPTQ protocol).
 
+from ptqrepro.eval.zeroshot import hub_tasks, staged_key
+
 # The evaluations of one quantized model (perplexity on every dataset, zero-shot) form one group: on
 # a cluster they run as one submission, one after another on one GPU (profiles/slurm merges the
 # group's jobs with `group-components` and gives each submission the pool `gpu=1`).
 EVALUATION_GROUP = "eval_{model}_{recipe}_s{seed}"
+
+
+# The float model's top-k next-token log-probabilities on a dataset's test windows, once per model
+# and dataset: every recipe's KL divergence and flips are computed from them (ptqrepro.eval.divergence).
+rule float_reference:
+    input:
+        model="results/models/{model}",
+        corpus="results/corpora/{dataset}",
+    output:
+        "results/reference/{model}/{dataset}.safetensors",
+    log:
+        "results/logs/float_reference/{model}/{dataset}.log",
+    conda:
+        CONDA_ENV
+    threads: rule_threads(config, "eval_ppl")
+    resources:
+        **rule_resources(config, "eval_ppl"),
+        placement=config["eval"]["placement"],
+        # the command's device, as a resource: the param records its class (device_class)
+        device=config["device"],
+    params:
+        max_windows=f"--max-windows {PPL['max_windows']}" if PPL.get("max_windows") else "",
+        protocol={
+            key: PPL[key] for key in ("seqlen", "nsamples", "seed", "tokenizer", "batch_size", "dtype", "kld_top_k")
+        },
+        device=lambda w: device_class(),
+    shell:
+        OFFLINE_JOB
+        + "ptqrepro-gpu-slot {resources.gpu} {resources.device} ptqrepro float-reference --model {input.model} --corpus {input.corpus}"
+        " --seqlen {params.protocol[seqlen]} {params.max_windows} --nsamples {params.protocol[nsamples]} --seed {params.protocol[seed]}"
+        " --tokenizer {params.protocol[tokenizer]}"
+        " --batch-size {params.protocol[batch_size]} --dtype {params.protocol[dtype]} --device {resources.device} --placement {resources.placement}"
+        " --threads {threads} --top-k {params.protocol[kld_top_k]}"
+        " --out {output} > {log} 2>&1"
 
 
 rule eval_ppl:
@@ -11,6 +47,7 @@ rule eval_ppl:
         model="results/models/{model}",
         quantized=f"results/quantized/{RUN_DIR}",
         corpus="results/corpora/{dataset}",
+        reference="results/reference/{model}/{dataset}.safetensors",
     output:
         f"results/metrics/{RUN_DIR}/ppl-{{dataset}}.json",
     log:
@@ -28,22 +65,29 @@ rule eval_ppl:
         device=config["device"],
     params:
         max_windows=f"--max-windows {PPL['max_windows']}" if PPL.get("max_windows") else "",
-        protocol={key: PPL[key] for key in ("seqlen", "nsamples", "seed", "batch_size", "dtype")},
+        protocol={key: PPL[key] for key in ("seqlen", "nsamples", "seed", "tokenizer", "batch_size", "dtype")},
         device=lambda w: device_class(),
     shell:
-        "ptqrepro-gpu-slot {resources.gpu} {resources.device} ptqrepro eval-ppl --model {input.model} --quantized {input.quantized} --corpus {input.corpus}"
-        " --seqlen {params.protocol[seqlen]} {params.max_windows} --nsamples {params.protocol[nsamples]} --seed {params.protocol[seed]}"
+        OFFLINE_JOB
+        + "ptqrepro-gpu-slot {resources.gpu} {resources.device} ptqrepro eval-ppl --model {input.model} --quantized {input.quantized} --corpus {input.corpus}"
+        " --seqlen {params.protocol[seqlen]} {params.max_windows} --nsamples {params.protocol[nsamples]} --seed {params.protocol[seed]} --tokenizer {params.protocol[tokenizer]}"
         " --batch-size {params.protocol[batch_size]} --dtype {params.protocol[dtype]} --device {resources.device} --placement {resources.placement}"
-        " --threads {threads}"
+        " --threads {threads} --reference {input.reference}"
         " --out {output} > {log} 2>&1"
 
 
 # Zero-shot accuracy through lm-eval-harness on the in-memory quantized model (one job per model
-# and recipe, one result per task). Local tasks are generated from a corpus's test split.
+# and recipe, one result and one per-item file per task). Local tasks are generated from a corpus's
+# test split; hub tasks are staged once on the submit host (their datasets prepared where the
+# network is) before any GPU job reads them.
 ZEROSHOT = config["eval"].get("zeroshot")
 LOCAL_TASKS_DIR = (
     "results/zeroshot/{corpus}-n{items}-s{seed}".format(**ZEROSHOT) if ZEROSHOT and ZEROSHOT.get("corpus") else None
 )
+HUB_TASKS = hub_tasks(ZEROSHOT["tasks"]) if ZEROSHOT else []
+STAGED_TASKS = f"results/zeroshot/staged-{staged_key(HUB_TASKS)}.json" if HUB_TASKS else None
+# --metric TASK=METRIC for the tasks whose reported accuracy is not acc
+TASK_METRICS = " ".join(f"{task}={metric}" for task, metric in (ZEROSHOT or {}).get("metrics", {}).items())
 
 
 rule zeroshot_tasks:
@@ -62,6 +106,25 @@ rule zeroshot_tasks:
         " --out {output} > {log} 2>&1"
 
 
+# On the submit host (a local rule), where the network is: builds each hub task once, so that
+# `datasets` prepares the cache the (offline) GPU jobs read; records what each task resolved.
+rule stage_zeroshot_tasks:
+    output:
+        "results/zeroshot/staged-{key}.json",
+    log:
+        "results/logs/stage_zeroshot_tasks/{key}.log",
+    wildcard_constraints:
+        key=staged_key(HUB_TASKS),
+    localrule: True
+    conda:
+        CONDA_ENV
+    params:
+        tasks=" ".join(HUB_TASKS),
+        metrics=f"--metric {TASK_METRICS}" if TASK_METRICS else "",
+    shell:
+        "ptqrepro stage-tasks --tasks {params.tasks} {params.metrics} --out {output} > {log} 2>&1"
+
+
 if ZEROSHOT:
 
     rule eval_zeroshot:
@@ -69,8 +132,10 @@ if ZEROSHOT:
             model="results/models/{model}",
             quantized=f"results/quantized/{RUN_DIR}",
             tasks=[LOCAL_TASKS_DIR] if LOCAL_TASKS_DIR else [],
+            staged=[STAGED_TASKS] if STAGED_TASKS else [],
         output:
             [f"results/metrics/{RUN_DIR}/zeroshot-{task}.json" for task in ZEROSHOT["tasks"]],
+            [f"results/metrics/{RUN_DIR}/zeroshot-{task}.items.csv" for task in ZEROSHOT["tasks"]],
         log:
             f"results/logs/eval_zeroshot/{RUN_DIR}.log",
         wildcard_constraints:
@@ -88,13 +153,17 @@ if ZEROSHOT:
             device=config["device"],
         params:
             include=f"--include {LOCAL_TASKS_DIR}" if LOCAL_TASKS_DIR else "",
+            staged=f"--staged {STAGED_TASKS}" if STAGED_TASKS else "",
             tasks=" ".join(ZEROSHOT["tasks"]),
+            metrics=f"--metric {TASK_METRICS}" if TASK_METRICS else "",
             limit=f"--limit {ZEROSHOT['limit']}" if ZEROSHOT.get("limit") else "",
-            protocol={key: ZEROSHOT[key] for key in ("batch_size", "max_length", "dtype")},
+            protocol={key: ZEROSHOT[key] for key in ("batch_size", "max_length", "dtype", "num_fewshot")},
             device=lambda w: device_class(),
             out_dir=lambda w, output: os.path.dirname(output[0]),
         shell:
-            "ptqrepro-gpu-slot {resources.gpu} {resources.device} ptqrepro eval-zeroshot --model {input.model} --quantized {input.quantized} --tasks {params.tasks}"
-            " {params.include} {params.limit} --batch-size {params.protocol[batch_size]} --max-length {params.protocol[max_length]}"
+            OFFLINE_JOB
+            + "ptqrepro-gpu-slot {resources.gpu} {resources.device} ptqrepro eval-zeroshot --model {input.model} --quantized {input.quantized} --tasks {params.tasks}"
+            " {params.include} {params.staged} {params.metrics} {params.limit} --num-fewshot {params.protocol[num_fewshot]}"
+            " --batch-size {params.protocol[batch_size]} --max-length {params.protocol[max_length]}"
             " --dtype {params.protocol[dtype]} --device {resources.device} --placement {resources.placement} --threads {threads}"
             " --out-dir {params.out_dir} > {log} 2>&1"

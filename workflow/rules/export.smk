@@ -24,5 +24,102 @@ rule export:
     resources:
         **OTHER_RESOURCES,
     shell:
-        "ptqrepro export --model {input.model} --quantized {input.quantized} --format {wildcards.format}"
+        OFFLINE_JOB + "ptqrepro export --model {input.model} --quantized {input.quantized} --format {wildcards.format}"
         " --out {output} > {log} 2>&1"
+
+
+# Exports that vLLM serves, on request only (`snakemake export_vllm`, config `export_vllm`): each
+# recipe exported for vLLM's CPU build (`--target vllm-cpu`: what it cannot compute is refused at
+# export, naming what it can), our perplexity evaluation repeated in vLLM's dtype, and vLLM (its
+# own environment, `export_vllm.python` or $PTQ_VLLM_PYTHON) scoring the first windows of the same
+# protocol: results/export/<model>/<recipe>/s<seed>/vllm-check.md, with vLLM's version.
+EXPORT_VLLM = config["export_vllm"]
+VLLM_DATASET = PPL["datasets"][0]
+VLLM_RUNS = [(model, recipe, seed) for model, recipe, seed in SEEDED_RUNS if recipe in EXPORT_VLLM["recipes"]]
+
+
+rule export_for_vllm:
+    input:
+        model="results/models/{model}",
+        quantized=f"results/quantized/{RUN_DIR}",
+    output:
+        directory(f"results/export/{RUN_DIR}/vllm-cpu"),
+    log:
+        f"results/logs/export/{RUN_DIR}/vllm-cpu.log",
+    conda:
+        CONDA_ENV
+    resources:
+        **OTHER_RESOURCES,
+    shell:
+        "ptqrepro export --model {input.model} --quantized {input.quantized} --format compressed-tensors"
+        " --target vllm-cpu --out {output} > {log} 2>&1"
+
+
+rule eval_ppl_vllm_dtype:
+    input:
+        model="results/models/{model}",
+        quantized=f"results/quantized/{RUN_DIR}",
+        corpus="results/corpora/{dataset}",
+    output:
+        f"results/export/{RUN_DIR}/vllm-reference-ppl-{{dataset}}.json",
+    log:
+        f"results/logs/export/{RUN_DIR}/vllm-reference-ppl-{{dataset}}.log",
+    conda:
+        CONDA_ENV
+    threads: rule_threads(config, "eval_ppl")
+    resources:
+        **rule_resources(config, "eval_ppl"),
+    params:
+        max_windows=f"--max-windows {PPL['max_windows']}" if PPL.get("max_windows") else "",
+        protocol={
+            **{key: PPL[key] for key in ("seqlen", "nsamples", "seed", "batch_size")},
+            "dtype": EXPORT_VLLM["dtype"],
+        },
+    shell:
+        "ptqrepro eval-ppl --model {input.model} --quantized {input.quantized} --corpus {input.corpus}"
+        " --seqlen {params.protocol[seqlen]} {params.max_windows} --nsamples {params.protocol[nsamples]} --seed {params.protocol[seed]}"
+        " --batch-size {params.protocol[batch_size]} --dtype {params.protocol[dtype]} --device cpu --threads {threads}"
+        " --out {output} > {log} 2>&1"
+
+
+rule vllm_check:
+    input:
+        exported=f"results/export/{RUN_DIR}/vllm-cpu",
+        result=f"results/export/{RUN_DIR}/vllm-reference-ppl-{VLLM_DATASET}.json",
+        corpus=f"results/corpora/{VLLM_DATASET}",
+    output:
+        table=f"results/export/{RUN_DIR}/vllm-check.md",
+        record=f"results/export/{RUN_DIR}/vllm-check.json",
+    log:
+        run=f"results/logs/export/{RUN_DIR}/vllm-check.log",
+        vllm=f"results/logs/export/{RUN_DIR}/vllm-check-vllm.log",
+    conda:
+        CONDA_ENV
+    resources:
+        **OTHER_RESOURCES,
+    params:
+        python=f"--vllm-python {EXPORT_VLLM['python']}" if EXPORT_VLLM.get("python") else "",
+        windows=EXPORT_VLLM["windows"],
+        dtype=EXPORT_VLLM["dtype"],
+    shell:
+        "ptqrepro vllm-check --exported {input.exported} --result {input.result} --corpus {input.corpus}"
+        " {params.python} --windows {params.windows} --dtype {params.dtype} --log {log.vllm}"
+        " --out {output.table} > {log.run} 2>&1"
+
+
+if VLLM_RUNS:
+
+    rule export_vllm:
+        input:
+            [f"results/export/{model}/{recipe}/s{seed}/vllm-check.md" for model, recipe, seed in VLLM_RUNS],
+
+else:
+
+    rule export_vllm:
+        log:
+            "results/logs/export/export_vllm.log",
+        conda:
+            CONDA_ENV
+        shell:
+            "echo 'snakemake export_vllm: no recipe to check (config export_vllm.recipes is empty or names none)'"
+            " | tee {log}"

@@ -34,7 +34,8 @@ rule quantize:
         calibration=calibration_arguments,
         checkpoints=checkpoint_dir,
     shell:
-        "ptqrepro-gpu-slot {resources.gpu} {resources.device} ptqrepro quantize --model {input.model} {params.calibration}"
+        OFFLINE_JOB
+        + "ptqrepro-gpu-slot {resources.gpu} {resources.device} ptqrepro quantize --model {input.model} {params.calibration}"
         " --recipe {wildcards.recipe:q} --spec {params.spec:q} --device {resources.device}"
         " --offload {resources.offload} --threads {threads}"
         " --out {output.artifact} --metrics {output.metrics}"
@@ -69,7 +70,8 @@ rule dwr:
         dtype=lambda w: calibration_dtype(config, w.recipe),
         checkpoints=checkpoint_dir,
     shell:
-        "ptqrepro-gpu-slot {resources.gpu} {resources.device} ptqrepro dwr --model {input.model} --base {input.base} --calibration {input.calibration}"
+        OFFLINE_JOB
+        + "ptqrepro-gpu-slot {resources.gpu} {resources.device} ptqrepro dwr --model {input.model} --base {input.base} --calibration {input.calibration}"
         " --recipe {wildcards.recipe:q} --spec {params.spec:q} --device {resources.device}"
         " --batch-size {params.batch_size} --dtype {params.dtype} --offload {resources.offload} --threads {threads}"
         " --out {output.artifact} --metrics {output.metrics}"

@@ -2,6 +2,7 @@
 # papers' tables and the figures.
 
 import json
+import shlex
 
 
 rule tables:
@@ -30,8 +31,22 @@ rule tables:
         **OTHER_RESOURCES,
     params:
         bootstrap=BOOTSTRAP,
+        # eval.zeroshot.averages with each task's reported metric: {name: {task: acc|acc_norm}}
+        averages=(
+            "--averages "
+            + shlex.quote(
+                json.dumps(
+                    {
+                        name: {task: ZEROSHOT["metrics"].get(task, "acc") for task in tasks}
+                        for name, tasks in ZEROSHOT["averages"].items()
+                    }
+                )
+            )
+            if ZEROSHOT and ZEROSHOT["averages"] and ZEROSHOT_RUNS
+            else ""
+        ),
     shell:
-        "ptqrepro tables --out results/tables {params.bootstrap} {input} > {log} 2>&1"
+        "ptqrepro tables --out results/tables {params.bootstrap} {params.averages} {input} > {log} 2>&1"
 
 
 rule plot_table_figure:

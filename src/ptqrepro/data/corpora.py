@@ -1,4 +1,5 @@
-"""Corpus definitions and loaders: wiki-mini (offline Wikipedia), WikiText-2 and C4 (hub), local folders.
+"""Corpus definitions and loaders: wiki-mini (offline Wikipedia), WikiText-2, C4 and SlimPajama-6B (hub),
+local folders.
 
 Every corpus is materialised as ``{train,validation,test}.jsonl`` (one ``{"text": ...}`` document per
 line) so that later pipeline steps read plain files and never touch the original source again.
@@ -22,7 +23,9 @@ from ptqrepro.io import atomic_path
 
 SPLITS = ("train", "validation", "test")
 SOURCES = ("gensim-wiki", "hub", "local")
-SAMPLINGS = ("concatenated", "documents")
+SAMPLINGS = ("concatenated", "documents", "chunks")
+EXACT_LENGTH_RULES = ("keep", "redraw")
+README = "README.md"
 
 GENSIM_WIKI_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 MIN_PARAGRAPH_WORDS = 12
@@ -44,7 +47,18 @@ def _identity_splits() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class CorpusSpec:
-    """Where a corpus comes from and which GPTQ window protocol applies to it."""
+    """Where a corpus comes from and which window protocol applies to it (``ptqrepro.data.windows``).
+
+    ``sampling``: ``concatenated`` (GPTQ datautils get_wikitext2), ``documents`` (GPTQ get_c4) or
+    ``chunks`` (LQER's datasets ``map`` pipeline). ``train_join`` / ``test_join`` join the documents
+    of the train (calibration) / test (evaluation) split before they are tokenized.
+    ``exact_length_documents``: what the ``documents`` evaluation does with a drawn document of
+    exactly ``seqlen`` tokens: ``keep`` it (the window is the whole document, no start is drawn) or
+    ``redraw`` (MagR datautils.py get_c4_llama3); GPTQ's get_c4 raises there (``randint(0, -1)``).
+    ``train_documents``: keep only the first N documents of the train split (LQER's
+    ``num_raw_samples``). ``chunk_shards`` and ``chunk_batch``: the ``chunks`` protocol's
+    ``num_proc`` and ``batch_size`` of ``datasets.map`` (:func:`ptqrepro.data.windows.chunk_windows`).
+    """
 
     name: str
     source: str
@@ -56,19 +70,31 @@ class CorpusSpec:
     sampling: str = "concatenated"
     train_join: str = " "
     test_join: str = "\n\n"
+    exact_length_documents: str = "keep"
+    train_documents: int | None = None
+    chunk_shards: int = 8
+    chunk_batch: int = 1000
 
 
 C4_TRAIN_SHARD = "en/c4-train.00000-of-01024.json.gz"
 C4_VALIDATION_SHARD = "en/c4-validation.00000-of-00008.json.gz"
+# The first of SlimPajama-6B's 48 train shards (datasets reads a split's files in name order): it
+# holds the split's first documents, the only ones LQER reads (4096); the other 47 are not needed.
+SLIMPAJAMA_FIRST_TRAIN_SHARD = "data/train-00000-of-00048-*.parquet"
 
 BUILTIN_CORPORA: dict[str, CorpusSpec] = {
     "wiki-mini": CorpusSpec(name="wiki-mini", source="gensim-wiki"),
+    # IST-DASLab/gptq datautils.py get_wikitext2: both splits joined with "\n\n" (SparseGPT's
+    # datautils joins the train split with " ": `train_join: " "`); the hub repository that
+    # `load_dataset("wikitext")` is redirected to.
     "wikitext2": CorpusSpec(
         name="wikitext2",
         source="hub",
-        path="wikitext",
+        path="Salesforce/wikitext",
         config_name="wikitext-2-raw-v1",
+        train_join="\n\n",
     ),
+    # IST-DASLab/gptq datautils.py get_c4: one train and one validation shard, per-document windows.
     "c4": CorpusSpec(
         name="c4",
         source="hub",
@@ -76,6 +102,19 @@ BUILTIN_CORPORA: dict[str, CorpusSpec] = {
         data_files={"train": C4_TRAIN_SHARD, "validation": C4_VALIDATION_SHARD},
         splits={"train": "train", "validation": "validation", "test": "validation"},
         sampling="documents",
+    ),
+    # ChengZhang-98/lqer src/lqer/datasets/slim_pajama.py with the profile settings of its
+    # experiments/configs/template/*.toml: the first 4096 train documents, joined with "\n\n" per
+    # datasets.map batch (8 processes), cut into consecutive windows. Calibration only.
+    "slimpajama": CorpusSpec(
+        name="slimpajama",
+        source="hub",
+        path="DKYoon/SlimPajama-6B",
+        data_files={"train": SLIMPAJAMA_FIRST_TRAIN_SHARD},
+        splits={"train": "train"},
+        sampling="chunks",
+        train_join="\n\n",
+        train_documents=4096,
     ),
 }
 
@@ -111,6 +150,20 @@ def _validated(spec: CorpusSpec) -> CorpusSpec:
         raise PtqError(
             f"corpus {spec.name!r}: sampling {spec.sampling!r} is not one of {', '.join(SAMPLINGS)}"
         )
+    if spec.exact_length_documents not in EXACT_LENGTH_RULES:
+        raise PtqError(
+            f"corpus {spec.name!r}: exact_length_documents {spec.exact_length_documents!r} is not one of "
+            f"{', '.join(EXACT_LENGTH_RULES)}"
+        )
+    for key in ("train_join", "test_join"):
+        if not isinstance(getattr(spec, key), str):
+            raise PtqError(f"corpus {spec.name!r}: {key} must be a string, got {getattr(spec, key)!r}")
+    for key in ("chunk_shards", "chunk_batch", "train_documents"):
+        value = getattr(spec, key)
+        if not (value is None and key == "train_documents") and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise PtqError(f"corpus {spec.name!r}: {key} must be a positive integer, got {value!r}")
     if spec.source in ("hub", "local") and not spec.path:
         raise PtqError(f"corpus {spec.name!r}: source {spec.source!r} needs a 'path'")
     for split in spec.splits:
@@ -120,17 +173,28 @@ def _validated(spec: CorpusSpec) -> CorpusSpec:
 
 
 def load_documents(spec: CorpusSpec, split: str) -> list[str]:
-    """Read the documents of ``split`` (train/validation/test) from the corpus' original source."""
+    """Read the documents of ``split`` (train/validation/test) from the corpus' original source; of
+    the train split only the first ``train_documents`` when that is set."""
     if split not in spec.splits:
         raise PtqError(f"corpus {spec.name!r} has no split {split!r} (has: {', '.join(spec.splits)})")
     source_split = spec.splits[split]
+    limit = spec.train_documents if split == "train" else None
     if spec.source == "gensim-wiki":
-        return _load_gensim_wiki(spec, source_split)
-    if spec.source == "hub":
-        return _load_hub(spec, source_split)
-    if spec.source == "local":
-        return _load_local(spec, source_split)
-    raise PtqError(f"corpus {spec.name!r}: source {spec.source!r} is not one of {', '.join(SOURCES)}")
+        documents = _load_gensim_wiki(spec, source_split)
+    elif spec.source == "hub":
+        documents = _load_hub(spec, source_split, limit)
+    elif spec.source == "local":
+        documents = _load_local(spec, source_split)
+    else:
+        raise PtqError(f"corpus {spec.name!r}: source {spec.source!r} is not one of {', '.join(SOURCES)}")
+    if limit is None:
+        return documents
+    if len(documents) < limit:
+        raise PtqError(
+            f"corpus {spec.name!r}: its train split has {len(documents)} documents, fewer than "
+            f"train_documents {limit}"
+        )
+    return documents[:limit]
 
 
 def write_corpus(spec: CorpusSpec, out_dir: str | os.PathLike) -> dict:
@@ -192,13 +256,17 @@ def _load_local(spec: CorpusSpec, source_split: str) -> list[str]:
 # --- source "hub" ---------------------------------------------------------------------------------
 
 
-def _load_hub(spec: CorpusSpec, source_split: str) -> list[str]:
+def _load_hub(spec: CorpusSpec, source_split: str, limit: int | None = None) -> list[str]:
     """``datasets.load_dataset(path, config, data_files=..., split=...)[text_field]`` as in GPTQ
-    datautils (get_wikitext2, get_c4); ``path`` may also be a local mirror of the hub repository."""
+    datautils (get_wikitext2, get_c4), of the first ``limit`` rows only where given (LQER's
+    ``select(range(num_raw_samples))``). ``path`` is a local mirror of the hub repository, or a hub id:
+    then the files it needs are staged once into the Hugging Face cache (``hub_snapshot``) and loaded
+    from there, so that the load needs no network where they are cached."""
     import datasets
 
+    folder = spec.path if Path(spec.path).expanduser().is_dir() else str(hub_snapshot(spec)[0])
     dataset = datasets.load_dataset(
-        spec.path,
+        folder,
         spec.config_name,
         data_files=_hub_data_files(spec, source_split),
         split=source_split,
@@ -207,7 +275,47 @@ def _load_hub(spec: CorpusSpec, source_split: str) -> list[str]:
         raise PtqError(
             f"corpus {spec.name!r}: text_field {spec.text_field!r} not in columns {dataset.column_names}"
         )
+    if limit is not None and len(dataset) > limit:
+        dataset = dataset.select(range(limit))
     return list(dataset[spec.text_field])
+
+
+def hub_snapshot(spec: CorpusSpec) -> tuple[Path, str]:
+    """The snapshot folder in the Hugging Face cache of a hub corpus's dataset repository and its commit,
+    holding only the files the corpus reads: its ``data_files``, or else its ``config_name``'s files
+    as the repository's card (README.md) maps them, or else the whole repository."""
+    from ptqrepro.hub import stage_dataset
+
+    if spec.data_files:
+        return stage_dataset(spec.path, tuple(sorted(set(spec.data_files.values()))))
+    if spec.config_name is None:
+        return stage_dataset(spec.path, None)
+    card, _ = stage_dataset(spec.path, (README,))
+    return stage_dataset(spec.path, (README, *_config_files(spec, card / README)))
+
+
+def corpus_revision(spec: CorpusSpec) -> str | None:
+    """The commit of a hub corpus's dataset repository it was read at (None: a local source)."""
+    if spec.source != "hub" or Path(spec.path).expanduser().is_dir():
+        return None
+    return hub_snapshot(spec)[1]
+
+
+def _config_files(spec: CorpusSpec, card: Path) -> list[str]:
+    """The file patterns of ``spec.config_name`` in a dataset card's ``configs`` (datasets' metadata)."""
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard
+
+    configs = MetadataConfigs.from_dataset_card_data(DatasetCard.load(card).data)
+    if spec.config_name not in configs:
+        raise PtqError(f"corpus {spec.name!r}: dataset {spec.path} has no config {spec.config_name!r} "
+                       f"(has: {', '.join(configs) or 'none'})")
+    data_files = configs[spec.config_name].get("data_files") or []
+    if isinstance(data_files, str):
+        return [data_files]
+    if isinstance(data_files, dict):
+        data_files = [{"path": path} for path in data_files.values()]
+    return sorted({path for entry in data_files for path in ([entry["path"]] if isinstance(entry["path"], str) else entry["path"])})
 
 
 def _hub_data_files(spec: CorpusSpec, source_split: str) -> dict[str, str] | None:

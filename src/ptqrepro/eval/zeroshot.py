@@ -15,13 +15,22 @@ Local tasks (documents: the test split's articles; sentences split at ``. ! ?`` 
 * ``ptq_nextsentence`` (``multiple_choice``, 4-way): up to three sentences of a paragraph as the
   context; the choices are the sentence that follows and three sentences drawn from other
   articles, in a seeded random order. Metrics: ``acc`` and ``acc_norm`` (length-normalised).
+
+Hub tasks (every task not local) read their datasets through ``datasets``, which offline reads
+only what it prepared before: ``stage_tasks`` builds each task once where the network is, and
+records what it resolved (dataset path, name, revision; the task's version; lm-eval's version);
+``load_tasks`` builds them again in the job and names the task whose data is not there.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import random
 import re
+from dataclasses import dataclass
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 from ptqrepro.errors import PtqError
@@ -154,29 +163,148 @@ def write_local_tasks(documents: list[str], out_dir: str | Path, items: int, see
     return written
 
 
-def evaluate_zeroshot(model, tokenizer, tasks: list[str], include_path: str | None, batch_size: int,
-                      max_length: int, device: str, limit: int | None = None) -> dict[str, dict[str, float]]:
-    """Run lm-eval's ``simple_evaluate`` on ``model`` for ``tasks``; ``{task: {metric: value}}``
-    with lm-eval's metric names without the filter suffix (``acc``, ``acc_stderr``, ``acc_norm``,
-    ``perplexity``, ...)."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+def hub_tasks(tasks: list[str]) -> list[str]:
+    """The tasks that are not local (lm-eval's registry; their data comes from the hub)."""
+    return [task for task in tasks if task not in LOCAL_TASKS]
+
+
+def staged_key(tasks: list[str]) -> str:
+    """The name of a staging record of the hub tasks among ``tasks`` (order and local tasks aside):
+    ``results/zeroshot/staged-<key>.json``."""
+    return hashlib.sha256(" ".join(sorted(set(hub_tasks(tasks)))).encode()).hexdigest()[:12]
+
+
+def lm_eval_version() -> str:
+    return package_version("lm_eval")
+
+
+def task_manager(tasks: list[str], include_path: str | None):
+    """lm-eval's ``TaskManager`` knowing ``tasks``: the local folder alone where it holds them all
+    (indexing lm-eval's registry takes ~12 s), else the registry too. Raises ``PtqError`` naming
+    the tasks neither knows."""
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
-    if manager is None or not set(tasks) <= set(manager.all_tasks):  # indexing lm-eval's registry takes ~12 s
+    if manager is None or not set(tasks) <= set(manager.all_tasks):
         manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
         raise PtqError(f"unknown zero-shot task(s) {', '.join(unknown)} (not local, not in lm-eval's registry)")
+    return manager
+
+
+def load_tasks(tasks: list[str], include_path: str | None) -> tuple[object, dict]:
+    """lm-eval's ``TaskManager`` and ``{task: Task}``, each task built with its data (``datasets``
+    downloads it, or reads the cache it prepared). A task whose data cannot be had is one line
+    naming it and what to do; so is a group or tag name (its tasks are to be named)."""
+    import datasets
+
+    datasets.disable_progress_bars()  # a job's log and a bad input's one line carry no progress bars
+    manager = task_manager(tasks, include_path)
+    loaded = {}
+    for task in tasks:
+        try:
+            built = manager.load([task])["tasks"]
+        except Exception as error:  # datasets/hub errors have no common base class
+            reason = (str(error).strip().splitlines() or [""])[0]
+            raise PtqError(
+                f"zero-shot task {task}: its dataset cannot be loaded here ({type(error).__name__}: {reason}); "
+                f"stage it where the network is (`ptqrepro stage-tasks --tasks {task} --out FILE`, which "
+                "rule stage_zeroshot_tasks runs) with the HF_HOME the jobs read"
+            ) from error
+        if task not in built:
+            raise PtqError(f"zero-shot task {task}: a group or tag of lm-eval ({', '.join(sorted(built))}): name its tasks")
+        loaded[task] = built[task]
+    return manager, loaded
+
+
+def task_record(task) -> dict:
+    """What a built lm-eval task reads and how it scores: its dataset (path, name, the revision it
+    pins or the hub snapshot ``datasets`` resolved, None where neither is known), its version,
+    output type and metrics."""
+    config = task.config
+    kwargs = config.dataset_kwargs or {}
+    return {
+        "dataset_path": config.dataset_path,
+        "dataset_name": config.dataset_name,
+        "dataset_revision": kwargs.get("revision") or _hub_snapshot(config.dataset_path, kwargs.get("revision")),
+        "version": (config.metadata or {}).get("version"),
+        "output_type": config.output_type,
+        "metrics": [entry["metric"] for entry in config.metric_list or [] if isinstance(entry.get("metric"), str)],
+    }
+
+
+def _hub_snapshot(dataset_path: str | None, revision: str | None) -> str | None:
+    """The commit of a hub dataset's cached snapshot (``HF_HUB_CACHE/datasets--org--name/refs``)."""
+    if not dataset_path or "/" not in dataset_path:
+        return None
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    ref = Path(HF_HUB_CACHE) / f"datasets--{dataset_path.replace('/', '--')}" / "refs" / (revision or "main")
+    return ref.read_text().strip() if ref.is_file() else None
+
+
+def stage_tasks(tasks: list[str], include_path: str | None = None) -> dict:
+    """Build every hub task of ``tasks`` once (``datasets`` prepares its cache) and return the
+    staging record: lm-eval's version and each task's ``task_record``. ``include_path``: a folder
+    of more task YAMLs (stand-ins of hub tasks)."""
+    loaded = load_tasks(hub_tasks(tasks), include_path)[1] if hub_tasks(tasks) else {}
+    return {"lm_eval": lm_eval_version(), "tasks": {task: task_record(loaded[task]) for task in sorted(loaded)}}
+
+
+def check_metrics(records: dict[str, dict], metrics: dict[str, str]) -> None:
+    """Each task's reported metric (``eval.zeroshot.metrics``) is one the task computes."""
+    wrong = [f"{task} has no {metric} (it scores {', '.join(records[task]['metrics'])})"
+             for task, metric in metrics.items() if task in records and metric not in records[task]["metrics"]]
+    if wrong:
+        raise PtqError(f"eval.zeroshot.metrics: {'; '.join(wrong)}")
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """One task's scores: lm-eval's aggregate ``metrics`` (filter suffix dropped), the task's
+    ``record`` (``task_record``), the shots used, and ``items``: per scored document its id and its
+    0/1 per accuracy metric (``acc``, ``acc_norm`` where the task has it)."""
+
+    metrics: dict[str, float]
+    record: dict
+    num_fewshot: int
+    items: list[dict]
+
+
+ITEM_METRICS = ("acc", "acc_norm")
+
+
+def evaluate_zeroshot(model, tokenizer, tasks: list[str], include_path: str | None, batch_size: int,
+                      max_length: int, device: str, limit: int | None = None, num_fewshot: int = 0,
+                      loaded: tuple | None = None) -> dict[str, TaskResult]:
+    """Run lm-eval's ``simple_evaluate`` on ``model`` for ``tasks`` (``num_fewshot`` examples per
+    prompt, the per-item results logged); ``{task: TaskResult}``. ``loaded``: what ``load_tasks``
+    returned for ``tasks`` (built here if None)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    manager, built = loaded if loaded is not None else load_tasks(tasks, include_path)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=device)
-    output = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False,
-                             **HARNESS_SETTINGS)
+    output = simple_evaluate(model=lm, tasks=[built[task] for task in tasks], task_manager=manager, limit=limit,
+                             log_samples=True, num_fewshot=num_fewshot, **HARNESS_SETTINGS)
     results = {}
     for task in tasks:
-        metrics = output["results"][task]
-        results[task] = {
-            name.split(",")[0]: float(value) for name, value in metrics.items()
+        metrics = {
+            name.split(",")[0]: float(value) for name, value in output["results"][task].items()
             if "," in name and isinstance(value, (int, float)) and not isinstance(value, bool)
         }
+        items = [{"doc_id": int(sample["doc_id"]), **{name: int(sample[name]) for name in ITEM_METRICS if name in sample}}
+                 for sample in output["samples"][task]]
+        shots = output.get("n-shot", {}).get(task, num_fewshot)
+        results[task] = TaskResult(metrics, task_record(built[task]), int(shots), sorted(items, key=lambda item: item["doc_id"]))
     return results
+
+
+def write_items(path: str | Path, items: list[dict]) -> None:
+    """The per-item results as CSV: ``doc_id`` and each accuracy metric (0/1) the items carry."""
+    columns = ["doc_id", *[name for name in ITEM_METRICS if items and name in items[0]]]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(items)

@@ -9,7 +9,7 @@ The grid follows the GPTQ reference quantizer (IST-DASLab/gptq ``quant.py``):
 
 ``β`` (``shrink``, default 1) is MagR's shrink of the quantisation step (MagR paper §5 "The
 choice of parameters", Table 8; code ``quant.py``: ``scale = beta*(xmax - xmin)/maxq``; see
-papers.md §1.5). With ``β < 1`` the grid is finer and no longer spans the whole range: the
+docs/papers.md#magr-the-beta-shrink-of-the-step). With ``β < 1`` the grid is finer and no longer spans the whole range: the
 asymmetric grid still starts at ``x_min`` and clips the values above
 ``x_min + β (x_max - x_min)`` to its top code, as the reference does; the symmetric grid stays
 centred and clips both ends. The zero point is not clamped, as in the reference: a row with

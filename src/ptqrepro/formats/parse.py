@@ -2,7 +2,7 @@
 
 * Integer grids: ``int<bits>[-g<size>][-sym|-asym][-beta<β>]``, e.g. ``int8``, ``int3-g128``,
   ``int4-g64-sym``, ``int2-beta0.8``; ``beta<β>`` shrinks the step by MagR's β, 0 < β <= 1
-  (``IntFormat.shrink``, papers.md §1.5).
+  (``IntFormat.shrink``, docs/papers.md#magr-the-beta-shrink-of-the-step).
 * MX formats: ``mxint<bits>[-b<size>]`` (bits 8, 6, 4, 2) and ``mxfp<bits>[-e<X>m<Y>][-b<size>]``
   with ``mxfp8`` = ``mxfp8-e4m3`` (or ``-e5m2``), ``mxfp6`` = ``mxfp6-e2m3`` (or ``-e3m2``) and
   ``mxfp4`` = e2m1; the block size defaults to 32 (OCP), e.g. ``mxint4-b16`` is LQER's MXINT4.

@@ -1,9 +1,9 @@
 """DWR, discarded-weight reconstruction: the per-layer mathematics of the candidate weights.
 
 Source: Yu, Zhou, Chen, Yang, Li, Li & Wu, "Treasures in Discarded Weights for LLM Quantization"
-(AAAI 2025), Algorithm 1 and the search spaces of its ablation, as summarised in papers.md §4.
+(AAAI 2025), Algorithm 1 and the search spaces of its ablation, as summarised in docs/papers.md#dwr.
 The paper's update equations (its Eq. 4, 5, 10) are not available; this module implements the
-reading of papers.md §7 ("DWR update"). This is an independent implementation.
+reading of docs/papers.md#dwr-our-reading-of-the-update. This is an independent implementation.
 
 **From the paper.** The discarded weights of a quantized layer are ``D = W - Ŵ_q``, ``Ŵ_q`` the
 dequantized weight. For each transformer block, every linear of the block is updated with the same
@@ -11,7 +11,7 @@ rank k, taken from a pre-designed set, and the k with the lowest calibration per
 it beats the current model (k = 0 is "no change"). Search spaces: an SVD of D, and a random
 orthogonal basis (the ablation reports that even random ones help).
 
-**This reading** (papers.md §7). The rank-k candidate ``D_k`` is added and the sum re-rounded onto
+**This reading** (docs/papers.md#dwr-our-reading-of-the-update). The rank-k candidate ``D_k`` is added and the sum re-rounded onto
 the base model's grid, with its parameters (scales and zero points, or MX shared exponents)
 unchanged:
 

@@ -2,8 +2,8 @@
 
 Sources: Zhang, Cheng, Constantinides & Zhao, "LQER: Low-Rank Quantization Error Reconstruction
 for LLMs" (ICML 2024, arXiv 2402.02446) and the authors' code ChengZhang-98/lqer
-(``lqer_svd.py``, ``lqer_act.py``, ``statistic_profiler/scale.py``), as summarised in papers.md
-§2.1. This is an independent implementation.
+(``lqer_svd.py``, ``lqer_act.py``, ``statistic_profiler/scale.py``), as summarised in
+docs/papers.md#lqer-and-l2qer. This is an independent implementation.
 
 **Correction.** A weight W [out, in] quantized to Q(W) leaves the error ``E = W - Q(W)``. A layer
 computes ``y = x Wᵀ = x Q(W)ᵀ + x Eᵀ``, and LQER replaces ``Eᵀ`` [in, out] by a product ``A B`` with
@@ -15,7 +15,7 @@ computes ``y = x Wᵀ = x Q(W)ᵀ + x Eᵀ``, and LQER replaces ``Eᵀ`` [in, ou
   ``B = Σ_k V_kᵀ``; ``S A B`` is the best rank-k approximation of ``S Eᵀ``, so the error is small
   where the inputs are large. Folding ``S⁻¹`` into ``A`` leaves no scaling at inference.
 
-**Activation scale** (papers.md §2.1, ``scale.py``): per calibration batch, the mean of ``|x_j|``
+**Activation scale** (docs/papers.md#lqer-the-activation-scale, ``scale.py``): per calibration batch, the mean of ``|x_j|``
 over all of the batch's tokens; ``s_j`` is the running maximum of that mean over the batches, then
 ``s ← clamp(s, min=1e-4)`` and ``s ← s / √(min(s) · max(s))`` (AWQ's normalisation).
 

@@ -3,7 +3,7 @@ refinement that MagR+OPTQ† runs after quantization.
 
 Sources: Zhang, Wang, Deng, Li, Yang & Yin, "MagR: Weight Magnitude Reduction for Enhancing
 Post-Training Quantization" (NeurIPS 2024, arXiv 2406.00800v2) §4.2, Eq. 2 and 4, Algorithms 1-3;
-the authors' code AozhongZhang/MagR (``MagR.py``, ``optq.py``), as summarised in papers.md §1.1-1.6.
+the authors' code AozhongZhang/MagR (``MagR.py``, ``optq.py``), as summarised in docs/papers.md#magr.
 This is an independent implementation, arranged for speed on CPU.
 
 **Problem** (paper §4.2, Eq. 2, in the torch layout: one row ``w_i`` of the weight [out, in] is one
@@ -13,9 +13,9 @@ output channel, the paper's column). With the Gram matrix ``G = XᵀX`` of the l
     min_W'  F(W') = ½ ||X W'ᵀ - X Wᵀ||_F² + α Σ_i ||w'_i||∞ = ½ tr(D G Dᵀ) + α Σ_i ||w'_i||∞,
 
 per group of ``group_size`` consecutive inputs of a row instead of per row when groups are given
-(papers.md §1.1, "Per-group variant").
+(docs/papers.md#magr-problem-and-algorithm).
 
-**Normalisation** (papers.md §1.4). The authors' code divides X by its largest singular value, so
+**Normalisation** (docs/papers.md#magr-settings-paper-against-code). The authors' code divides X by its largest singular value, so
 ``G`` is replaced by ``Ĝ = G / λ_max(G)``, the step size is ``η = 1`` and ``α`` is relative to
 ``Ĝ`` (α = 1e-3 per channel, 1e-4 per group). Here ``λ_max`` comes from a few dozen Lanczos
 steps on ``G`` (``largest_eigenvalue``) instead of an SVD of X; ``F`` is reported in these
@@ -52,7 +52,7 @@ native bf16 dot products; everything else stays float32. Rounding ``Ĝ`` solves 
 symmetric ``Ĝ + E`` with ``|E_ij| <= 2⁻⁹ |Ĝ_ij|``; rounding ``D`` and ``D Ĝ`` makes each gradient
 inexact by a relative 2⁻⁸ at most: ``F`` then decreases up to that noise instead of strictly.
 
-**Coordinate descent** (MagR+OPTQ†, papers.md §1.6; the COMQ-style pass in the authors'
+**Coordinate descent** (MagR+OPTQ†, docs/papers.md#magr-with-rtn-and-gptq; the COMQ-style pass in the authors'
 ``optq.py``): with the quantized weight's grid parameters fixed, minimise the damped layer error
 ``E(Q) = tr(R G̃ Rᵀ)``, ``R = W - Q``, ``G̃ = G + damping · mean(diag G) · I``, over one input
 column ``q_j`` at a time (all rows at once). With ``S = R G̃``, ``E`` as a function of ``q_j``

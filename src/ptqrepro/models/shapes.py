@@ -44,7 +44,9 @@ def read_model_config(source: ModelSource, prepared: str | Path | None = None):
     from transformers import AutoConfig
 
     if source.hub is not None:
-        return AutoConfig.from_pretrained(source.hub)
+        from ptqrepro.hub import hub_cache, offline
+
+        return AutoConfig.from_pretrained(source.hub, cache_dir=hub_cache(), local_files_only=offline())
     path = gguf_path(source)
     manifest = Path(prepared or "") / MANIFEST
     if prepared is not None and manifest.is_file() and (Path(prepared) / "config.json").is_file():
@@ -65,3 +67,35 @@ def shapes_of(config) -> ModelShapes:
     layer = decoder_layers(model, arch)[0]
     linears = {name: (linear.in_features, linear.out_features) for name, linear in layer_linears(layer, arch).items()}
     return ModelShapes(config.model_type, linears, getattr(config, "max_position_embeddings", None))
+
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+"""Bytes per parameter of a checkpoint stored in each dtype (``config.json``'s ``torch_dtype``)."""
+
+KNOWN_PARAMETERS = {
+    "huggyllama/llama-7b": 6.74e9, "huggyllama/llama-13b": 13.02e9, "huggyllama/llama-30b": 32.53e9,
+    "huggyllama/llama-65b": 65.29e9, "meta-llama/Llama-2-7b-hf": 6.74e9, "meta-llama/Llama-2-13b-hf": 13.02e9,
+    "meta-llama/Llama-2-70b-hf": 68.98e9, "mistralai/Mistral-7B-v0.1": 7.24e9, "facebook/opt-125m": 0.125e9,
+    "facebook/opt-1.3b": 1.32e9, "facebook/opt-2.7b": 2.65e9, "facebook/opt-6.7b": 6.66e9, "facebook/opt-13b": 12.85e9,
+    "facebook/opt-30b": 29.97e9,
+}
+"""Parameters of the paper configs' hub models (float16 checkpoints), for sizing a download whose
+``config.json`` cannot be read before it (``tests/test_preflight.py`` checks the LLaMA and OPT rows
+against ``checkpoint_parameters`` of their architectures)."""
+
+
+def checkpoint_parameters(config) -> int:
+    """The parameters of a model of ``config``, its linears and embeddings (norms and biases, under
+    0.1 %, left out): ``layers x sum(in x out of a decoder layer's linears) + vocab x hidden``,
+    the embedding counted twice where the output head is not tied to it."""
+    per_layer = sum(inputs * outputs for inputs, outputs in shapes_of(config).linears.values())
+    embedding = config.vocab_size * config.hidden_size
+    tied = getattr(config, "tie_word_embeddings", False)
+    return config.num_hidden_layers * per_layer + embedding * (1 if tied else 2)
+
+
+def checkpoint_bytes(config) -> int:
+    """The size of a model's checkpoint: ``checkpoint_parameters`` x the bytes of its stored dtype
+    (``torch_dtype``; half precision where it is not given)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return checkpoint_parameters(config) * DTYPE_BYTES.get(str(dtype).removeprefix("torch."), 2)

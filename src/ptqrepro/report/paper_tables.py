@@ -21,12 +21,23 @@ import pandas as pd
 
 from ptqrepro.errors import InputError, PtqError, first_line
 from ptqrepro.io import atomic_path
-from ptqrepro.report.tables import PERPLEXITY_KIND, PERPLEXITY_METRIC
+from ptqrepro.report.tables import PERPLEXITY_KIND, PERPLEXITY_METRIC, ZEROSHOT_KIND
 
 REFERENCE_COLUMNS = ("paper", "table", "model", "method", "setting", "dataset", "metric", "value", "recipe", "source")
 MISSING = "—"
-OUR_METRIC = {"ppl": (PERPLEXITY_KIND, PERPLEXITY_METRIC, 1.0)}
-"""Reference metric -> (kind, metric, scale) of the same quantity in the results table."""
+PERCENT_SUFFIX = "_pct"
+
+
+def our_metric(reference_metric: str) -> tuple[str | None, str | None, float]:
+    """The (kind, metric, scale) of a reference metric in the results table: ``ppl`` is our
+    perplexity; ``<m>_pct`` our zero-shot metric ``m`` in percent (``acc_pct``: lm-eval's ``acc``,
+    ``acc_norm_pct``: its ``acc_norm``; on an average's dataset, the average ``tables.with_averages``
+    made of the tasks' reported accuracies); anything else has no counterpart."""
+    if reference_metric == "ppl":
+        return PERPLEXITY_KIND, PERPLEXITY_METRIC, 1.0
+    if reference_metric.endswith(PERCENT_SUFFIX):
+        return ZEROSHOT_KIND, reference_metric[: -len(PERCENT_SUFFIX)], 100.0
+    return None, None, 1.0
 
 
 def load_reference(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
@@ -57,7 +68,7 @@ def with_ours(reference: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
     where not run) and ``difference`` (ours − paper)."""
     ours = []
     for row in reference.itertuples(index=False):
-        kind, metric, scale = OUR_METRIC.get(row.metric, (None, None, 1.0))
+        kind, metric, scale = our_metric(row.metric)
         match = results[
             (results["model"] == row.model) & (results["recipe"] == row.recipe) & (results["dataset"] == row.dataset)
             & (results["kind"] == kind) & (results["metric"] == metric)

@@ -5,13 +5,18 @@ Written by ``write_tables`` into one folder:
 
 - ``replicates.csv``: one row per result file and metric (``COLUMNS``), the calibration seed and
   the machine (``hardware``) included: what each job measured, with its provenance.
-- ``windows.csv``: each perplexity result's per-window mean NLL (``WINDOW_COLUMNS``), from which
-  every interval here and in the claims is recomputed without a model.
+- ``windows.csv``: each perplexity result's per-window mean NLL, and where the result has them the
+  mean KL divergence from the float model and share of top-1 flips (``WINDOW_COLUMNS``,
+  ``eval.divergence``), from which every interval here and in the claims is recomputed without a model.
 - ``all.csv``: one row per (model, recipe, kind, dataset, metric) over the seeds
   (``SUMMARY_COLUMNS``): perplexity ``exp(mean NLL over seeds and windows)`` with its bootstrap
-  interval (``report.uncertainty``); zero-shot accuracies the mean over seeds, ± z·lm-eval's
+  interval (``report.uncertainty``), ``kld`` and ``flips`` their mean over seeds and windows with the
+  same bootstrap's interval; zero-shot accuracies the mean over seeds, ± z·lm-eval's
   stderr; other metrics the mean over seeds. ``seed_low``/``seed_high`` are the smallest and
   largest per-seed values.
+- zero-shot averages (``with_averages``): where the config names them (``eval.zeroshot.averages``),
+  one more ``all.csv`` row per (model, recipe) that has every task of an average: the mean of the
+  tasks' reported accuracies, as a zero-shot result whose dataset is the average's name.
 - ``all.md``: a recipe-by-dataset table per model, ``value ±half-width``, the spread over seeds
   where a recipe has several, and how the intervals were made.
 """
@@ -52,6 +57,11 @@ MEASUREMENT_KEYS = ("kind", "dataset")
 PROVENANCE_KEYS = ("config_hash", "git_commit", "device", "wall_time_s", "peak_rss_mb")
 """Keys of the ``provenance`` object copied into every row."""
 
+REVISION_KEYS = ("model_revision", "dataset_revision", "tokenizer_class")
+"""Keys of the ``provenance`` object naming the exact inputs: the hub commits of the model and of
+the dataset (empty for a local source, and in results written before they were recorded) and the
+tokenizer class."""
+
 COLUMNS = (
     *RECIPE_KEYS,
     "seed",
@@ -60,6 +70,7 @@ COLUMNS = (
     "metric",
     "value",
     *PROVENANCE_KEYS,
+    *REVISION_KEYS,
     "hardware",
     "source",
 )
@@ -80,15 +91,17 @@ SUMMARY_COLUMNS = (
     "seed_high",
     "windows",
     *PROVENANCE_KEYS,
+    *REVISION_KEYS,
     "hardware",
     "source",
 )
 """Columns of the summary (``all.csv``): one row per measurement over its seeds. ``seeds`` lists
 them ("0 1 2"), ``windows`` counts a perplexity's test windows; provenance is the first seed's,
-``source`` every file, space-separated."""
+``source`` every file, space-separated; a revision column lists every revision its seeds used."""
 
-WINDOW_COLUMNS = ("model", "recipe", "seed", "dataset", "window", "nll", "windows_sha256", "source")
-"""Columns of ``windows.csv``: one row per perplexity result and test window."""
+WINDOW_COLUMNS = ("model", "recipe", "seed", "dataset", "window", "nll", "kld", "flips", "windows_sha256", "source")
+"""Columns of ``windows.csv``: one row per perplexity result and test window (``kld`` and ``flips``
+empty for a result without them)."""
 
 SORT_COLUMNS = ("model", "weight_bits", "recipe", "kind", "dataset", "metric")
 SORT_ASCENDING = (True, False, True, True, True, True)
@@ -99,6 +112,9 @@ IDENTITY_COLUMNS = ("model", "recipe", "seed", "kind", "dataset", "metric")
 MISSING_CELL = "—"
 PERPLEXITY_KIND, PERPLEXITY_METRIC = "perplexity", "ppl"
 NLL_METRIC = "nll"
+KLD_METRIC, FLIPS_METRIC = "kld", "flips"
+WINDOW_METRICS = {NLL_METRIC: "window_nll", KLD_METRIC: "window_kld", FLIPS_METRIC: "window_flips"}
+"""The per-window metrics of a perplexity result: windows.csv's column and the result file's key."""
 QUANTIZE_KIND, QUANTIZE_TIME_METRIC = "quantize", "quantize_time_s"
 UNCALIBRATED = "none"
 """The ``dataset`` of a quantize result of a recipe that reads no calibration data."""
@@ -137,7 +153,8 @@ def gather_results(paths: Iterable[str | os.PathLike]) -> Results:
 
 @dataclass(frozen=True)
 class RecipeLosses:
-    """One recipe's per-window losses on one dataset: ``nll`` [seeds, windows], its calibration
+    """One recipe's per-window values on one dataset: ``nll`` [seeds, windows] (the mean NLL, or the
+    column ``recipe_losses`` was asked for), its calibration
     ``seeds`` in increasing order (``[None]`` for a recipe without calibration data), and the
     ``fingerprint`` of the windows' tokens every seed scored."""
 
@@ -146,15 +163,19 @@ class RecipeLosses:
     fingerprint: str
 
 
-def recipe_losses(windows: pd.DataFrame, model: str, recipe: str, dataset: str) -> RecipeLosses:
-    """A recipe's ``RecipeLosses`` from a windows table; every seed must have scored the same windows."""
+def recipe_losses(windows: pd.DataFrame, model: str, recipe: str, dataset: str, column: str = NLL_METRIC) -> RecipeLosses:
+    """A recipe's ``RecipeLosses`` of ``column`` (nll, kld or flips) from a windows table; every
+    seed must have scored the same windows."""
     rows = windows[(windows["model"] == model) & (windows["recipe"] == recipe) & (windows["dataset"] == dataset)]
     if rows.empty:
         raise PtqError(f"no per-window losses of {recipe} on {dataset} ({model})")
     if rows["windows_sha256"].nunique() > 1:
         raise PtqError(f"{recipe} on {dataset} ({model}): its seeds scored different test windows "
                        f"({', '.join(sorted(rows['source'].unique()))})")
-    by_seed = {seed: group.sort_values("window")["nll"].to_numpy(float)
+    if rows[column].isna().any():
+        raise PtqError(f"{recipe} on {dataset} ({model}): some of its results have no per-window {column} "
+                       "(evaluated without the float reference); evaluate them again")
+    by_seed = {seed: group.sort_values("window")[column].to_numpy(float)
                for seed, group in rows.groupby("seed", sort=True, dropna=False)}
     return RecipeLosses(list(by_seed), np.stack(list(by_seed.values())), rows["windows_sha256"].iloc[0])
 
@@ -166,22 +187,58 @@ def summarize(results: Results, settings: BootstrapSettings) -> pd.DataFrame:
     keys = ["model", "recipe", "kind", "dataset", "metric"]
 
     @functools.cache
-    def nll_interval(model: str, recipe: str, dataset: str) -> tuple[Interval, int]:
-        """The mean NLL's interval over seeds and windows, and the window count: once for both a
-        perplexity result's ppl and nll rows."""
-        nll = recipe_losses(results.windows, model, recipe, dataset).nll
+    def nll_interval(model: str, recipe: str, dataset: str, column: str = NLL_METRIC) -> tuple[Interval, int]:
+        """The mean of a per-window column's interval over seeds and windows, and the window count:
+        once for both a perplexity result's ppl and nll rows."""
+        nll = recipe_losses(results.windows, model, recipe, dataset, column).nll
         return mean_interval(nll, settings), nll.shape[1]
 
     for key, group in frame.groupby(keys, sort=False):
         row = group.iloc[0][[*RECIPE_KEYS, *MEASUREMENT_KEYS, "metric", "calibration_dtype", *PROVENANCE_KEYS,
                              "hardware"]].to_dict()
         values = group["value"].to_numpy(float)
+        row |= {key: " ".join(sorted(group[key].dropna().unique())) or None for key in REVISION_KEYS}
         row |= {"seeds": " ".join(_seed_text(seed) for seed in group["seed"]),
                 "seed_low": values.min(), "seed_high": values.max(),
                 "source": " ".join(group["source"]), "windows": math.nan}
         row |= _summary_value(dict(zip(keys, key)), group, values, results, settings, nll_interval)
         rows.append(row)
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+
+
+def average_metric(metrics: Iterable[str]) -> str:
+    """The metric name of an average of tasks reporting ``metrics``: the common one (``acc``,
+    ``acc_norm``), else the distinct ones joined by ``+`` (``acc+acc_norm``)."""
+    return "+".join(sorted(set(metrics)))
+
+
+def with_averages(summary: pd.DataFrame, averages: dict[str, dict[str, str]]) -> pd.DataFrame:
+    """``summary`` plus, per (model, recipe) scored on every task of an average (``{name: {task:
+    metric}}``), one zero-shot row: dataset the average's name, metric ``average_metric`` of its
+    tasks, value the unweighted mean of the tasks' values (as LQER's workbook and MagR's Table 4
+    average their tasks); its interval half-width is sqrt(sum h_i^2) / n over the tasks' half-widths
+    h_i (independent tasks; none where a task has none). Provenance is the first task's, its cost
+    (wall time, memory) left empty; ``source`` lists every task's files."""
+    rows = []
+    zeroshot = summary[summary["kind"] == ZEROSHOT_KIND]
+    for name, members in averages.items():
+        for (model, recipe), group in zeroshot.groupby(["model", "recipe"], sort=False):
+            chosen = [group[(group["dataset"] == task) & (group["metric"] == metric)] for task, metric in members.items()]
+            if any(len(rows_of_task) != 1 for rows_of_task in chosen):
+                continue
+            tasks = pd.concat(chosen)
+            value = float(tasks["value"].mean())
+            halves = np.maximum(tasks["ci_high"] - tasks["value"], tasks["value"] - tasks["ci_low"]).to_numpy(float)
+            half = math.sqrt(float((halves ** 2).sum())) / len(halves)
+            row = tasks.iloc[0].to_dict() | {
+                "dataset": name, "metric": average_metric(members.values()), "value": value,
+                "ci_low": value - half, "ci_high": value + half, "seed_low": value, "seed_high": value,
+                "wall_time_s": math.nan, "peak_rss_mb": math.nan, "source": " ".join(tasks["source"]),
+            }
+            rows.append(row)
+    if not rows:
+        return summary
+    return pd.concat([summary, pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))], ignore_index=True)
 
 
 def write_tables(results: Results, summary: pd.DataFrame, out_dir: str | os.PathLike,
@@ -205,17 +262,39 @@ def render_markdown(frame: pd.DataFrame, settings: BootstrapSettings) -> str:
     for model, model_rows in frame.groupby("model", sort=True):
         sections.append(f"## {model}\n\n{_model_table(model_rows)}\n")
         files = len({source for sources in model_rows["source"] for source in sources.split()})
-        sections.append(f"Perplexity (lower is better), zero-shot accuracy (higher is better); generated from {files} result files.\n")
+        sections.append("Perplexity (lower is better), KL divergence from the float model in nats per token and share "
+                        "of top-1 flips (lower is better; ptqrepro.eval.divergence), zero-shot accuracy (higher is "
+                        "better); draws: the calibration seeds a recipe ran at (— where it reads no calibration data); "
+                        f"generated from {files} result files.\n")
         sections.append(_uncertainty_note(model_rows, settings))
+        sections.append(_revision_note(model_rows))
     return "\n".join(sections)
+
+
+def _revision_note(model_rows: pd.DataFrame) -> str:
+    """A warning where the results of one model, compared in its table, were computed from different
+    hub revisions of the model, or of one dataset (an upstream change between runs); else nothing."""
+    lines = []
+    spans = [("model", model_rows)] + [(f"dataset {dataset}", rows) for dataset, rows in model_rows.groupby("dataset", sort=True)]
+    column = {"model": "model_revision"}
+    for what, rows in spans:
+        key = column.get(what, "dataset_revision")
+        used = {revision: sorted(set(rows.loc[rows[key].fillna("").str.contains(revision, regex=False), "recipe"]))
+                for revisions in rows[key].dropna() for revision in revisions.split()}
+        if len(used) > 1:
+            listed = "; ".join(f"{revision[:12]} ({', '.join(recipes)})" for revision, recipes in sorted(used.items()))
+            lines.append(f"**Different revisions of the {what}** in this table: {listed}. Its values are not comparable "
+                         "across them: run them again on one revision (`model_revision`, `dataset_revision` in all.csv).\n")
+    return "\n".join(lines)
 
 
 def _summary_value(key: dict, group: pd.DataFrame, values: np.ndarray, results: Results,
                    settings: BootstrapSettings, nll_interval) -> dict:
     """``value``, ``ci_low``, ``ci_high`` (and ``windows``) of one measurement over its seeds;
     ``nll_interval(model, recipe, dataset)`` gives a perplexity's mean-NLL interval."""
-    if key["kind"] == PERPLEXITY_KIND and key["metric"] in (PERPLEXITY_METRIC, NLL_METRIC):
-        interval, windows = nll_interval(key["model"], key["recipe"], key["dataset"])
+    if key["kind"] == PERPLEXITY_KIND and key["metric"] in (PERPLEXITY_METRIC, *WINDOW_METRICS):
+        column = NLL_METRIC if key["metric"] == PERPLEXITY_METRIC else key["metric"]
+        interval, windows = nll_interval(key["model"], key["recipe"], key["dataset"], column)
         if key["metric"] == PERPLEXITY_METRIC:
             interval = interval.map(exp_or_inf)
         return {"value": interval.value, "ci_low": interval.low, "ci_high": interval.high, "windows": windows}
@@ -265,6 +344,7 @@ def _rows_of_result(result: dict[str, Any], path: str | os.PathLike) -> list[dic
     common |= {key: _required(provenance, key, path, "provenance.") for key in PROVENANCE_KEYS}
     common["seed"] = result.get("calibration_seed")
     common["calibration_dtype"] = result.get("calibration_dtype")
+    common |= {key: provenance.get(key) for key in REVISION_KEYS}
     common["hardware"] = (provenance.get("hardware") or {}).get("label")
     common["source"] = str(path)
     return [
@@ -285,9 +365,18 @@ def _windows_of_result(result: dict[str, Any], path: str | os.PathLike) -> list[
                        "from it. Evaluate it again: delete the file, or `snakemake --forcerun eval_ppl`")
     if any(isinstance(loss, bool) or not isinstance(loss, numbers.Real) for loss in losses):
         raise PtqError(f"{path}: 'window_nll' holds a value that is not a number")
+    columns = {NLL_METRIC: losses}
+    for column, key in WINDOW_METRICS.items():
+        values = result.get(key)
+        if column != NLL_METRIC and values is not None:
+            if (not isinstance(values, list) or len(values) != len(losses)
+                    or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in values)):
+                raise PtqError(f"{path}: '{key}' is not one number per window of 'window_nll'")
+            columns[column] = values
     common = {"model": result["model"], "recipe": result["recipe"], "seed": result.get("calibration_seed"),
               "dataset": result["dataset"], "windows_sha256": fingerprint, "source": str(path)}
-    return [{**common, "window": index, "nll": float(loss)} for index, loss in enumerate(losses)]
+    return [{**common, "window": index, **{column: float(values[index]) for column, values in columns.items()}}
+            for index in range(len(losses))]
 
 
 def _read_result(path: str | os.PathLike) -> dict[str, Any]:
@@ -359,6 +448,12 @@ def _model_table(model_rows: pd.DataFrame) -> str:
         selected = _selected(model_rows, PERPLEXITY_KIND, PERPLEXITY_METRIC, dataset)
         if (selected["seeds"].str.split().str.len() > 1).any():
             table[f"{dataset} over seeds"] = [_seed_spread(selected, recipe) for recipe in recipes["recipe"]]
+        for metric, label, decimals in ((KLD_METRIC, "KLD", 4), (FLIPS_METRIC, "flips", 3)):
+            if not _selected(model_rows, PERPLEXITY_KIND, metric, dataset).empty:
+                table[f"{dataset} {label}"] = _cells_with_intervals(model_rows, PERPLEXITY_KIND, metric, dataset,
+                                                                    recipes["recipe"], decimals)
+    if not perplexity.empty:
+        table.insert(4, "draws", [calibration_draws(model_rows, recipe) for recipe in recipes["recipe"]])
     for metric in ZEROSHOT_METRICS:
         accuracy = _metric_by_recipe(model_rows, ZEROSHOT_KIND, metric)
         for task in accuracy.columns:
@@ -422,6 +517,14 @@ def _significant(half_width: float) -> str:
         return "inf"
     decimals = min(3, max(0, 1 - math.floor(math.log10(half_width))))
     return f"{half_width:.{decimals}f}"
+
+
+def calibration_draws(rows: pd.DataFrame, recipe: str) -> str:
+    """How many calibration draws (seeds) a recipe's perplexities rest on, as text: the
+    missing-cell mark for a recipe that reads no calibration data."""
+    seeds = rows.loc[(rows["recipe"] == recipe) & (rows["kind"] == PERPLEXITY_KIND), "seeds"]
+    counts = {len([seed for seed in text.split() if seed != MISSING_CELL]) for text in seeds}
+    return MISSING_CELL if not counts or counts == {0} else str(min(counts))
 
 
 def _seed_spread(selected: pd.DataFrame, recipe: str) -> str:

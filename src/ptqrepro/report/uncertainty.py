@@ -135,7 +135,7 @@ def pair_by_seed(seeds_a: list, nll_a: np.ndarray, seeds_b: list, nll_b: np.ndar
     calibration seed (the seeds both ran at), except that a result without a seed (a recipe that
     reads no calibration data, such as RTN: ``seeds == [None]``) is set against every seed of the
     other."""
-    if _seedless(seeds_a) or _seedless(seeds_b):
+    if is_seedless(seeds_a) or is_seedless(seeds_b):
         count = max(len(seeds_a), len(seeds_b))
         return np.broadcast_to(nll_a, (count, nll_a.shape[1])), np.broadcast_to(nll_b, (count, nll_b.shape[1]))
     common = [seed for seed in seeds_a if seed in seeds_b]
@@ -144,7 +144,7 @@ def pair_by_seed(seeds_a: list, nll_a: np.ndarray, seeds_b: list, nll_b: np.ndar
     return nll_a[[seeds_a.index(seed) for seed in common]], nll_b[[seeds_b.index(seed) for seed in common]]
 
 
-def _seedless(seeds: list) -> bool:
+def is_seedless(seeds: list) -> bool:
     """Whether results carry no calibration seed (None, or NaN as pandas reads an empty cell)."""
     return len(seeds) == 1 and (seeds[0] is None or (isinstance(seeds[0], float) and math.isnan(seeds[0])))
 
