@@ -253,7 +253,7 @@ def test_a_hub_task_is_staged_by_a_local_job_before_the_evaluations(tmp_path, ti
     local = subprocess.run([sys.executable, "-c", LOCAL_RULES, str(Path(__file__).resolve().parents[1] / "Snakefile")],
                            cwd=tmp_path, capture_output=True, text=True)
     assert local.returncode == 0, local.stderr[-3000:]
-    assert json.loads(local.stdout.splitlines()[-1]) == ["stage_zeroshot_tasks"]
+    assert json.loads(local.stdout.splitlines()[-1]) == ["prepare_corpus", "prepare_model", "stage", "stage_zeroshot_tasks"]
 
 
 LOCAL_RULES = """

@@ -24,8 +24,8 @@ rule export:
     resources:
         **OTHER_RESOURCES,
     shell:
-        OFFLINE_JOB + "ptqrepro export --model {input.model} --quantized {input.quantized} --format {wildcards.format}"
-        " --out {output} > {log} 2>&1"
+        OFFLINE_JOB
+        + "ptqrepro export --model {input.model} --quantized {input.quantized} --format {wildcards.format} --out {output} > {log} 2>&1"
 
 
 # Exports that vLLM serves, on request only (`snakemake export_vllm`, config `export_vllm`): each
