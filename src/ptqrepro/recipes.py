@@ -11,7 +11,8 @@ A step is a name or a one-key mapping ``{name: {setting: value}}``. A recipe tha
 exactly one quantizer (it turns float weights into codes of the weight format), preceded by
 transforms and followed by refinements only, e.g. ``[magr, gptq, cd]`` or ``[gptq, {l2qer: {rank: 32}}]``.
 ``act`` names the format of the dynamic fake quantization of every linear's input at
-evaluation (none by default).
+evaluation (none by default). A job's spec of a recipe with steps from outside the package also
+lists the modules that register them (``plugins``, see ``ptqrepro.plugins``).
 
 A *reconstruction* recipe names another recipe as its ``base`` and runs DWR's search on that
 recipe's quantized model (its own job, so the base is quantized once)::
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field, fields
 from ptqrepro.errors import PtqError
 from ptqrepro.formats import GroupedFormat, parse_format
 from ptqrepro.models.adapters import Architecture
+from ptqrepro.plugins import import_plugins, step_class
 from ptqrepro.steps import STEPS, Step
 
 RECIPE_NAME = re.compile(r"[A-Za-z0-9_.+@=-]+")
@@ -96,9 +98,7 @@ def build_step(recipe: str, entry) -> Step:
         settings = settings or {}
     else:
         raise PtqError(f"recipe {recipe!r}: a step is a name or {{name: {{settings}}}}, got {entry!r}")
-    if name not in STEPS:
-        raise PtqError(f"recipe {recipe!r}: unknown step {name!r} (known: {', '.join(sorted(STEPS))})")
-    return STEPS[name].from_settings(recipe, settings)
+    return step_class(recipe, name).from_settings(recipe, settings)
 
 
 def recipe_from_config(name: str, entry: dict) -> Recipe:
@@ -107,9 +107,11 @@ def recipe_from_config(name: str, entry: dict) -> Recipe:
         raise PtqError(f"recipe name {name!r} may only use letters, digits and _ . + @ = -")
     if not isinstance(entry, dict):
         raise PtqError(f"recipe {name!r}: expected a mapping with 'steps' and 'weight'")
-    unknown = set(entry) - {"steps", "weight", "act"}
+    unknown = set(entry) - {"steps", "weight", "act", "plugins"}
     if unknown:
         raise PtqError(f"recipe {name!r}: unknown key(s) {', '.join(sorted(unknown))}")
+    if "plugins" in entry:
+        import_plugins(entry["plugins"])
     steps = tuple(build_step(name, step) for step in entry.get("steps") or [])
     weight = parse_format(entry.get("weight"))
     act = parse_format(entry.get("act"))

@@ -15,8 +15,9 @@ Methods only ever see tensors; this module reads and writes the modules.
 
 from __future__ import annotations
 
+import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Callable, ClassVar
 
@@ -116,7 +117,7 @@ class Step:
 
     @classmethod
     def from_settings(cls, recipe: str, settings: dict) -> "Step":
-        known = {name for name, f in cls.__dataclass_fields__.items() if f.init}
+        known = {f.name for f in fields(cls) if f.init}  # not the ClassVar facts above
         unknown = set(settings) - known
         if unknown:
             raise PtqError(
@@ -136,6 +137,32 @@ class Step:
     def refine(self, context: LayerContext, names: tuple[str, ...]) -> None:
         """A refinement's work on the named linears' quantized weights."""
         raise NotImplementedError
+
+
+STEPS: dict[str, type[Step]] = {}
+"""Every registered step by the name a recipe gives it: the built-in ones below, then those that
+``register_step`` adds from outside the package (``ptqrepro.plugins``)."""
+
+STEP_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
+def register_step(cls: type[Step]) -> type[Step]:
+    """Class decorator: make the ``Step`` subclass ``cls`` a step that recipes name by ``cls.name``
+    (see docs/extending.md#bring-your-own-method). A name is letters, digits, ``_`` and ``-`` (a recipe's
+    method joins its steps' names with ``+``); registering a second class under a taken name is an
+    error, registering the same class again is not."""
+    if not (isinstance(cls, type) and issubclass(cls, Step)):
+        raise PtqError(f"register_step: {cls!r} is not a subclass of ptqrepro.steps.Step")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not STEP_NAME.fullmatch(name):
+        raise PtqError(f"register_step: {cls.__qualname__}.name must be letters, digits, _ and - (starting with a letter), got {name!r}")
+    if sum((cls.quantizer, cls.refines)) > 1:
+        raise PtqError(f"register_step: step {name!r} is a quantizer or a refinement, not both")
+    taken = STEPS.get(name)
+    if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise PtqError(f"register_step: step {name!r} is already {taken.__module__}.{taken.__qualname__}")
+    STEPS[name] = cls
+    return cls
 
 
 PRECISIONS = ("float32", "bfloat16", "auto")
@@ -161,6 +188,7 @@ class ProductPrecisionStep(Step):
         return torch_dtype(precision)
 
 
+@register_step
 @dataclass(frozen=True)
 class RtnStep(Step):
     """Round-to-nearest every linear (data-free)."""
@@ -173,6 +201,7 @@ class RtnStep(Step):
             context.quantized[name] = rtn(context.linears[name].weight.data, context.weight_format, context.qualified(name))
 
 
+@register_step
 @dataclass(frozen=True)
 class GptqStep(Step):
     """GPTQ on each linear with the Gram matrix of its inputs; ``true_sequential`` re-collects the
@@ -220,6 +249,7 @@ class GptqStep(Step):
             context.note(name, damping=result.damping, cholesky_retries=result.retries, dead_columns=result.dead_columns)
 
 
+@register_step
 @dataclass(frozen=True)
 class SmoothQuantStep(Step):
     """Fold SmoothQuant's scales into each (norm -> linears) pair of the layer."""
@@ -243,6 +273,7 @@ AWQ_LOSSES = ("block", "linears")
 the linears' output errors."""
 
 
+@register_step
 @dataclass(frozen=True)
 class AwqStep(ProductPrecisionStep):
     """AWQ's scale search over the layer's scaling groups, folded in, then its clip search. The
@@ -304,6 +335,7 @@ def _group_output(context: LayerContext, module: str, targets: tuple[str, ...], 
     return context.module_output(module, dict(zip(targets, weights, strict=True)))
 
 
+@register_step
 @dataclass(frozen=True)
 class MagrStep(ProductPrecisionStep):
     """MagR (Zhang et al., NeurIPS 2024, Algorithm 1): shrink each row's (or each group's) largest
@@ -355,6 +387,7 @@ def row_max_quantiles(weight: torch.Tensor) -> list[float]:
     return [float(f"{value:.4g}") for value in quantiles.tolist()]
 
 
+@register_step
 @dataclass(frozen=True)
 class CoordinateDescentStep(Step):
     """Coordinate-descent sweeps on the quantizer's codes with its grid fixed, towards the layer's
@@ -380,6 +413,7 @@ class CoordinateDescentStep(Step):
             context.note(name, cd_sweeps=self.sweeps)
 
 
+@register_step
 @dataclass(frozen=True)
 class LqerStep(Step):
     """LQER: a rank-``rank`` correction of each linear's quantization error ``W - Q(W)`` (truncated
@@ -412,6 +446,7 @@ class LqerStep(Step):
             context.note(name, lqer_rank=self.rank, lqer_residual_rel_error=float(residual.norm() / error.norm().clamp(min=1e-30)))
 
 
+@register_step
 @dataclass(frozen=True)
 class L2qerStep(LqerStep):
     """L2QER: LQER on ``S E`` with S the normalised calibration activation magnitudes, undone in A."""
@@ -423,7 +458,5 @@ class L2qerStep(LqerStep):
         return activation_scale(context.stats[name].batch_absmean_max)
 
 
-STEPS: dict[str, type[Step]] = {
-    step.name: step
-    for step in (RtnStep, GptqStep, SmoothQuantStep, AwqStep, MagrStep, CoordinateDescentStep, LqerStep, L2qerStep)
-}
+BUILTIN_STEPS = frozenset(STEPS)
+"""The steps this package defines."""
