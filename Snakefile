@@ -25,7 +25,8 @@ from ptqrepro.hub import staging_environment
 from ptqrepro.peers import toolkit
 from ptqrepro.preflight import preflight, snakemake_dry_run
 from ptqrepro.report.claims import claims_from_config
-from ptqrepro.recipes import is_peer, is_reconstruction, recipe_from_config, reconstruction_from_config
+from ptqrepro.peers.recipes import is_peer
+from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
 
 min_version("9.0")
 

@@ -37,11 +37,12 @@ import torch
 
 from ptqrepro.errors import PtqError, first_line
 from ptqrepro.io import atomic_path, check_writable, load_yaml, read_json, write_json
+from ptqrepro.data.corpora import CORPUS_MANIFEST
+from ptqrepro.data.corpora import prepared_corpus as _corpus
+from ptqrepro.data.corpora import prepared_documents as _documents
 from ptqrepro.models.sources import TOKENIZERS
 from ptqrepro.placement import OFFLOADS, PLACEMENTS, check_offload
 
-SPLIT_FILE = "{split}.jsonl"
-CORPUS_MANIFEST = "corpus.json"
 TASKS_SOURCE = "source.json"
 """What a local zero-shot task folder records of the corpus it was drawn from (its name and revision)."""
 
@@ -82,15 +83,6 @@ def _load_calibration(path: str) -> dict:
     return calibration
 
 
-def _corpus(corpus_dir: str):
-    from ptqrepro.data.corpora import CorpusSpec
-
-    manifest = Path(corpus_dir) / CORPUS_MANIFEST
-    if not manifest.is_file():
-        raise PtqError(f"{corpus_dir} is not a prepared corpus (no {CORPUS_MANIFEST}); run prepare-corpus")
-    return CorpusSpec(**read_json(manifest)["spec"])
-
-
 def _corpus_revision(corpus_dir: str) -> str | None:
     """The hub commit a prepared corpus was read at (None: a local source, or prepared before it was recorded)."""
     return read_json(Path(corpus_dir) / CORPUS_MANIFEST).get("revision")
@@ -103,12 +95,6 @@ def _revisions(model_dir: str, dataset_revision: str | None, tokenizer_class: st
 
     return {"model_revision": model_revision(model_dir), "dataset_revision": dataset_revision,
             "tokenizer_class": tokenizer_class}
-
-
-def _documents(corpus_dir: str, split: str) -> list[str]:
-    from ptqrepro.data.corpora import read_documents
-
-    return read_documents(Path(corpus_dir) / SPLIT_FILE.format(split=split))
 
 
 def cmd_prepare_model(args) -> None:
@@ -167,7 +153,8 @@ def cmd_quantize(args) -> None:
     from ptqrepro.models.sources import compute_dtype, load_model, require_finite_weights, resolve_device, torch_dtype
     from ptqrepro.pipeline import quantize_model
     from ptqrepro.provenance import Provenance
-    from ptqrepro.recipes import is_peer, recipe_from_config
+    from ptqrepro.peers.recipes import is_peer
+    from ptqrepro.recipes import recipe_from_config
 
     _set_threads(args.threads)
     provenance = Provenance()
@@ -252,7 +239,7 @@ def _quantize_with_peer(args, spec: dict, provenance) -> None:
     from ptqrepro.artifact import save_artifact
     from ptqrepro.models.sources import load_model, require_finite_weights, resolve_device
     from ptqrepro.peers import toolkit
-    from ptqrepro.recipes import peer_from_spec
+    from ptqrepro.peers.recipes import peer_from_spec
 
     peer = peer_from_spec(args.recipe, spec)
     kit = toolkit(peer.toolkit)

@@ -21,14 +21,8 @@ from ptqrepro.eval.zeroshot import LOCAL_TASKS
 from ptqrepro.io import load_yaml
 from ptqrepro.models.sources import ModelSource, slow_tokenizer_problem
 from ptqrepro.plugins import import_plugins
-from ptqrepro.recipes import (
-    is_peer,
-    is_reconstruction,
-    peer_from_spec,
-    peer_spec,
-    recipe_from_config,
-    reconstruction_from_config,
-)
+from ptqrepro.peers.recipes import is_peer, peer_from_spec, peer_spec
+from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
 from ptqrepro.report.claims import claims_from_config
 from ptqrepro.steps import BUILTIN_STEPS
 
@@ -45,7 +39,7 @@ def recipe_entry(entry: dict) -> dict:
 
 def recipe_job_spec(config: dict, name: str) -> dict:
     """What recipe ``name``'s quantize or DWR job reads as its ``--spec``: the entry without
-    ``JOB_KEYS``; a peer recipe's completed with the recipe it mirrors (``recipes.peer_spec``); one
+    ``JOB_KEYS``; a peer recipe's completed with the recipe it mirrors (``peers.recipes.peer_spec``); one
     that names a step from outside the package with the config's ``plugins``, which register it
     (``ptqrepro.plugins``)."""
     entry = recipe_entry(config["recipes"][name])

@@ -47,7 +47,8 @@ from ptqrepro.hub import (TOKEN_STEPS, cached_revision, has_weights, hub_cache, 
                           staging_environment, token_available)
 from ptqrepro.models.shapes import KNOWN_PARAMETERS, ModelShapes, checkpoint_bytes, read_model_config, shapes_of
 from ptqrepro.models.sources import ModelSource
-from ptqrepro.recipes import is_peer, is_reconstruction, recipe_from_config, reconstruction_from_config
+from ptqrepro.peers.recipes import is_peer
+from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
 from ptqrepro.steps import LqerStep, MagrStep
 
 
