@@ -259,3 +259,16 @@ def test_a_malformed_corpus_line_is_one_line(prepared, tmp_path, capsys):
     code, out = run(capsys, "calibrate", "--model", str(prepared / "model"), "--corpus", str(corpus), "--nsamples", "2",
                     "--seqlen", "8", "--out", str(tmp_path / "c.pt"))
     assert code == 2 and f"{corpus / 'train.jsonl'}:2: not a JSON line" in out.err and out.err.count("\n") == 1
+
+
+def test_version_prints_the_package_version_that_pyproject_reads(capsys):
+    import tomllib
+
+    import ptqrepro
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out == f"ptqrepro {ptqrepro.__version__}\n"
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "ptqrepro.__version__"}

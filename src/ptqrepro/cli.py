@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from ptqrepro import __version__
 from ptqrepro.errors import PtqError, first_line
 from ptqrepro.io import atomic_path, check_writable, load_yaml, read_json, write_json
 from ptqrepro.data.corpora import CORPUS_MANIFEST
@@ -696,6 +697,7 @@ def _add_bootstrap_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ptqrepro", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare-model", help="convert/record a model source into a prepared directory")
