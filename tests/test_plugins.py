@@ -119,3 +119,28 @@ def test_the_clipping_search_is_never_worse_than_rtn_per_row(registry):
         assert (chosen < 1).any() and ours.sum() < plain.sum()
         only_one = clip_search_rtn(weight, fmt, (1.0,))[0]
         assert torch.equal(only_one.codes, rtn(weight, fmt).codes)
+
+
+def test_the_preflight_reports_what_a_plugin_step_cannot_do_on_a_model(registry):
+    from ptqrepro.models.shapes import ModelShapes
+    from ptqrepro.preflight import recipe_problems
+
+    @register_step
+    @dataclass(frozen=True)
+    class Blocked(Step):
+        """A quantizer whose ``block`` must divide every linear's inputs."""
+
+        name: ClassVar[str] = "blocked"
+        quantizer: ClassVar[bool] = True
+        block: int = 48
+
+        def shape_problems(self, shapes):
+            uneven = sorted(linear for linear, width in shapes.inputs.items() if width % self.block)
+            return [("block", self.block, f"does not divide the inputs of {', '.join(uneven)}", "a divisor of 64")] if uneven else []
+
+    shapes = ModelShapes(model_type="llama", linears={"q_proj": (64, 64), "down_proj": (128, 64)}, context=None)
+    problems = recipe_problems("blocked@int4", {"steps": ["blocked"], "weight": "int4"}, "tiny", shapes)
+    assert [str(problem) for problem in problems] == [
+        "recipes.blocked@int4.steps[0].blocked.block: 48: does not divide the inputs of down_proj, q_proj (model tiny); "
+        "allowed: a divisor of 64"]
+    assert recipe_problems("blocked@int4", {"steps": [{"blocked": {"block": 32}}], "weight": "int4"}, "tiny", shapes) == []

@@ -177,6 +177,8 @@ def recipe_problems(name: str, entry: dict, model: str, shapes: ModelShapes) -> 
                                         f"a size dividing {_gcd(shapes.inputs)}, or null (the weight format's groups)"))
         if isinstance(step, LqerStep):
             problems += low_rank_problems(key, step, recipe.act, model, shapes)
+        problems += [Problem(f"{key}.{setting}", value, f"{problem} (model {model})", allowed)
+                     for setting, value, problem, allowed in step.shape_problems(shapes)]
     return problems
 
 

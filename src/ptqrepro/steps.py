@@ -35,6 +35,7 @@ from ptqrepro.methods.magr import coordinate_descent, magr
 from ptqrepro.methods.rtn import rtn
 from ptqrepro.methods.smoothquant import smoothing_scales
 from ptqrepro.models.adapters import Architecture
+from ptqrepro.models.shapes import ModelShapes
 from ptqrepro.models.sources import compute_dtype, torch_dtype
 from ptqrepro.statistics import InputStatistics, relative_output_error
 
@@ -114,6 +115,13 @@ class Step:
         """Submodules of a decoder layer whose calibration inputs the step runs again
         (``LayerContext.module_output``)."""
         return ()
+
+    def shape_problems(self, shapes: ModelShapes) -> list[tuple[str, object, str, str]]:
+        """What the step's settings cannot do on a model of these shapes, each as (setting, value,
+        what is wrong, what is allowed): the preflight reports them with the config key, one line
+        each, before any job runs. A step of one's own overrides this; the built-in steps' checks
+        live in ``ptqrepro.preflight``."""
+        return []
 
     @classmethod
     def from_settings(cls, recipe: str, settings: dict) -> "Step":
