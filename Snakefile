@@ -27,7 +27,8 @@ from ptqrepro.interrupts import stop_jobs_with_snakemake
 from ptqrepro.peers import toolkit
 from ptqrepro.preflight import preflight, snakemake_dry_run
 from ptqrepro.report.claims import claims_from_config
-from ptqrepro.recipes import is_peer, is_reconstruction, recipe_from_config, reconstruction_from_config
+from ptqrepro.peers.recipes import is_peer
+from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
 
 min_version("9.0")
 

@@ -276,3 +276,16 @@ def test_a_recipe_without_calibration_data_needs_no_calibration_file(prepared, t
     assert first["settings"] == second["settings"] == {"model": "model", "recipe": {"steps": ["rtn"], "weight": "int4"}}
     assert first["dataset"] == second["dataset"] == "none" and first["calibration_seed"] is None
     assert first["provenance"]["config_hash"] == second["provenance"]["config_hash"]
+
+
+def test_version_prints_the_package_version_that_pyproject_reads(capsys):
+    import tomllib
+
+    import ptqrepro
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out == f"ptqrepro {ptqrepro.__version__}\n"
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "ptqrepro.__version__"}

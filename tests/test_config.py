@@ -154,3 +154,84 @@ def test_calibrated_recipes_a_claim_names_at_fewer_than_three_seeds_are_warned_a
                          {"paper": "X", "claim": "d", "below": ["awq+rtn@int4", "rtn@int4"]}]}
     warnings = single_draw_warnings(config)
     assert len(warnings) == 1 and warnings[0].startswith("recipe 'gptq@int4' is named by a claim") and "[0]" in warnings[0]
+
+
+def schema_document() -> dict:
+    from pathlib import Path
+
+    import yaml
+
+    return yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+
+
+JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string", type(None): "null", tuple: "array"}
+
+
+def json_types(annotation) -> set[str]:
+    """The JSON schema types of a dataclass field's annotation (``int | None``: integer, null)."""
+    import types
+    import typing
+
+    members = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    return {JSON_TYPES[typing.get_origin(member) or member] for member in members}
+
+
+def schema_types(setting: dict, defs: dict) -> set[str]:
+    if "$ref" in setting:
+        setting = defs[setting["$ref"].rpartition("/")[2]]
+    kinds = setting["type"]
+    return {kinds} if isinstance(kinds, str) else set(kinds)
+
+
+def settings_disagreements(schema: dict) -> list[str]:
+    """Where the schema's step and DWR settings (names, JSON types, allowed values) differ from the
+    dataclasses and constants that the code checks them with; each disagreement one line."""
+    import typing
+    from dataclasses import fields
+
+    from ptqrepro.methods.gptq import GROUP_MODES
+    from ptqrepro.peers import TOOLKITS
+    from ptqrepro.recipes import DWR_SPACES, DwrSettings
+    from ptqrepro.steps import AWQ_LOSSES, BUILTIN_STEPS, PRECISIONS, STEPS
+
+    defs = schema["$defs"]
+    recipe = schema["properties"]["recipes"]["additionalProperties"]["properties"]
+    step_refs = recipe["steps"]["items"]["properties"]
+    problems = []
+    if set(step_refs) | {"rtn"} != set(BUILTIN_STEPS):
+        problems.append(f"step names: schema {sorted(set(step_refs) | {'rtn'})}, code {sorted(BUILTIN_STEPS)}")
+    settings = {name: defs[ref["$ref"].rpartition("/")[2]] for name, ref in step_refs.items()}
+    settings["dwr"] = recipe["dwr"]
+    classes = {**{name: STEPS[name] for name in settings if name in STEPS}, "dwr": DwrSettings}
+    for name, cls in classes.items():
+        hints = typing.get_type_hints(cls)
+        ours = {f.name: json_types(hints[f.name]) for f in fields(cls)}
+        theirs = {key: schema_types(value, defs) for key, value in settings[name].get("properties", {}).items()}
+        if ours != theirs:
+            problems.append(f"{name}: settings and types: schema {theirs}, code {ours}")
+    allowed = {
+        "gptq.groups": (settings["gptq"]["properties"]["groups"]["enum"], [*GROUP_MODES, None]),
+        "awq.loss": (settings["awq"]["properties"]["loss"]["enum"], AWQ_LOSSES),
+        "precision (awq, magr)": (defs["precision"]["enum"], PRECISIONS),
+        "dwr.space": (recipe["dwr"]["properties"]["space"]["enum"], DWR_SPACES),
+        "toolkit": (recipe["toolkit"]["enum"], tuple(TOOLKITS)),
+    }
+    problems += [f"{key}: schema {list(schema_values)}, code {list(code)}"
+                 for key, (schema_values, code) in allowed.items() if list(schema_values) != list(code)]
+    return problems
+
+
+def test_the_schema_and_the_steps_allow_the_same_settings_and_values():
+    assert settings_disagreements(schema_document()) == []
+
+
+def test_a_setting_or_value_the_code_does_not_know_is_a_disagreement():
+    schema = schema_document()
+    schema["$defs"]["step_awq"]["properties"]["loss"]["enum"].append("kl")
+    schema["$defs"]["precision"]["enum"].remove("auto")
+    schema["$defs"]["step_cd"]["properties"]["sweeps"]["type"] = "number"
+    del schema["$defs"]["step_magr"]["properties"]["iterations"]
+    schema["properties"]["recipes"]["additionalProperties"]["properties"]["toolkit"]["enum"].append("gptqmodel")
+    problems = settings_disagreements(schema)
+    assert [problem.split(":")[0] for problem in problems] == [
+        "magr", "cd", "awq.loss", "precision (awq, magr)", "toolkit"], problems

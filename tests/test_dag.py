@@ -576,3 +576,30 @@ def test_html_report_renders_every_figure_in_chromium(papers_run):
     assert all(width >= 400 and height >= 200 for width, height in shown.values()), shown
     assert captions["results/plots/lqer_ranks.png"].startswith("LQER and L2QER perplexity")  # the figure's own caption
     assert all(len(caption) > 60 for caption in captions.values()), captions
+
+
+@pytest.mark.slow
+def test_an_out_of_tree_method_runs_beside_a_built_in_one(tmp_path, tiny_model_dir, tiny_corpus):
+    """tests/plugins/ptq_cliprtn.py, named by the config's ``plugins`` and found through PYTHONPATH
+    by the Snakemake process and by its quantize job (docs/extending.md#bring-your-own-method)."""
+    config = tiny_config(tiny_model_dir, tiny_corpus, {
+        "rtn@int3-g16": {"steps": ["rtn"], "weight": "int3-g16"},
+        "cliprtn@int3-g16": {"steps": [{"cliprtn": {"ratios": [1.0, 0.9, 0.8]}}], "weight": "int3-g16"},
+    }, claims=[{"paper": "plugin", "claim": "clipping search at or below RTN",
+                "at_or_below": {"recipe": "cliprtn@int3-g16", "than": ["rtn@int3-g16"]}}])
+    config["plugins"] = ["ptq_cliprtn"]
+    write_config(tmp_path, config)
+    path = os.pathsep.join(filter(None, [str(REPO / "tests" / "plugins"), os.environ.get("PYTHONPATH")]))
+    run = subprocess.run([*SNAKEMAKE, "--directory", str(tmp_path)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = pandas.read_csv(tmp_path / "results/tables/all.csv")
+    ppl = table[(table.kind == "perplexity") & (table.metric == "ppl")].set_index("recipe")["value"]
+    assert set(ppl.index) == {"rtn@int3-g16", "cliprtn@int3-g16"} and ppl.notna().all()
+    quantize = yaml.safe_load((tmp_path / "results/metrics/tiny/cliprtn@int3-g16/s0/quantize.json").read_text())
+    assert quantize["metrics"]["mean_weight_rel_error"] < yaml.safe_load(
+        (tmp_path / "results/metrics/tiny/rtn@int3-g16/s0/quantize.json").read_text())["metrics"]["mean_weight_rel_error"]
+    claims = pandas.read_csv(tmp_path / "results/tables/claims.csv").set_index("claim")
+    judged = claims.loc["clipping search at or below RTN"]
+    assert judged["verdict"] in ("holds", "fails", "inconclusive"), judged.to_dict()
+    assert judged["comparisons"].startswith("cliprtn@int3-g16 vs rtn@int3-g16: ")

@@ -23,7 +23,8 @@ from ptqrepro.models.sources import load_model
 from ptqrepro.peers import TOOLKITS, Toolkit, toolkit
 from ptqrepro.peers import brevitas
 from ptqrepro.peers.llmcompressor import plan
-from ptqrepro.recipes import peer_from_spec, peer_spec, recipe_from_config
+from ptqrepro.peers.recipes import peer_from_spec, peer_spec
+from ptqrepro.recipes import recipe_from_config
 from ptqrepro.report.peers import grid_agreement, peers_table
 from ptqrepro.report.tables import gather_results
 from ptqrepro.report.uncertainty import BootstrapSettings

@@ -39,13 +39,15 @@ from pathlib import Path
 
 import torch
 
+from ptqrepro import __version__
 from ptqrepro.errors import InputError, PtqError, first_line
 from ptqrepro.io import atomic_path, check_writable, load_yaml, read_json, write_json
+from ptqrepro.data.corpora import CORPUS_MANIFEST
+from ptqrepro.data.corpora import prepared_corpus as _corpus
+from ptqrepro.data.corpora import prepared_documents as _documents
 from ptqrepro.models.sources import TOKENIZERS
 from ptqrepro.placement import OFFLOADS, PLACEMENTS, check_offload
 
-SPLIT_FILE = "{split}.jsonl"
-CORPUS_MANIFEST = "corpus.json"
 TASKS_SOURCE = "source.json"
 """What a local zero-shot task folder records of the corpus it was drawn from (its name and revision)."""
 
@@ -86,15 +88,6 @@ def _load_calibration(path: str) -> dict:
     return calibration
 
 
-def _corpus(corpus_dir: str):
-    from ptqrepro.data.corpora import CorpusSpec
-
-    manifest = Path(corpus_dir) / CORPUS_MANIFEST
-    if not manifest.is_file():
-        raise InputError(f"{corpus_dir} is not a prepared corpus (no {CORPUS_MANIFEST}); run prepare-corpus")
-    return CorpusSpec(**read_json(manifest)["spec"])
-
-
 def _corpus_revision(corpus_dir: str) -> str | None:
     """The hub commit a prepared corpus was read at (None: a local source, or prepared before it was recorded)."""
     return read_json(Path(corpus_dir) / CORPUS_MANIFEST).get("revision")
@@ -107,12 +100,6 @@ def _revisions(model_dir: str, dataset_revision: str | None, tokenizer_class: st
 
     return {"model_revision": model_revision(model_dir), "dataset_revision": dataset_revision,
             "tokenizer_class": tokenizer_class}
-
-
-def _documents(corpus_dir: str, split: str) -> list[str]:
-    from ptqrepro.data.corpora import read_documents
-
-    return read_documents(Path(corpus_dir) / SPLIT_FILE.format(split=split))
 
 
 def _read_json(path: str, option: str) -> dict:
@@ -218,7 +205,8 @@ def cmd_quantize(args) -> None:
     from ptqrepro.models.sources import compute_dtype, load_model, require_finite_weights, resolve_device, torch_dtype
     from ptqrepro.pipeline import quantize_model
     from ptqrepro.provenance import Provenance
-    from ptqrepro.recipes import is_peer, recipe_from_config
+    from ptqrepro.peers.recipes import is_peer
+    from ptqrepro.recipes import recipe_from_config
     from ptqrepro.report.tables import UNCALIBRATED
 
     _set_threads(args.threads)
@@ -314,7 +302,7 @@ def _quantize_with_peer(args, spec: dict, provenance) -> None:
     from ptqrepro.artifact import BASE_MODEL, model_fingerprint, save_artifact
     from ptqrepro.models.sources import load_model, require_finite_weights, resolve_device
     from ptqrepro.peers import toolkit
-    from ptqrepro.recipes import peer_from_spec
+    from ptqrepro.peers.recipes import peer_from_spec
 
     peer = peer_from_spec(args.recipe, spec)
     kit = toolkit(peer.toolkit)
@@ -780,6 +768,7 @@ def _add_bootstrap_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ptqrepro", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare-model", help="convert/record a model source into a prepared directory")

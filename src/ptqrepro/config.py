@@ -20,15 +20,11 @@ from ptqrepro.errors import PtqError
 from ptqrepro.eval.zeroshot import LOCAL_TASKS
 from ptqrepro.io import load_yaml
 from ptqrepro.models.sources import ModelSource, slow_tokenizer_problem
-from ptqrepro.recipes import (
-    is_peer,
-    is_reconstruction,
-    peer_from_spec,
-    peer_spec,
-    recipe_from_config,
-    reconstruction_from_config,
-)
+from ptqrepro.plugins import import_plugins
+from ptqrepro.peers.recipes import is_peer, peer_from_spec, peer_spec
+from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
 from ptqrepro.report.claims import claims_from_config
+from ptqrepro.steps import BUILTIN_STEPS
 
 JOB_KEYS = ("models", "seeds", "calibration_dtype")
 """Keys of a recipe's entry that choose its jobs (on which models, at which calibration seeds, with
@@ -43,11 +39,21 @@ def recipe_entry(entry: dict) -> dict:
 
 def recipe_job_spec(config: dict, name: str) -> dict:
     """What recipe ``name``'s quantize or DWR job reads as its ``--spec``: the entry without
-    ``JOB_KEYS``; a peer recipe's completed with the recipe it mirrors (``recipes.peer_spec``)."""
+    ``JOB_KEYS``; a peer recipe's completed with the recipe it mirrors (``peers.recipes.peer_spec``); one
+    that names a step from outside the package with the config's ``plugins``, which register it
+    (``ptqrepro.plugins``)."""
     entry = recipe_entry(config["recipes"][name])
     if is_peer(entry):
         return peer_spec(name, entry, {key: recipe_entry(value) for key, value in config["recipes"].items()})
+    if config.get("plugins") and not _step_names(entry) <= BUILTIN_STEPS:
+        return {**entry, "plugins": list(config["plugins"])}
     return entry
+
+
+def _step_names(entry: dict) -> set:
+    """The names of the steps of a recipe's entry (a step is a name or ``{name: settings}``)."""
+    return {step if isinstance(step, str) else next(iter(step), None) for step in entry.get("steps") or []
+            if isinstance(step, (str, dict))}
 
 
 def calibration_dtype(config: dict, name: str) -> str:
@@ -155,7 +161,8 @@ class ConfigError(PtqError):
 
 
 def check_config(config: dict) -> None:
-    """The consistency of a schema-validated config: model sources, corpora, calibration seeds, each
+    """The consistency of a schema-validated config: its plugins (imported first: they register
+    steps the recipes name), model sources, corpora, calibration seeds, each
     recipe (the models it names; its steps and formats, then its seeds), the claims, zero-shot and
     the resources. Every check runs whatever the others found; one ``ConfigError`` lists each error
     once (a recipe's seeds are checked only where its steps passed: they read them)."""
@@ -170,6 +177,7 @@ def check_config(config: dict) -> None:
             return False
         return True
 
+    passes(import_plugins, config.get("plugins", []))
     for name, entry in config["models"].items():
         passes(ModelSource.from_config, name, entry)
     for name in _corpora(config):

@@ -48,7 +48,8 @@ from ptqrepro.hub import (TOKEN_STEPS, cached_revision, has_weights, hub_cache, 
                           staging_environment, token_available)
 from ptqrepro.models.shapes import KNOWN_PARAMETERS, ModelShapes, checkpoint_bytes, read_model_config, shapes_of
 from ptqrepro.models.sources import ModelSource
-from ptqrepro.recipes import is_peer, is_reconstruction, recipe_from_config, reconstruction_from_config
+from ptqrepro.peers.recipes import is_peer
+from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
 from ptqrepro.steps import LqerStep, MagrStep
 
 
@@ -177,6 +178,8 @@ def recipe_problems(name: str, entry: dict, model: str, shapes: ModelShapes) -> 
                                         f"a size dividing {_gcd(shapes.inputs)}, or null (the weight format's groups)"))
         if isinstance(step, LqerStep):
             problems += low_rank_problems(key, step, recipe.act, model, shapes)
+        problems += [Problem(f"{key}.{setting}", value, f"{problem} (model {model})", allowed)
+                     for setting, value, problem, allowed in step.shape_problems(shapes)]
     return problems
 
 

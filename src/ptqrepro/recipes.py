@@ -11,7 +11,8 @@ A step is a name or a one-key mapping ``{name: {setting: value}}``. A recipe tha
 exactly one quantizer (it turns float weights into codes of the weight format), preceded by
 transforms and followed by refinements only, e.g. ``[magr, gptq, cd]`` or ``[gptq, {l2qer: {rank: 32}}]``.
 ``act`` names the format of the dynamic fake quantization of every linear's input at
-evaluation (none by default).
+evaluation (none by default). A job's spec of a recipe with steps from outside the package also
+lists the modules that register them (``plugins``, see ``ptqrepro.plugins``).
 
 A *reconstruction* recipe names another recipe as its ``base`` and runs DWR's search on that
 recipe's quantized model (its own job, so the base is quantized once)::
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field, fields
 from ptqrepro.errors import PtqError
 from ptqrepro.formats import GroupedFormat, parse_format
 from ptqrepro.models.adapters import Architecture
+from ptqrepro.plugins import import_plugins, step_class
 from ptqrepro.steps import STEPS, Step
 
 RECIPE_NAME = re.compile(r"[A-Za-z0-9_.+@=-]+")
@@ -96,9 +98,7 @@ def build_step(recipe: str, entry) -> Step:
         settings = settings or {}
     else:
         raise PtqError(f"recipe {recipe!r}: a step is a name or {{name: {{settings}}}}, got {entry!r}")
-    if name not in STEPS:
-        raise PtqError(f"recipe {recipe!r}: unknown step {name!r} (known: {', '.join(sorted(STEPS))})")
-    return STEPS[name].from_settings(recipe, settings)
+    return step_class(recipe, name).from_settings(recipe, settings)
 
 
 def recipe_from_config(name: str, entry: dict) -> Recipe:
@@ -107,9 +107,11 @@ def recipe_from_config(name: str, entry: dict) -> Recipe:
         raise PtqError(f"recipe name {name!r} may only use letters, digits and _ . + @ = -")
     if not isinstance(entry, dict):
         raise PtqError(f"recipe {name!r}: expected a mapping with 'steps' and 'weight'")
-    unknown = set(entry) - {"steps", "weight", "act"}
+    unknown = set(entry) - {"steps", "weight", "act", "plugins"}
     if unknown:
         raise PtqError(f"recipe {name!r}: unknown key(s) {', '.join(sorted(unknown))}")
+    if "plugins" in entry:
+        import_plugins(entry["plugins"])
     steps = tuple(build_step(name, step) for step in entry.get("steps") or [])
     weight = parse_format(entry.get("weight"))
     act = parse_format(entry.get("act"))
@@ -200,52 +202,3 @@ def reconstruction_from_config(name: str, entry: dict, recipes: dict | None = No
         raise PtqError(f"recipe {name!r}: dwr windows must be a positive integer or null, got {windows!r}")
     settings["ranks"] = tuple(sorted(set(ranks)))
     return Reconstruction(name=name, base=base, settings=DwrSettings(**settings))
-
-
-@dataclass(frozen=True)
-class PeerRecipe:
-    """Our recipe ``mirrors`` (its steps, settings and formats) run by the peer ``toolkit``."""
-
-    name: str
-    toolkit: str
-    mirrors: Recipe
-
-
-PEER_KEYS = ("toolkit", "mirrors")
-
-
-def is_peer(entry) -> bool:
-    return isinstance(entry, dict) and "toolkit" in entry
-
-
-def peer_spec(name: str, entry: dict, recipes: dict) -> dict:
-    """A peer recipe's entry ``{toolkit, mirrors}`` completed with the mirrored recipe's
-    ``steps``, ``weight`` and ``act``: what its quantize job reads (``peer_from_spec``), so that a
-    change to the mirrored recipe reruns the peer's job too."""
-    unknown = set(entry) - set(PEER_KEYS)
-    if unknown:
-        raise PtqError(f"recipe {name!r}: a peer recipe has only {' and '.join(PEER_KEYS)}, not {', '.join(sorted(unknown))}")
-    mirrors = entry.get("mirrors")
-    if not isinstance(mirrors, str) or mirrors not in recipes:
-        raise PtqError(f"recipe {name!r}: 'mirrors' must name another recipe of the config, got {mirrors!r}")
-    mirrored = recipes[mirrors]
-    if is_peer(mirrored) or is_reconstruction(mirrored) or not (mirrored.get("steps") or []):
-        raise PtqError(f"recipe {name!r}: mirrors {mirrors!r}, which is not a quantization recipe of ours with steps")
-    return {"toolkit": entry.get("toolkit"), "mirrors": mirrors,
-            **{key: mirrored[key] for key in ("steps", "weight", "act") if key in mirrored}}
-
-
-def peer_from_spec(name: str, spec: dict) -> PeerRecipe:
-    """Validate a peer recipe's spec (``peer_spec``): a known toolkit that can express every step,
-    setting and format of the mirrored recipe (its ``plan``; it need not be installed)."""
-    from ptqrepro.peers import toolkit
-
-    if not RECIPE_NAME.fullmatch(name):
-        raise PtqError(f"recipe name {name!r} may only use letters, digits and _ . + @ = -")
-    peer = toolkit(spec["toolkit"])
-    recipe = recipe_from_config(spec["mirrors"], {key: spec[key] for key in ("steps", "weight", "act") if key in spec})
-    try:
-        peer.translator().plan(recipe)
-    except PtqError as error:
-        raise PtqError(f"peer recipe {name!r}: {error}") from None
-    return PeerRecipe(name=name, toolkit=peer.name, mirrors=recipe)

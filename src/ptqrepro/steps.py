@@ -15,9 +15,11 @@ Methods only ever see tensors; this module reads and writes the modules.
 
 from __future__ import annotations
 
+import re
 import time
+import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Callable, ClassVar
 
@@ -35,13 +37,26 @@ from ptqrepro.methods.magr import coordinate_descent, magr
 from ptqrepro.methods.rtn import rtn
 from ptqrepro.methods.smoothquant import smoothing_scales
 from ptqrepro.models.adapters import Architecture
+from ptqrepro.models.shapes import ModelShapes
 from ptqrepro.models.sources import compute_dtype, torch_dtype
 from ptqrepro.statistics import InputStatistics, relative_output_error
 
 
+def _allowed_types(hint) -> tuple:
+    """The types a dataclass field's type hint allows: each member of a union (``int | None``), else
+    the hint itself (``tuple[float, ...]`` is one type)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
 def _is_of_type(value, kind: type) -> bool:
     """Whether a step's setting ``value`` (from YAML) has the dataclass field's type ``kind``: an
-    integer counts as a float, a boolean as neither an integer nor a float."""
+    integer counts as a float, a boolean as neither an integer nor a float; a YAML list is a
+    ``tuple[X, ...]`` or ``list[X]`` whose items are all of type X."""
+    if typing.get_origin(kind) in (tuple, list):
+        items = [item for item in typing.get_args(kind) if item is not Ellipsis]
+        return isinstance(value, (list, tuple)) and all(any(_is_of_type(v, item) for item in items) for v in value)
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is int:
@@ -125,9 +140,16 @@ class Step:
         (``LayerContext.module_output``)."""
         return ()
 
+    def shape_problems(self, shapes: ModelShapes) -> list[tuple[str, object, str, str]]:
+        """What the step's settings cannot do on a model of these shapes, each as (setting, value,
+        what is wrong, what is allowed): the preflight reports them with the config key, one line
+        each, before any job runs. A step of one's own overrides this; the built-in steps' checks
+        live in ``ptqrepro.preflight``."""
+        return []
+
     @classmethod
     def from_settings(cls, recipe: str, settings: dict) -> "Step":
-        known = {name for name, f in cls.__dataclass_fields__.items() if f.init}
+        known = {f.name for f in fields(cls) if f.init}  # not the ClassVar facts above
         unknown = set(settings) - known
         if unknown:
             raise PtqError(
@@ -136,9 +158,9 @@ class Step:
             )
         hints = typing.get_type_hints(cls)
         for key, value in settings.items():
-            allowed = typing.get_args(hints[key]) or (hints[key],)
+            allowed = _allowed_types(hints[key])
             if not any(_is_of_type(value, kind) for kind in allowed):
-                names = " or ".join("null" if kind is type(None) else kind.__name__ for kind in allowed)
+                names = " or ".join("null" if kind is type(None) else getattr(kind, "__name__", str(kind)) for kind in allowed)
                 raise PtqError(f"recipe {recipe!r}: step {cls.name!r} setting {key!r} must be {names}, not {value!r}")
         return cls(**settings)
 
@@ -153,6 +175,32 @@ class Step:
     def refine(self, context: LayerContext, names: tuple[str, ...]) -> None:
         """A refinement's work on the named linears' quantized weights."""
         raise NotImplementedError
+
+
+STEPS: dict[str, type[Step]] = {}
+"""Every registered step by the name a recipe gives it: the built-in ones below, then those that
+``register_step`` adds from outside the package (``ptqrepro.plugins``)."""
+
+STEP_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
+def register_step(cls: type[Step]) -> type[Step]:
+    """Class decorator: make the ``Step`` subclass ``cls`` a step that recipes name by ``cls.name``
+    (see docs/extending.md#bring-your-own-method). A name is letters, digits, ``_`` and ``-`` (a recipe's
+    method joins its steps' names with ``+``); registering a second class under a taken name is an
+    error, registering the same class again is not."""
+    if not (isinstance(cls, type) and issubclass(cls, Step)):
+        raise PtqError(f"register_step: {cls!r} is not a subclass of ptqrepro.steps.Step")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not STEP_NAME.fullmatch(name):
+        raise PtqError(f"register_step: {cls.__qualname__}.name must be letters, digits, _ and - (starting with a letter), got {name!r}")
+    if sum((cls.quantizer, cls.refines)) > 1:
+        raise PtqError(f"register_step: step {name!r} is a quantizer or a refinement, not both")
+    taken = STEPS.get(name)
+    if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise PtqError(f"register_step: step {name!r} is already {taken.__module__}.{taken.__qualname__}")
+    STEPS[name] = cls
+    return cls
 
 
 PRECISIONS = ("float32", "bfloat16", "auto")
@@ -178,6 +226,7 @@ class ProductPrecisionStep(Step):
         return torch_dtype(precision)
 
 
+@register_step
 @dataclass(frozen=True)
 class RtnStep(Step):
     """Round-to-nearest every linear (data-free)."""
@@ -190,6 +239,7 @@ class RtnStep(Step):
             context.quantized[name] = rtn(context.linears[name].weight.data, context.weight_format, context.qualified(name))
 
 
+@register_step
 @dataclass(frozen=True)
 class GptqStep(Step):
     """GPTQ on each linear with the Gram matrix of its inputs; ``true_sequential`` re-collects the
@@ -237,6 +287,7 @@ class GptqStep(Step):
             context.note(name, damping=result.damping, cholesky_retries=result.retries, dead_columns=result.dead_columns)
 
 
+@register_step
 @dataclass(frozen=True)
 class SmoothQuantStep(Step):
     """Fold SmoothQuant's scales into each (norm -> linears) pair of the layer."""
@@ -260,6 +311,7 @@ AWQ_LOSSES = ("block", "linears")
 the linears' output errors."""
 
 
+@register_step
 @dataclass(frozen=True)
 class AwqStep(ProductPrecisionStep):
     """AWQ's scale search over the layer's scaling groups, folded in, then its clip search. The
@@ -321,6 +373,7 @@ def _group_output(context: LayerContext, module: str, targets: tuple[str, ...], 
     return context.module_output(module, dict(zip(targets, weights, strict=True)))
 
 
+@register_step
 @dataclass(frozen=True)
 class MagrStep(ProductPrecisionStep):
     """MagR (Zhang et al., NeurIPS 2024, Algorithm 1): shrink each row's (or each group's) largest
@@ -372,6 +425,7 @@ def row_max_quantiles(weight: torch.Tensor) -> list[float]:
     return [float(f"{value:.4g}") for value in quantiles.tolist()]
 
 
+@register_step
 @dataclass(frozen=True)
 class CoordinateDescentStep(Step):
     """Coordinate-descent sweeps on the quantizer's codes with its grid fixed, towards the layer's
@@ -397,6 +451,7 @@ class CoordinateDescentStep(Step):
             context.note(name, cd_sweeps=self.sweeps)
 
 
+@register_step
 @dataclass(frozen=True)
 class LqerStep(Step):
     """LQER: a rank-``rank`` correction of each linear's quantization error ``W - Q(W)`` (truncated
@@ -429,6 +484,7 @@ class LqerStep(Step):
             context.note(name, lqer_rank=self.rank, lqer_residual_rel_error=float(residual.norm() / error.norm().clamp(min=1e-30)))
 
 
+@register_step
 @dataclass(frozen=True)
 class L2qerStep(LqerStep):
     """L2QER: LQER on ``S E`` with S the normalised calibration activation magnitudes, undone in A."""
@@ -440,7 +496,5 @@ class L2qerStep(LqerStep):
         return activation_scale(context.stats[name].batch_absmean_max)
 
 
-STEPS: dict[str, type[Step]] = {
-    step.name: step
-    for step in (RtnStep, GptqStep, SmoothQuantStep, AwqStep, MagrStep, CoordinateDescentStep, LqerStep, L2qerStep)
-}
+BUILTIN_STEPS = frozenset(STEPS)
+"""The steps this package defines."""

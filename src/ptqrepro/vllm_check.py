@@ -44,14 +44,14 @@ def result_windows(result: dict, corpus_dir: str | Path, tokenizer_dir: str | Pa
     test split and the tokenizer of ``tokenizer_dir``; an error unless they hash as the result's."""
     from transformers import AutoTokenizer
 
-    from ptqrepro.cli import _corpus, _documents
+    from ptqrepro.data.corpora import prepared_corpus, prepared_documents
     from ptqrepro.data.windows import evaluation_windows
     from ptqrepro.eval.perplexity import windows_fingerprint
 
     protocol = result["protocol"]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    windows, _ = evaluation_windows(_documents(str(corpus_dir), protocol["split"]), tokenizer,
-                                    _corpus(str(corpus_dir)), protocol["seqlen"], protocol["max_windows"],
+    windows, _ = evaluation_windows(prepared_documents(corpus_dir, protocol["split"]), tokenizer,
+                                    prepared_corpus(corpus_dir), protocol["seqlen"], protocol["max_windows"],
                                     nsamples=protocol["total_windows"], seed=protocol["seed"])
     if windows_fingerprint(windows) != protocol["windows_sha256"]:
         raise PtqError(f"the windows rebuilt from {corpus_dir} with the tokenizer of {tokenizer_dir} are not the ones "

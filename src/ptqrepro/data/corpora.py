@@ -19,7 +19,7 @@ from typing import Iterator
 from xml.etree import ElementTree
 
 from ptqrepro.errors import InputError, PtqError
-from ptqrepro.io import atomic_path
+from ptqrepro.io import atomic_path, read_json
 
 SPLITS = ("train", "validation", "test")
 SOURCES = ("gensim-wiki", "hub", "local")
@@ -215,6 +215,25 @@ def write_corpus(spec: CorpusSpec, out_dir: str | os.PathLike) -> dict:
 def read_documents(path: str | os.PathLike) -> list[str]:
     """Read the documents of one ``{split}.jsonl`` file written by :func:`write_corpus`."""
     return _read_jsonl_field(Path(path), "text")
+
+
+SPLIT_FILE = "{split}.jsonl"
+CORPUS_MANIFEST = "corpus.json"
+"""A prepared corpus (``ptqrepro prepare-corpus``) is a folder of one ``SPLIT_FILE`` per split and
+this manifest: its ``spec``, ``stats`` and hub ``revision``."""
+
+
+def prepared_corpus(corpus_dir: str | os.PathLike) -> CorpusSpec:
+    """The spec a prepared corpus folder was written from."""
+    manifest = Path(corpus_dir) / CORPUS_MANIFEST
+    if not manifest.is_file():
+        raise InputError(f"{corpus_dir} is not a prepared corpus (no {CORPUS_MANIFEST}); run prepare-corpus")
+    return CorpusSpec(**read_json(manifest)["spec"])
+
+
+def prepared_documents(corpus_dir: str | os.PathLike, split: str) -> list[str]:
+    """The documents of one split of a prepared corpus folder."""
+    return read_documents(Path(corpus_dir) / SPLIT_FILE.format(split=split))
 
 
 def _write_jsonl(path: Path, documents: list[str]) -> None:
