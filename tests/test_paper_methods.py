@@ -60,7 +60,7 @@ def test_gptq_group_mode_defaults_to_the_references(settings, mode):
 
 @pytest.mark.parametrize(
     "entry, message",
-    [({"gptq": {"groups": "dynamic"}}, "'dynamic' is not one of \\['reference', 'sweep', 'static'\\]"),
+    [({"gptq": {"groups": "dynamic"}}, "'dynamic' is not one of \\['reference', 'sweep', 'static', None\\]"),
      ({"awq": {"loss": "mse"}}, "'mse' is not one of \\['block', 'linears'\\]"),
      ({"gptq": {"act_order": "yes"}}, "'yes' is not of type 'boolean'")],
 )

@@ -11,9 +11,10 @@ evaluation, tables, claims and the papers' tables. The values are meaningless; t
 
     pytest -m rehearsal            every paper config (tens of minutes: see README)
 
-The default run (and CI) deselects the ``rehearsal`` mark (pyproject.toml) and runs two slices: the
-LQER config on its Mistral-7B model (SLICE), and a slice of the MX-PTQ config through
-``--profile profiles/slurm`` on the SLURM test cluster (SLURM_SLICE).
+The default run (and CI) deselects the ``rehearsal`` mark (pyproject.toml) and runs one slice: the
+MX-PTQ config on Llama-2-7B through ``--profile profiles/slurm`` on the SLURM test cluster
+(SLURM_SLICE; skipped where SLURM is not installed). ``-m rehearsal`` adds the LQER config on its
+Mistral-7B model (SLICE, about 2 minutes) and every whole paper config.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from test_slurm import slurm_cluster  # noqa: F401 (a fixture: the single-node S
 
 PAPERS = sorted(path.stem for path in (REPO / "config" / "papers").glob("*.yaml"))
 SLICE = ("lqer", ["mistral-7b"])
-"""The CI slice: the LQER config on Mistral-7B alone (4 recipes, the MX formats, LQER and L2QER)."""
+"""A slice run with -m rehearsal: the LQER config on Mistral-7B alone (4 recipes, the MX formats, LQER and L2QER)."""
 SLURM_SLICE = ("mxptq", ["llama-2-7b"], ["fp16", "sq+awq+gptq@mxint4_a=mxint8"])
 """The slice through the SLURM test cluster: the MX-PTQ config on Llama-2-7B, two recipes (one of
 them SmoothQuant, AWQ and GPTQ composed), both of its corpora: GPU jobs asking for the config's A100."""
@@ -209,9 +210,10 @@ def test_hub_cache_resolves_offline(hub_home, monkeypatch):
     assert (wikitext / "wikitext-2-raw-v1" / "train-00000-of-00001.parquet").stat().st_size > 100_000
 
 
-@pytest.mark.slow
+@pytest.mark.rehearsal
 def test_rehearsal_slice(hub_home, tmp_path):
-    """The CI slice: the LQER config shrunk, on Mistral-7B alone, offline, to its paper table."""
+    """The LQER config shrunk, on Mistral-7B alone, offline, to its paper table (about 2 minutes:
+    with -m rehearsal; the suite runs the SLURM slice below, which takes the same path)."""
     paper, models = SLICE
     rehearsal = rehearse(paper, tmp_path, hub_home, models)
     print(f"rehearsal {paper} {models}: {rehearsal.jobs} jobs, {rehearsal.seconds:.0f} s")
@@ -229,7 +231,7 @@ def test_rehearsal_slice_on_slurm(slurm_cluster, hub_home, tmp_path):  # noqa: F
                SBATCH_PARTITION="ptqtest", SBATCH_ACCOUNT="ptqlab")
     rehearsal = rehearse(paper, tmp_path, hub_home, models, recipes, env=env, timeout=1200, extra=[
         "--profile", str(REPO / "profiles" / "slurm"), "--jobs", "4", "--retries", "0", "--latency-wait", "5",
-        "--slurm-init-seconds-before-status-checks", "1"])
+        "--slurm-init-seconds-before-status-checks", "1", "--slurm-keep-successful-logs"])
     print(f"rehearsal {paper} {models} {recipes} on SLURM: {rehearsal.jobs} jobs, {rehearsal.seconds:.0f} s")
     check_rehearsal(rehearsal)
     submitted = list((tmp_path / ".snakemake" / "slurm_logs").rglob("*.log"))

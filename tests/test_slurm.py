@@ -104,9 +104,10 @@ def test_tiny_dag_runs_as_slurm_jobs(slurm_cluster, tmp_path, tiny_model_dir, ti
     # the plugin logs each submission under .snakemake/slurm_logs/<rule_RULE | group_GROUP_RULES>/.../<job id>.log
     logs = (tmp_path / ".snakemake" / "slurm_logs").rglob("*.log")
     submitted = {path.stem: path.relative_to(tmp_path / ".snakemake" / "slurm_logs").parts[0] for path in logs}
+    # the stage-in (prepare_model, prepare_corpus) runs where Snakemake runs; RTN reads no calibration
     assert sorted(submitted.values()) == sorted([
-        "rule_prepare_model", "rule_prepare_corpus", "rule_prepare_corpus", "rule_calibrate", "rule_quantize",
-        "group_eval_tiny_rtn@int4-g16_s0_eval_ppl", "rule_tables"]), submitted
+        "rule_float_reference", "rule_float_reference", "rule_quantize", "group_eval_tiny_rtn@int4-g16_s0_eval_ppl",
+        "rule_tables"]), submitted
     jobs = {job["JobId"]: job for job in slurm_jobs(slurm_cluster)}
     assert set(jobs) == set(submitted)
     assert all(job["JobState"] == "COMPLETED" and job["Partition"] == "ptqtest" for job in jobs.values()), jobs
@@ -115,7 +116,7 @@ def test_tiny_dag_runs_as_slurm_jobs(slurm_cluster, tmp_path, tiny_model_dir, ti
     assert all(job == {"State": "COMPLETED", "Account": "ptqlab", "Partition": "ptqtest"} for job in accounted.values()), accounted
     gpus = {submitted[number]: job.get("TresPerJob") for number, job in jobs.items()}
     assert gpus["rule_quantize"] == gpus["group_eval_tiny_rtn@int4-g16_s0_eval_ppl"] == "gres:gpu:a100:1", gpus
-    assert gpus["rule_prepare_model"] is None and gpus["rule_calibrate"] is None and gpus["rule_tables"] is None, gpus
+    assert gpus["rule_float_reference"] == "gres:gpu:a100:1" and gpus["rule_tables"] is None, gpus
 
     table = pandas.read_csv(tmp_path / "results/tables/all.csv")
     ppl = table[(table.kind == "perplexity") & (table.metric == "ppl")]

@@ -281,8 +281,9 @@ def test_jobs_read_the_staged_inputs_without_the_network_and_record_their_revisi
         ["prepare-corpus", "--name", "wikitext2", "--out", str(corpus)],
         ["calibrate", "--model", str(model), "--corpus", str(corpus), "--nsamples", "2", "--seqlen", "32",
          "--out", str(tmp_path / "calib.pt")],
-        ["quantize", "--model", str(model), "--calibration", str(tmp_path / "calib.pt"), "--recipe", "rtn@int4-g16",
-         "--spec", "{steps: [rtn], weight: int4-g16}", "--device", "cpu", "--out", str(tmp_path / "q"),
+        # a recipe that reads the calibration windows, so that its result records their corpus's revision
+        ["quantize", "--model", str(model), "--calibration", str(tmp_path / "calib.pt"), "--recipe", "gptq@int4-g16",
+         "--spec", "{steps: [gptq], weight: int4-g16}", "--device", "cpu", "--out", str(tmp_path / "q"),
          "--metrics", str(tmp_path / "quantize.json")],
         ["eval-ppl", "--model", str(model), "--quantized", str(tmp_path / "q"), "--corpus", str(corpus), "--seqlen", "32",
          "--max-windows", "4", "--device", "cpu", "--dtype", "float32", "--out", str(tmp_path / "ppl.json")],
@@ -341,8 +342,9 @@ def test_the_stage_in_runs_locally_and_every_later_job_offline(tmp_path, tiny_mo
     assert run.returncode == 0, run.stderr[-3000:]
     commands = [line.strip().removeprefix("Shell command: ") for line in run.stdout.splitlines() if "ptqrepro " in line]
     loading = [command for command in commands if any(f"ptqrepro {job} " in command for job in
-                                                       ("calibrate", "quantize", "eval-ppl", "eval-zeroshot"))]
-    assert len(loading) == 1 + 4 + 4 + 1
+                                                       ("calibrate", "quantize", "float-reference", "eval-ppl",
+                                                        "eval-zeroshot"))]
+    assert len(loading) == 4 + 1 + 4 + 1  # quantize (no recipe calibrates), the float reference, the evaluations
     assert all(command.startswith("HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 ") for command in loading)
     staging = [command for command in commands if "prepare-model" in command or "prepare-corpus" in command]
     assert len(staging) == 2 and not any("OFFLINE" in command for command in staging)

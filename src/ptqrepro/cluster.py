@@ -49,10 +49,11 @@ def job_request(config: dict, rule: str, model: str | None = None) -> dict:
     }
 
 
-def slurm_target(config: dict, environ: Mapping[str, str] = os.environ) -> dict:
+def slurm_target(config: dict, environ: Mapping[str, str] | None = None) -> dict:
     """``slurm_partition`` and ``slurm_account`` for every job: ``SBATCH_PARTITION`` /
     ``SBATCH_ACCOUNT`` where set and not empty, else ``slurm.partition`` / ``slurm.account``;
     neither: absent, and the plugin falls back to the cluster's default partition and account."""
+    environ = os.environ if environ is None else environ  # the environment at the call, not at import
     slurm = config.get("slurm") or {}
     target = {}
     for key, variable in ENVIRONMENT.items():
@@ -62,11 +63,12 @@ def slurm_target(config: dict, environ: Mapping[str, str] = os.environ) -> dict:
     return target
 
 
-def rule_resources(config: dict, rule: str, environ: Mapping[str, str] = os.environ) -> dict:
+def rule_resources(config: dict, rule: str, environ: Mapping[str, str] | None = None) -> dict:
     """The ``resources:`` of a rule as Snakemake keyword arguments, functions of the job's wildcards
     (its ``model``, where it has one): ``gpu`` and ``gpu_model`` for the GPU rules (``None``, so
     absent, without a GPU model), ``mem_mb`` and ``runtime`` where the rule's entry sets them (else
     the executor's defaults), and the partition and account."""
+    environ = os.environ if environ is None else environ  # the environment at the call, not at import
 
     def resource(key: str) -> Callable:
         return lambda wildcards: job_request(config, rule, getattr(wildcards, "model", None))[key]

@@ -41,17 +41,19 @@ TOKEN_STEPS = ("accept its licence on https://huggingface.co/{repo} with your ac
                "token: `hf auth login` (stored in the Hugging Face home) or the HF_TOKEN environment variable")
 
 
-def hub_cache(environ=os.environ) -> Path:
+def hub_cache(environ=None) -> Path:
     """The folder of huggingface_hub's cache as a job with ``environ`` sees it: ``HF_HUB_CACHE``, else
     ``HF_HOME/hub``, else ``XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``
     (huggingface_hub ``constants``)."""
+    environ = os.environ if environ is None else environ  # the environment at the call, not at import
     if environ.get("HF_HUB_CACHE"):
         return Path(environ["HF_HUB_CACHE"]).expanduser()
     return hf_home(environ) / "hub"
 
 
-def hf_home(environ=os.environ) -> Path:
+def hf_home(environ=None) -> Path:
     """The Hugging Face home a job with ``environ`` uses (``HF_HOME``, else under ``XDG_CACHE_HOME``)."""
+    environ = os.environ if environ is None else environ  # the environment at the call, not at import
     if environ.get("HF_HOME"):
         return Path(environ["HF_HOME"]).expanduser()
     return Path(environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "huggingface"
@@ -93,9 +95,10 @@ def model_patterns(files: list[str]) -> list[str]:
     return [*CONFIG_FILES, *TOKENIZER_FILES, *(SAFETENSORS_FILES if safetensors else BIN_FILES)]
 
 
-def offline(environ=os.environ) -> bool:
+def offline(environ=None) -> bool:
     """Whether the hub is kept off the network here: ``HF_HUB_OFFLINE`` set now, or when
     huggingface_hub was imported."""
+    environ = os.environ if environ is None else environ  # the environment at the call, not at import
     from huggingface_hub import constants
 
     return environ.get("HF_HUB_OFFLINE", "").upper() in TRUE or bool(constants.HF_HUB_OFFLINE)
@@ -195,11 +198,12 @@ def stage_dataset(repo_id: str, patterns: tuple[str, ...] | None) -> tuple[Path,
     return snapshot, snapshot.name
 
 
-def staging_environment(staging: dict, environ=os.environ) -> dict[str, str]:
+def staging_environment(staging: dict, environ=None) -> dict[str, str]:
     """The variables every job of a config with ``staging`` gets: ``HF_HOME`` from ``staging.hf_home``
     (where set), and ``HF_TOKEN_PATH`` at the token ``hf auth login`` stored under the Hugging Face
     home of ``environ`` where the new home has none, so that moving the cache keeps the login (an
     ``HF_TOKEN_PATH`` already set stays)."""
+    environ = os.environ if environ is None else environ  # the environment at the call, not at import
     if not staging.get("hf_home"):
         return {}
     home = Path(staging["hf_home"]).expanduser()

@@ -274,7 +274,7 @@ def zeroshot_problems(config: dict, known: Callable[[], set[str] | None] = lm_ev
 
 
 def staging_problems(config: dict, model_configs: dict, log: Callable[[str], None] = print,
-                     environ=os.environ) -> list[Problem]:
+                     environ=None) -> list[Problem]:
     """What would stop the stage-in (``prepare_model``, ``prepare_corpus``) or a job reading it: the
     Hugging Face home of ``staging.hf_home`` missing or not writable; a model folder that does not
     exist; a hub model or corpus neither in the cache nor reachable (offline: ``offline: true`` or
@@ -283,6 +283,7 @@ def staging_problems(config: dict, model_configs: dict, log: Callable[[str], Non
     ``staging.min_free_gb``. A download's size is ``checkpoint_bytes`` of its ``config.json``
     (``model_configs``: read where it could be), else ``KNOWN_PARAMETERS`` in float16, else unknown
     (said in a note)."""
+    environ = os.environ if environ is None else environ  # the environment at the call, not at import
     staging = config.get("staging") or {}
     environ = {**environ, **staging_environment(staging, environ)}
     cache = hub_cache(environ)
@@ -328,9 +329,10 @@ def hub_model_problem(hub: str, cache: Path, offline: bool) -> tuple[str, str] |
     return None
 
 
-def model_source_problem(source: ModelSource, environ=os.environ) -> str | None:
+def model_source_problem(source: ModelSource, environ=None) -> str | None:
     """``hub_model_problem`` of a model source as ``prepare-model`` sees it (the cache and offline
     mode of ``environ``), as one line; None for a GGUF source or a model that can be had."""
+    environ = os.environ if environ is None else environ  # the environment at the call, not at import
     if source.hub is None:
         return None
     offline = environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
