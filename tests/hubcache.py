@@ -76,10 +76,10 @@ def add_folder_snapshot(hub: str | os.PathLike, repo_id: str, folder: str | os.P
     return add_snapshot(hub, repo_id, files, "model", commit)
 
 
-def add_wikitext_snapshot(hub: str | os.PathLike, rows: dict[str, list[str]], commit: str | None = None) -> str:
-    """The dataset repository of WikiText (``load_dataset("wikitext")`` is redirected to it) with the
-    ``wikitext-2-raw-v1`` config only: one parquet file of ``rows[split]`` (the ``text`` column) per
-    split, as the hub's parquet layout names them, and a card mapping them; return its commit."""
+def wikitext_files(rows: dict[str, list[str]]) -> dict[str, bytes]:
+    """The files of a WikiText repository with the ``wikitext-2-raw-v1`` config only: one parquet file
+    of ``rows[split]`` (the ``text`` column) per split, as the hub's parquet layout names them, and a
+    card mapping them."""
     import pandas
 
     files = {"README.md": WIKITEXT_CARD.encode()}
@@ -87,7 +87,23 @@ def add_wikitext_snapshot(hub: str | os.PathLike, rows: dict[str, list[str]], co
         buffer = io.BytesIO()
         pandas.DataFrame({"text": texts}).to_parquet(buffer)
         files[f"{WIKITEXT_CONFIG}/{split}-00000-of-00001.parquet"] = buffer.getvalue()
-    return add_snapshot(hub, WIKITEXT_REPO, files, "dataset", commit)
+    return files
+
+
+def write_wikitext_mirror(root: str | os.PathLike, rows: dict[str, list[str]]) -> Path:
+    """``wikitext_files(rows)`` as a plain folder ``root`` (a local mirror that ``load_dataset(root,
+    "wikitext-2-raw-v1")`` reads, as a user's copy of the repository would be); return ``root``."""
+    root = Path(root)
+    for path, data in wikitext_files(rows).items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+    return root
+
+
+def add_wikitext_snapshot(hub: str | os.PathLike, rows: dict[str, list[str]], commit: str | None = None) -> str:
+    """``wikitext_files(rows)`` as the dataset repository of WikiText (``load_dataset("wikitext")`` is
+    redirected to it) in the cache ``hub``; return its commit."""
+    return add_snapshot(hub, WIKITEXT_REPO, wikitext_files(rows), "dataset", commit)
 
 
 def add_c4_snapshot(hub: str | os.PathLike, records: dict[str, list[str]], commit: str | None = None) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 import pytest
+from hubcache import write_wikitext_mirror
 
 from ptqrepro.data import corpora
 from ptqrepro.data.corpora import (
@@ -246,20 +247,6 @@ WIKITEXT_ROWS = {
     "test": ["", " = Test Title = \n", " a test line with @-@ hyphen \n", " last test line \n"],
 }
 
-WIKITEXT_README = """---
-configs:
-- config_name: wikitext-2-raw-v1
-  data_files:
-  - split: train
-    path: wikitext-2-raw-v1/train-*
-  - split: validation
-    path: wikitext-2-raw-v1/validation-*
-  - split: test
-    path: wikitext-2-raw-v1/test-*
----
-# Stand-in for the hub's wikitext repository
-"""
-
 C4_RECORDS = {
     "train": [f"C4 training document number {k}.\nIt has two lines." for k in range(5)],
     "validation": [f"C4 validation document {k}." for k in range(3)],
@@ -289,14 +276,7 @@ def load_dataset_calls(monkeypatch, tmp_path):
 
 @pytest.fixture
 def wikitext_mirror(tmp_path):
-    import pandas
-
-    root = tmp_path / "wikitext"
-    (root / "wikitext-2-raw-v1").mkdir(parents=True)
-    for split, rows in WIKITEXT_ROWS.items():
-        pandas.DataFrame({"text": rows}).to_parquet(root / f"wikitext-2-raw-v1/{split}-00000-of-00001.parquet")
-    (root / "README.md").write_text(WIKITEXT_README)
-    return root
+    return write_wikitext_mirror(tmp_path / "wikitext", WIKITEXT_ROWS)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import random
 import pytest
 import torch
 from conftest import synthetic_text
+from hubcache import write_wikitext_mirror
 
 from ptqrepro.data import corpora
 from ptqrepro.data.corpora import corpus_spec, load_documents
@@ -20,19 +21,6 @@ from ptqrepro.data.windows import calibration_windows, evaluation_windows, map_b
 from ptqrepro.errors import PtqError
 
 SEEDS = (0, 1, 2)
-WIKITEXT_README = """---
-configs:
-- config_name: wikitext-2-raw-v1
-  data_files:
-  - split: train
-    path: wikitext-2-raw-v1/train-*
-  - split: validation
-    path: wikitext-2-raw-v1/validation-*
-  - split: test
-    path: wikitext-2-raw-v1/test-*
----
-"""
-
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
@@ -71,15 +59,7 @@ def rows(seed: int, count: int) -> list[str]:
 
 @pytest.fixture
 def wikitext_mirror(tmp_path):
-    import pandas
-
-    root = tmp_path / "wikitext"
-    (root / "wikitext-2-raw-v1").mkdir(parents=True)
-    splits = {"train": rows(1, 300), "validation": rows(2, 40), "test": rows(3, 230)}
-    for split, texts in splits.items():
-        pandas.DataFrame({"text": texts}).to_parquet(root / f"wikitext-2-raw-v1/{split}-00000-of-00001.parquet")
-    (root / "README.md").write_text(WIKITEXT_README)
-    return root
+    return write_wikitext_mirror(tmp_path / "wikitext", {"train": rows(1, 300), "validation": rows(2, 40), "test": rows(3, 230)})
 
 
 # --- GPTQ datautils.get_wikitext2 (IST-DASLab/gptq; MagR's datautils.py has the same loader) -----------

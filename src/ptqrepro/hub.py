@@ -13,6 +13,7 @@ where the repository has them, else PyTorch ``.bin``) and its tokenizer files.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import os
@@ -126,31 +127,41 @@ def is_gated(repo_id: str, ask_hub: bool = False) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def hub_errors(what: str, token_repo: str, cache: Path):
+    """The hub's refusals of a download of ``what`` (``model org/name``, ``dataset org/name``) as one
+    ``PtqError`` each that says what to do: gated (the token steps for ``token_repo``), unknown or
+    private, not cached while offline, any other HTTP error."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        yield
+    except GatedRepoError:
+        raise PtqError(f"{what} is gated: " + TOKEN_STEPS.format(repo=token_repo)) from None
+    except RepositoryNotFoundError:
+        raise PtqError(f"{what}: no such repository on the hub (or a private one: log in with a token)") from None
+    except LocalEntryNotFoundError:
+        raise PtqError(f"{what} is not in the Hugging Face cache {cache} and the hub cannot be "
+                       "reached here: stage it where the network is (offline: false, HF_HUB_OFFLINE unset)") from None
+    except HfHubHTTPError as error:
+        raise PtqError(f"{what}: the hub refused it ({first_line(error)})") from None
+
+
 def stage_model(repo_id: str, cache: Path | None = None) -> dict:
     """Download the files of a causal LM (``model_patterns``) of the hub's ``main`` once into the
     cache, or find them there when offline; return ``{revision, snapshot, files: {name: bytes}, bytes}``.
     A gated repository without access, an unknown one, or one not cached while offline is a
     ``PtqError`` that says what to do. ``cache``: the hub cache (default: ``hub_cache()``)."""
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     cache = cache or hub_cache()
-    try:
+    with hub_errors(f"model {repo_id}", repo_id, cache):
         if offline():
             snapshot = snapshot_download(repo_id, cache_dir=cache, local_files_only=True)
         else:
             info = HfApi().model_info(repo_id, files_metadata=False)
             files = [sibling.rfilename for sibling in info.siblings or []]
             snapshot = snapshot_download(repo_id, revision=info.sha, cache_dir=cache, allow_patterns=model_patterns(files))
-    except GatedRepoError:
-        raise PtqError(f"model {repo_id} is gated: " + TOKEN_STEPS.format(repo=repo_id)) from None
-    except RepositoryNotFoundError:
-        raise PtqError(f"model {repo_id}: no such repository on the hub (or a private one: log in with a token)") from None
-    except LocalEntryNotFoundError:
-        raise PtqError(f"model {repo_id} is not in the Hugging Face cache {cache} and the hub cannot be "
-                       "reached here: stage it where the network is (offline: false, HF_HUB_OFFLINE unset)") from None
-    except HfHubHTTPError as error:
-        raise PtqError(f"model {repo_id}: the hub refused it ({first_line(error)})") from None
     snapshot = Path(snapshot)
     if not has_weights(snapshot):
         raise PtqError(f"model {repo_id}: the cached snapshot {snapshot} has no config.json with weights; "
@@ -177,20 +188,10 @@ def stage_dataset(repo_id: str, patterns: tuple[str, ...] | None) -> tuple[Path,
     """The local snapshot folder of a hub dataset repository holding the files matching ``patterns``
     (None: all), and its commit: downloaded from ``main`` once, or found in the cache when offline."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    try:
+    with hub_errors(f"dataset {repo_id}", f"datasets/{repo_id}", hub_cache()):
         snapshot = Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=list(patterns) if patterns else None,
                                           cache_dir=hub_cache(), local_files_only=offline()))
-    except GatedRepoError:
-        raise PtqError(f"dataset {repo_id} is gated: " + TOKEN_STEPS.format(repo=f"datasets/{repo_id}")) from None
-    except RepositoryNotFoundError:
-        raise PtqError(f"dataset {repo_id}: no such repository on the hub") from None
-    except LocalEntryNotFoundError:
-        raise PtqError(f"dataset {repo_id} is not in the Hugging Face cache {hub_cache()} and the hub cannot be reached "
-                       "here: stage it where the network is (offline: false, HF_HUB_OFFLINE unset)") from None
-    except HfHubHTTPError as error:
-        raise PtqError(f"dataset {repo_id}: the hub refused it ({first_line(error)})") from None
     missing = [pattern for pattern in patterns or () if not any(snapshot.glob(pattern))]
     if missing:
         raise PtqError(f"dataset {repo_id}: the cached snapshot {snapshot} lacks {', '.join(missing)}; "
