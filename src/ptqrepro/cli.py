@@ -47,6 +47,16 @@ from ptqrepro.data.corpora import prepared_corpus as _corpus
 from ptqrepro.data.corpora import prepared_documents as _documents
 from ptqrepro.models.sources import TOKENIZERS
 from ptqrepro.placement import OFFLOADS, PLACEMENTS, check_offload
+from ptqrepro.report.result_format import (
+    AGREEMENT_KIND,
+    CALIBRATION_KEYS,
+    MEASUREMENT_KEYS,
+    PERPLEXITY_KIND,
+    QUANTIZE_KIND,
+    RECIPE_KEYS,
+    UNCALIBRATED,
+    ZEROSHOT_KIND,
+)
 
 TASKS_SOURCE = "source.json"
 """What a local zero-shot task folder records of the corpus it was drawn from (its name and revision)."""
@@ -130,8 +140,6 @@ def _read_table(path: str, option: str, columns: tuple[str, ...], made_by: str):
 
 def _summary_table(path: str, option: str = "--table"):
     """``all.csv`` of ``ptqrepro tables``, by the columns that name and hold a measurement."""
-    from ptqrepro.report.tables import MEASUREMENT_KEYS, RECIPE_KEYS
-
     return _read_table(path, option, (*RECIPE_KEYS, *MEASUREMENT_KEYS, "metric", "value"), "all.csv of `ptqrepro tables`")
 
 
@@ -207,7 +215,6 @@ def cmd_quantize(args) -> None:
     from ptqrepro.provenance import Provenance
     from ptqrepro.peers.recipes import is_peer
     from ptqrepro.recipes import recipe_from_config
-    from ptqrepro.report.tables import UNCALIBRATED
 
     _set_threads(args.threads)
     provenance = Provenance()
@@ -249,7 +256,7 @@ def cmd_quantize(args) -> None:
         save_artifact(args.out, result.quantized, result.float_parameters,
                       {**description, "config_hash": record["config_hash"], BASE_MODEL: base_model}, corrections=result.corrections)
         write_json(args.metrics, {
-            "kind": "quantize", **description, "dataset": calibration["corpus"] if calibration else UNCALIBRATED,
+            "kind": QUANTIZE_KIND, **description, "dataset": calibration["corpus"] if calibration else UNCALIBRATED,
             "metrics": metrics, "settings": settings, "provenance": record, "layers": result.records,
         })
         if checkpoints is not None:
@@ -328,7 +335,7 @@ def _quantize_with_peer(args, spec: dict, provenance) -> None:
     save_artifact(args.out, outcome.result.quantized, outcome.result.float_parameters,
                   {**description, "config_hash": record["config_hash"], BASE_MODEL: base_model})
     write_json(args.metrics, {
-        "kind": "quantize", **description, "dataset": calibration["corpus"], "metrics": metrics,
+        "kind": QUANTIZE_KIND, **description, "dataset": calibration["corpus"], "metrics": metrics,
         "differences": outcome.differences, "settings": settings, "provenance": record, "layers": [],
     })
     print(f"{peer.name}: {len(outcome.result.quantized)} linears by {kit.name} {kit.version()}")
@@ -351,8 +358,7 @@ def cmd_dwr(args) -> None:
     device = resolve_device(args.device)
     dtype = compute_dtype(args.dtype, device)
     calibration = _load_calibration(args.calibration)
-    description = {**{key: base.manifest[key] for key in (
-        "model", "weight_format", "weight_scheme", "weight_bits", "bits_per_weight", "act_format")},
+    description = {**{key: base.manifest[key] for key in RECIPE_KEYS if key not in ("recipe", "method")},
         "recipe": recipe.name, "method": f"{base.manifest['method']}+dwr", "calibration_seed": calibration["seed"],
         "calibration_dtype": dtype}
     settings = {"model": description["model"], "recipe": spec, "base": base.manifest["config_hash"],
@@ -372,7 +378,7 @@ def cmd_dwr(args) -> None:
         save_artifact(args.out, result.quantized, base.float_parameters,
                       {**description, "config_hash": record["config_hash"], BASE_MODEL: base_model}, corrections=base.corrections)
         write_json(args.metrics, {
-            "kind": "quantize", **description, "dataset": calibration["corpus"],
+            "kind": QUANTIZE_KIND, **description, "dataset": calibration["corpus"],
             "metrics": {"quantize_time_s": record["wall_time_s"], "bits_per_weight": description["bits_per_weight"],
                         "calibration_ppl_before": result.initial_ppl, "calibration_ppl_after": result.final_ppl,
                         "blocks_changed": changed},
@@ -386,20 +392,10 @@ def cmd_dwr(args) -> None:
           f"{changed}/{len(result.blocks)} blocks changed")
 
 
-RESULT_DESCRIPTION_KEYS = (
-    "model", "recipe", "method", "weight_format", "weight_scheme", "weight_bits", "bits_per_weight", "act_format")
-"""Keys of an artifact's manifest that every evaluation result repeats."""
-
-
-CALIBRATION_KEYS = ("calibration_seed", "calibration_dtype")
-"""How an artifact was calibrated: None for a recipe that reads no calibration data, and for
-artifacts written before they were recorded."""
-
-
 def _result_description(manifest: dict) -> dict:
-    """What an evaluation result repeats of its artifact's manifest: ``RESULT_DESCRIPTION_KEYS``
-    and ``CALIBRATION_KEYS``."""
-    return {**{key: manifest[key] for key in RESULT_DESCRIPTION_KEYS}, **{key: manifest.get(key) for key in CALIBRATION_KEYS}}
+    """What an evaluation result repeats of its artifact's manifest: ``RECIPE_KEYS`` and
+    ``CALIBRATION_KEYS`` (``report.result_format``)."""
+    return {**{key: manifest[key] for key in RECIPE_KEYS}, **{key: manifest.get(key) for key in CALIBRATION_KEYS}}
 
 
 @contextlib.contextmanager
@@ -448,7 +444,7 @@ def cmd_eval_ppl(args) -> None:
                 "windows_sha256": windows_fingerprint(windows), "kld_top_k": reference.k if reference is not None else None}
     description = _result_description(manifest)
     write_json(args.out, {
-        "kind": "perplexity", **description, "dataset": spec.name, "metrics": metrics, "protocol": protocol,
+        "kind": PERPLEXITY_KIND, **description, "dataset": spec.name, "metrics": metrics, "protocol": protocol,
         **per_window,
         "provenance": {**provenance.record({"protocol": protocol, "quantized": manifest["config_hash"]}, device),
                        "placement": placement,
@@ -560,7 +556,7 @@ def cmd_eval_zeroshot(args) -> None:
         with atomic_path(items) as tmp:
             write_items(tmp, result.items)
         write_json(Path(args.out_dir) / f"zeroshot-{task}.json", {
-            "kind": "zeroshot", **description, "dataset": task, "metrics": result.metrics,
+            "kind": ZEROSHOT_KIND, **description, "dataset": task, "metrics": result.metrics,
             "reported_metric": metrics_of[task], "protocol": protocol,
             "task": {**result.record, "n_shot": result.num_fewshot, "items": items.name, "lm_eval": lm_eval_version()},
             "provenance": {**provenance.record({"protocol": protocol, "task": task, "quantized": manifest["config_hash"]},
@@ -619,7 +615,7 @@ def cmd_agreement(args) -> None:
     check_writable(args.out, "--out")
     agreement = grid_agreement(ours, peer)
     manifest = peer.manifest
-    write_json(args.out, {"kind": "agreement", "model": manifest["model"], "recipe": manifest["recipe"],
+    write_json(args.out, {"kind": AGREEMENT_KIND, "model": manifest["model"], "recipe": manifest["recipe"],
                           "seed": manifest.get("calibration_seed"), "ours": ours.manifest["recipe"], **agreement})
     print(f"{manifest['recipe']} vs {ours.manifest['recipe']}: {100 * agreement['same_grid_point']:.2f} % on the same grid point")
 
@@ -631,9 +627,9 @@ def cmd_peers(args) -> None:
     settings = _bootstrap(args)
     documents = {path: _read_json(path, "results") for path in args.results}
     check_writable(args.out, "--out", folder=True)
-    agreements = [document for document in documents.values() if document.get("kind") == "agreement"]
-    quantize_results = [document for document in documents.values() if document.get("kind") == "quantize"]
-    results = gather_results([path for path, document in documents.items() if document.get("kind") != "agreement"])
+    agreements = [document for document in documents.values() if document.get("kind") == AGREEMENT_KIND]
+    quantize_results = [document for document in documents.values() if document.get("kind") == QUANTIZE_KIND]
+    results = gather_results([path for path, document in documents.items() if document.get("kind") != AGREEMENT_KIND])
     table = peers_table(results, quantize_results, agreements, settings)
     print(" ".join(str(path) for path in write_peers_table(table, args.out, settings).values()))
 
