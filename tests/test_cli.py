@@ -1,13 +1,17 @@
 """The command line: every bad input is one line on stderr with exit code 2 (a bad argument) or 1 (a
 missing, empty or corrupt input), nothing written."""
 
+import argparse
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
 
 from ptqrepro.cli import main
+from ptqrepro.io import load_yaml
 
 
 def run(capsys, *argv):
@@ -289,3 +293,50 @@ def test_version_prints_the_package_version_that_pyproject_reads(capsys):
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert "version" in project["project"]["dynamic"]
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "ptqrepro.__version__"}
+
+
+def _subcommands() -> dict:
+    from ptqrepro.cli import build_parser
+
+    parser = build_parser()
+    return parser, next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices
+
+
+def test_every_subcommand_has_an_example_it_parses_and_every_option_help():
+    """Each subcommand's help ends with an example, ``ptqrepro <subcommand> ...``, that its parser
+    takes (the recipes and claims in it too); every option has help text, and the help shows
+    each option's default where it has one."""
+    from ptqrepro.cli import _HelpFormatter, _spec
+    from ptqrepro.recipes import reconstruction_from_config, recipe_from_config
+    from ptqrepro.report.claims import claims_from_config
+
+    parser, commands = _subcommands()
+    assert len(commands) == 20
+    for name, command in commands.items():
+        assert command.formatter_class is _HelpFormatter and command.description, name
+        example = command.epilog.partition("example:\n")[2].strip()
+        assert example.startswith(f"ptqrepro {name} "), name
+        args = parser.parse_args(shlex.split(example.replace("\\\n", " "))[1:])
+        assert args.command == name
+        if name == "quantize":
+            recipe_from_config(args.recipe, _spec(args.spec))
+        if name == "dwr":
+            reconstruction_from_config(args.recipe, _spec(args.spec))
+        if name == "claims":
+            assert len(claims_from_config(load_yaml(args.claims, "--claims"))) == 1
+        formatter = command._get_formatter()
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help and action.help.strip(), f"{name} {action.dest}: no help"
+            default = action.default
+            if default is not None and default is not False and default != []:
+                assert "default" in formatter._get_help_string(action), f"{name} {action.dest}: default not shown"
+        assert "(default: None)" not in command.format_help(), name
+
+
+def test_the_module_docstring_lists_every_subcommand():
+    import ptqrepro.cli
+
+    listed = re.findall(r"^    ptqrepro ([a-z-]+) ", ptqrepro.cli.__doc__, flags=re.M)
+    assert listed == list(_subcommands()[1])

@@ -26,6 +26,7 @@ from ptqrepro.peers.llmcompressor import plan
 from ptqrepro.peers.recipes import peer_from_spec, peer_spec
 from ptqrepro.recipes import recipe_from_config
 from ptqrepro.report.peers import grid_agreement, peers_table
+from ptqrepro.report.result_format import undeclared_keys
 from ptqrepro.report.tables import gather_results
 from ptqrepro.report.uncertainty import BootstrapSettings
 from ptqrepro.statistics import output_error
@@ -267,6 +268,7 @@ def _same_grid_as_ours(prepared, kit: Toolkit, prefix: str, gptq: dict, weight: 
         assert error_peer == pytest.approx(error_ours, rel=0.01), linear
     result = json.loads((prepared / "metrics" / f"{prefix}-{name}" / "quantize.json").read_text())
     assert result["toolkit_version"] == kit.version() and result["differences"] == []
+    assert undeclared_keys(result) == []  # a peer's quantize result keeps to report.result_format
 
 
 @needs_llmcompressor

@@ -79,6 +79,7 @@ def test_lm_eval_scores_a_quantized_model_on_the_local_tasks(tmp_path, tiny_mode
     and the results through ``tables --averages`` and ``paper-tables`` into a paper's zero-shot cells."""
     from ptqrepro.cli import main
     from ptqrepro.models.sources import load_tokenizer
+    from ptqrepro.report.result_format import undeclared_keys
 
     calibration, corpus, model = tmp_path / "calib.pt", tmp_path / "corpus", tmp_path / "model"
     assert main(["prepare-model", "--name", "tiny", "--spec", json.dumps({"hub": str(tiny_model_dir)}), "--out", str(model)]) == 0
@@ -108,6 +109,7 @@ def test_lm_eval_scores_a_quantized_model_on_the_local_tasks(tmp_path, tiny_mode
         layered = json.loads((tmp_path / "streamed" / f"zeroshot-{task}.json").read_text())
         assert layered["metrics"] == result["metrics"] and layered["provenance"]["placement"] == "layers"
     assert lastword["kind"] == "zeroshot" and lastword["dataset"] == "ptq_lastword" and lastword["act_format"] == "int8"
+    assert undeclared_keys(lastword) == [] and undeclared_keys(choice) == []  # the format of report.result_format
     assert 0 <= lastword["metrics"]["acc"] <= 1 and lastword["metrics"]["perplexity"] > 1
     assert {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"} <= set(choice["metrics"])
     assert 0 <= choice["metrics"]["acc"] <= 1 and choice["metrics"]["acc_stderr"] > 0

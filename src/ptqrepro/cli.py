@@ -1,22 +1,26 @@
-"""The ``ptqrepro`` command: one subcommand per pipeline stage, each usable by hand.
+"""The ``ptqrepro`` command: one subcommand per pipeline stage, each usable by hand
+(``ptqrepro COMMAND -h``: its options with their defaults, and an example).
 
-    ptqrepro prepare-model  --name M --spec '{gguf: {...}}' --out results/models/M
-    ptqrepro prepare-corpus --name C [--spec '{path: ...}'] --out results/corpora/C
-    ptqrepro calibrate      --model DIR --corpus DIR --nsamples N --seqlen L --seed S [--tokenizer slow] --out FILE.pt
-    ptqrepro quantize       --model DIR [--calibration FILE.pt] --recipe NAME --spec '{steps: [rtn], weight: int4}' [--offload cpu] --out DIR --metrics FILE.json
+    ptqrepro prepare-model   --name M --spec '{gguf: {...}}' --out results/models/M
+    ptqrepro prepare-corpus  --name C [--spec '{path: ...}'] --out results/corpora/C
+    ptqrepro calibrate       --model DIR --corpus DIR --nsamples N --seqlen L --seed S [--tokenizer slow] --out FILE.pt
+    ptqrepro quantize        --model DIR [--calibration FILE.pt] --recipe NAME --spec '{steps: [rtn], weight: int4}' [--offload cpu] --out DIR --metrics FILE.json
+    ptqrepro dwr             --model DIR --calibration FILE.pt --base DIR --recipe NAME --spec '{base: B, dwr: {ranks: [16]}}' --out DIR --metrics FILE.json
+    ptqrepro eval-ppl        --model DIR --quantized DIR --corpus DIR --seqlen L [--max-windows K] [--tokenizer slow] [--reference FILE] [--placement layers] --out FILE.json
     ptqrepro float-reference --model DIR --corpus DIR --seqlen L [--max-windows K] [--tokenizer slow] --top-k K --out FILE.safetensors
-    ptqrepro eval-ppl       --model DIR --quantized DIR --corpus DIR --seqlen L [--max-windows K] [--tokenizer slow] [--reference FILE] [--placement layers] --out FILE.json
-    ptqrepro zeroshot-tasks --corpus DIR --items N --seed S --out DIR
-    ptqrepro stage-tasks    --tasks T... [--metric T=acc_norm...] --out FILE.json
-    ptqrepro eval-zeroshot  --model DIR --quantized DIR --tasks T... [--include DIR] [--staged FILE.json] [--num-fewshot K] [--metric T=acc_norm...] --out-dir DIR
-    ptqrepro export         --model DIR --quantized DIR --format compressed-tensors|dequantized [--drop-activation-quantization] [--target vllm-cpu] --out DIR
-    ptqrepro vllm-check     --exported DIR --result JSON --corpus DIR [--vllm-python PY] [--windows N] --out TABLE.md
-    ptqrepro tables         --out DIR [--bootstrap-samples B --bootstrap-seed S --level 0.95] [--averages '{avg: {task: acc}}'] RESULT.json...
-    ptqrepro plots          --table all.csv --out STEM
-    ptqrepro paper-tables   --table all.csv --reference config/reference/magr.csv... --out DIR
-    ptqrepro compare        --windows A/windows.csv B/windows.csv [--labels A B] --out DIR
-    ptqrepro compare-claims --runs A B --config CONFIG.yaml --out DIR
-    ptqrepro claims         --table all.csv --windows windows.csv --claims '[{paper: ..., claim: ..., below: [A, B]}]' --out DIR
+    ptqrepro zeroshot-tasks  --corpus DIR --items N --seed S --out DIR
+    ptqrepro eval-zeroshot   --model DIR --quantized DIR --tasks T... [--include DIR] [--staged FILE.json] [--num-fewshot K] [--metric T=acc_norm...] --out-dir DIR
+    ptqrepro stage-tasks     --tasks T... [--metric T=acc_norm...] --out FILE.json
+    ptqrepro export          --model DIR --quantized DIR --format compressed-tensors|dequantized [--drop-activation-quantization] [--target vllm-cpu] --out DIR
+    ptqrepro vllm-check      --exported DIR --result JSON --corpus DIR [--vllm-python PY] [--windows N] --out TABLE.md
+    ptqrepro tables          --out DIR [--bootstrap-samples B --bootstrap-seed S --level 0.95] [--averages '{avg: {task: acc}}'] RESULT.json...
+    ptqrepro agreement       --ours DIR --peer DIR --out FILE.json
+    ptqrepro peers           --out DIR [--bootstrap-samples B ...] RESULT.json...
+    ptqrepro plots           --table all.csv [--figure F] | --dwr quantize.json | --magr quantize.json --out STEM
+    ptqrepro paper-tables    --table all.csv --reference config/reference/magr.csv... --out DIR
+    ptqrepro compare         --windows A/windows.csv B/windows.csv [--labels A B] --out DIR
+    ptqrepro compare-claims  --runs A B --config CONFIG.yaml --out DIR
+    ptqrepro claims          --table all.csv --windows windows.csv --claims '[{paper: ..., claim: ..., below: [A, B]}]' --out DIR
 
 Bad input ends with one line ``ptqrepro: error: ...``, exit code 2 for a bad argument and 1 for a
 missing, empty or corrupt input, found before the work where it can be; an interrupt (SIGINT,
@@ -47,6 +51,16 @@ from ptqrepro.data.corpora import prepared_corpus as _corpus
 from ptqrepro.data.corpora import prepared_documents as _documents
 from ptqrepro.models.sources import TOKENIZERS
 from ptqrepro.placement import OFFLOADS, PLACEMENTS, check_offload
+from ptqrepro.report.result_format import (
+    AGREEMENT_KIND,
+    CALIBRATION_KEYS,
+    MEASUREMENT_KEYS,
+    PERPLEXITY_KIND,
+    QUANTIZE_KIND,
+    RECIPE_KEYS,
+    UNCALIBRATED,
+    ZEROSHOT_KIND,
+)
 
 TASKS_SOURCE = "source.json"
 """What a local zero-shot task folder records of the corpus it was drawn from (its name and revision)."""
@@ -130,8 +144,6 @@ def _read_table(path: str, option: str, columns: tuple[str, ...], made_by: str):
 
 def _summary_table(path: str, option: str = "--table"):
     """``all.csv`` of ``ptqrepro tables``, by the columns that name and hold a measurement."""
-    from ptqrepro.report.tables import MEASUREMENT_KEYS, RECIPE_KEYS
-
     return _read_table(path, option, (*RECIPE_KEYS, *MEASUREMENT_KEYS, "metric", "value"), "all.csv of `ptqrepro tables`")
 
 
@@ -207,7 +219,6 @@ def cmd_quantize(args) -> None:
     from ptqrepro.provenance import Provenance
     from ptqrepro.peers.recipes import is_peer
     from ptqrepro.recipes import recipe_from_config
-    from ptqrepro.report.tables import UNCALIBRATED
 
     _set_threads(args.threads)
     provenance = Provenance()
@@ -249,7 +260,7 @@ def cmd_quantize(args) -> None:
         save_artifact(args.out, result.quantized, result.float_parameters,
                       {**description, "config_hash": record["config_hash"], BASE_MODEL: base_model}, corrections=result.corrections)
         write_json(args.metrics, {
-            "kind": "quantize", **description, "dataset": calibration["corpus"] if calibration else UNCALIBRATED,
+            "kind": QUANTIZE_KIND, **description, "dataset": calibration["corpus"] if calibration else UNCALIBRATED,
             "metrics": metrics, "settings": settings, "provenance": record, "layers": result.records,
         })
         if checkpoints is not None:
@@ -328,7 +339,7 @@ def _quantize_with_peer(args, spec: dict, provenance) -> None:
     save_artifact(args.out, outcome.result.quantized, outcome.result.float_parameters,
                   {**description, "config_hash": record["config_hash"], BASE_MODEL: base_model})
     write_json(args.metrics, {
-        "kind": "quantize", **description, "dataset": calibration["corpus"], "metrics": metrics,
+        "kind": QUANTIZE_KIND, **description, "dataset": calibration["corpus"], "metrics": metrics,
         "differences": outcome.differences, "settings": settings, "provenance": record, "layers": [],
     })
     print(f"{peer.name}: {len(outcome.result.quantized)} linears by {kit.name} {kit.version()}")
@@ -351,8 +362,7 @@ def cmd_dwr(args) -> None:
     device = resolve_device(args.device)
     dtype = compute_dtype(args.dtype, device)
     calibration = _load_calibration(args.calibration)
-    description = {**{key: base.manifest[key] for key in (
-        "model", "weight_format", "weight_scheme", "weight_bits", "bits_per_weight", "act_format")},
+    description = {**{key: base.manifest[key] for key in RECIPE_KEYS if key not in ("recipe", "method")},
         "recipe": recipe.name, "method": f"{base.manifest['method']}+dwr", "calibration_seed": calibration["seed"],
         "calibration_dtype": dtype}
     settings = {"model": description["model"], "recipe": spec, "base": base.manifest["config_hash"],
@@ -372,7 +382,7 @@ def cmd_dwr(args) -> None:
         save_artifact(args.out, result.quantized, base.float_parameters,
                       {**description, "config_hash": record["config_hash"], BASE_MODEL: base_model}, corrections=base.corrections)
         write_json(args.metrics, {
-            "kind": "quantize", **description, "dataset": calibration["corpus"],
+            "kind": QUANTIZE_KIND, **description, "dataset": calibration["corpus"],
             "metrics": {"quantize_time_s": record["wall_time_s"], "bits_per_weight": description["bits_per_weight"],
                         "calibration_ppl_before": result.initial_ppl, "calibration_ppl_after": result.final_ppl,
                         "blocks_changed": changed},
@@ -386,20 +396,10 @@ def cmd_dwr(args) -> None:
           f"{changed}/{len(result.blocks)} blocks changed")
 
 
-RESULT_DESCRIPTION_KEYS = (
-    "model", "recipe", "method", "weight_format", "weight_scheme", "weight_bits", "bits_per_weight", "act_format")
-"""Keys of an artifact's manifest that every evaluation result repeats."""
-
-
-CALIBRATION_KEYS = ("calibration_seed", "calibration_dtype")
-"""How an artifact was calibrated: None for a recipe that reads no calibration data, and for
-artifacts written before they were recorded."""
-
-
 def _result_description(manifest: dict) -> dict:
-    """What an evaluation result repeats of its artifact's manifest: ``RESULT_DESCRIPTION_KEYS``
-    and ``CALIBRATION_KEYS``."""
-    return {**{key: manifest[key] for key in RESULT_DESCRIPTION_KEYS}, **{key: manifest.get(key) for key in CALIBRATION_KEYS}}
+    """What an evaluation result repeats of its artifact's manifest: ``RECIPE_KEYS`` and
+    ``CALIBRATION_KEYS`` (``report.result_format``)."""
+    return {**{key: manifest[key] for key in RECIPE_KEYS}, **{key: manifest.get(key) for key in CALIBRATION_KEYS}}
 
 
 @contextlib.contextmanager
@@ -448,7 +448,7 @@ def cmd_eval_ppl(args) -> None:
                 "windows_sha256": windows_fingerprint(windows), "kld_top_k": reference.k if reference is not None else None}
     description = _result_description(manifest)
     write_json(args.out, {
-        "kind": "perplexity", **description, "dataset": spec.name, "metrics": metrics, "protocol": protocol,
+        "kind": PERPLEXITY_KIND, **description, "dataset": spec.name, "metrics": metrics, "protocol": protocol,
         **per_window,
         "provenance": {**provenance.record({"protocol": protocol, "quantized": manifest["config_hash"]}, device),
                        "placement": placement,
@@ -560,7 +560,7 @@ def cmd_eval_zeroshot(args) -> None:
         with atomic_path(items) as tmp:
             write_items(tmp, result.items)
         write_json(Path(args.out_dir) / f"zeroshot-{task}.json", {
-            "kind": "zeroshot", **description, "dataset": task, "metrics": result.metrics,
+            "kind": ZEROSHOT_KIND, **description, "dataset": task, "metrics": result.metrics,
             "reported_metric": metrics_of[task], "protocol": protocol,
             "task": {**result.record, "n_shot": result.num_fewshot, "items": items.name, "lm_eval": lm_eval_version()},
             "provenance": {**provenance.record({"protocol": protocol, "task": task, "quantized": manifest["config_hash"]},
@@ -619,7 +619,7 @@ def cmd_agreement(args) -> None:
     check_writable(args.out, "--out")
     agreement = grid_agreement(ours, peer)
     manifest = peer.manifest
-    write_json(args.out, {"kind": "agreement", "model": manifest["model"], "recipe": manifest["recipe"],
+    write_json(args.out, {"kind": AGREEMENT_KIND, "model": manifest["model"], "recipe": manifest["recipe"],
                           "seed": manifest.get("calibration_seed"), "ours": ours.manifest["recipe"], **agreement})
     print(f"{manifest['recipe']} vs {ours.manifest['recipe']}: {100 * agreement['same_grid_point']:.2f} % on the same grid point")
 
@@ -631,9 +631,9 @@ def cmd_peers(args) -> None:
     settings = _bootstrap(args)
     documents = {path: _read_json(path, "results") for path in args.results}
     check_writable(args.out, "--out", folder=True)
-    agreements = [document for document in documents.values() if document.get("kind") == "agreement"]
-    quantize_results = [document for document in documents.values() if document.get("kind") == "quantize"]
-    results = gather_results([path for path, document in documents.items() if document.get("kind") != "agreement"])
+    agreements = [document for document in documents.values() if document.get("kind") == AGREEMENT_KIND]
+    quantize_results = [document for document in documents.values() if document.get("kind") == QUANTIZE_KIND]
+    results = gather_results([path for path, document in documents.items() if document.get("kind") != AGREEMENT_KIND])
     table = peers_table(results, quantize_results, agreements, settings)
     print(" ".join(str(path) for path in write_peers_table(table, args.out, settings).values()))
 
@@ -741,128 +741,210 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's help with the epilog's example kept as written, and each option's default after
+    its help text; none for a required option, a flag, or an option without a default (its help
+    says what leaving it out does)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if (action.required or default is None or default is False or default is argparse.SUPPRESS
+                or default == [] or "%(default)" in text):
+            return text
+        shown = " ".join(map(str, default)).replace("%", "%%") if isinstance(default, (list, tuple)) else "%(default)s"
+        return f"{text} (default: {shown})"
+
+
+DESCRIPTION = ("one subcommand per stage of the quantization pipeline, each usable by hand:\n"
+               "`ptqrepro COMMAND -h` shows its options with their defaults, and an example")
+
+EXAMPLE_WIDTH = 100
+"""An example wider than this is broken before its options, each line but the last ending in a backslash."""
+
+
+def _command(sub, name: str, summary: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand: ``summary`` in ``ptqrepro -h`` and atop its own help, ``example`` (one
+    invocation, ``ptqrepro <name> ...``) below its options, as a shell would take it."""
+    lines = [""]
+    for piece in example.replace(" --", "\0--").split("\0"):
+        if lines[-1] and len(lines[-1]) + len(piece) >= EXAMPLE_WIDTH:
+            lines.append("")
+        lines[-1] += (" " if lines[-1] else "") + piece
+    return sub.add_parser(name, help=summary, description=summary, formatter_class=_HelpFormatter,
+                          epilog="example:\n  " + " \\\n      ".join(lines))
+
+
+MODEL_DIR = "results/models/smollm2-135m"
+CORPUS_DIR = "results/corpora/wiki-mini"
+CALIBRATION_FILE = "results/calibration/smollm2-135m/wiki-mini-n10-l512-s0.pt"
+RUN = "smollm2-135m/gptq@int3/s0"
+"""The paths of the default run that the subcommands' examples use (``Snakefile``'s layout)."""
+
+
+def _add_model_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="prepared model directory (prepare-model)")
+
+
+def _add_compute_arguments(p: argparse.ArgumentParser, batch_size: int, dtype_help: str) -> None:
+    """Where and how a job computes: device, batch, dtype and threads."""
+    p.add_argument("--batch-size", type=_positive, default=batch_size, help="sequences per forward pass")
+    p.add_argument("--dtype", default="auto", help=dtype_help)
+    p.add_argument("--device", default="auto", help="cpu, cuda[:N], or auto: cuda where a GPU is visible, else cpu")
+    p.add_argument("--threads", type=_positive, help="torch and BLAS threads (default: one per core)")
+
+
+def _add_placement_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--placement", default="auto", choices=PLACEMENTS,
+                   help="whole: the model on the device; layers: one decoder layer at a time there; auto: whole where it fits")
+
+
+def _add_tokenizer_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", default="fast", choices=TOKENIZERS, help="fast, or slow (use_fast=False, as GPTQ datautils)")
+
+
+EVAL_DTYPE_HELP = "float32, float16, bfloat16 or auto (see compute_dtype)"
+
+
 def _add_recipe_job_arguments(p: argparse.ArgumentParser, spec_help: str, calibration_required: bool = True) -> None:
     """The arguments of a job that turns a model and calibration windows into an artifact."""
-    p.add_argument("--model", required=True)
+    _add_model_argument(p)
     p.add_argument("--calibration", required=calibration_required,
                    help="calibration windows from calibrate" + ("" if calibration_required else " (for a recipe that calibrates)"))
     p.add_argument("--recipe", required=True, help="recipe name")
     p.add_argument("--spec", required=True, help=spec_help)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=_positive, default=8)
-    p.add_argument("--dtype", default="auto", help="of the calibration forward passes: float32, float16, bfloat16 or auto (see compute_dtype)")
+    _add_compute_arguments(p, 8, "of the calibration forward passes: " + EVAL_DTYPE_HELP)
     p.add_argument("--offload", default="device",
                    help=f"where the calibration activations between layers are kept: {' or '.join(OFFLOADS)} (see ptqrepro.placement)")
-    p.add_argument("--threads", type=_positive)
     p.add_argument("--out", required=True, help="artifact directory")
     p.add_argument("--metrics", required=True, help="result JSON")
-    p.add_argument("--checkpoint-dir", help="save every finished layer there and resume from it (deleted on success)")
+    p.add_argument("--checkpoint-dir", help="save every finished layer there and resume from it (deleted on success; "
+                                            "default: no checkpoints)")
 
 
 def _add_bootstrap_arguments(p: argparse.ArgumentParser) -> None:
     """How intervals are computed (``report.uncertainty.BootstrapSettings``)."""
-    p.add_argument("--bootstrap-samples", type=_positive, default=2000, help="bootstrap replicates (default 2000)")
-    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap's draws (default 0)")
-    p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
+    p.add_argument("--bootstrap-samples", type=_positive, default=2000, help="bootstrap replicates")
+    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap's draws")
+    p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ptqrepro", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="ptqrepro", description=DESCRIPTION, formatter_class=_HelpFormatter,
+                     epilog="example:\n  ptqrepro quantize -h")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare-model", help="convert/record a model source into a prepared directory")
-    p.add_argument("--name", required=True)
+    p = _command(sub, "prepare-model", "convert/record a model source into a prepared directory",
+                 f"ptqrepro prepare-model --name smollm2-135m --spec '{{hub: HuggingFaceTB/SmolLM2-135M}}' --out {MODEL_DIR}")
+    p.add_argument("--name", required=True, help="the model's key in the config (names the prepared directory's model)")
     p.add_argument("--spec", required=True, help="the model's config entry, inline YAML/JSON")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="prepared model directory")
     p.set_defaults(func=cmd_prepare_model)
 
-    p = sub.add_parser("prepare-corpus", help="write a corpus's train/validation/test splits as JSONL")
-    p.add_argument("--name", required=True)
-    p.add_argument("--spec", help="overrides of the built-in corpus definition, inline YAML/JSON")
-    p.add_argument("--out", required=True)
+    p = _command(sub, "prepare-corpus", "write a corpus's train/validation/test splits as JSONL",
+                 f"ptqrepro prepare-corpus --name wiki-mini --out {CORPUS_DIR}")
+    p.add_argument("--name", required=True, help="a built-in corpus (wiki-mini, wikitext2, c4, slimpajama) or a config key")
+    p.add_argument("--spec", help="overrides of the built-in corpus definition, inline YAML/JSON (default: none)")
+    p.add_argument("--out", required=True, help="prepared corpus directory")
     p.set_defaults(func=cmd_prepare_corpus)
 
-    p = sub.add_parser("calibrate", help="draw seeded calibration windows from a corpus's train split")
+    p = _command(sub, "calibrate", "draw seeded calibration windows from a corpus's train split",
+                 f"ptqrepro calibrate --model {MODEL_DIR} --corpus {CORPUS_DIR} --nsamples 10 --seqlen 512 --seed 0 "
+                 f"--out {CALIBRATION_FILE}")
     p.add_argument("--model", required=True, help="prepared model directory (for its tokenizer)")
     p.add_argument("--corpus", required=True, help="prepared corpus directory")
-    p.add_argument("--nsamples", type=_positive, required=True)
-    p.add_argument("--seqlen", type=_positive, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", default="fast", choices=TOKENIZERS, help="fast, or slow (use_fast=False, as GPTQ datautils)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--nsamples", type=_positive, required=True, help="calibration windows")
+    p.add_argument("--seqlen", type=_positive, required=True, help="tokens per window")
+    p.add_argument("--seed", type=int, default=0, help="seed of the windows' draw")
+    _add_tokenizer_argument(p)
+    p.add_argument("--out", required=True, help="calibration file (.pt)")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("quantize", help="apply a recipe layer by layer and write the quantized artifact")
+    p = _command(sub, "quantize", "apply a recipe layer by layer and write the quantized artifact",
+                 f"ptqrepro quantize --model {MODEL_DIR} --calibration {CALIBRATION_FILE} --recipe gptq@int3 "
+                 f"--spec '{{steps: [gptq], weight: int3}}' --out results/quantized/{RUN} "
+                 f"--metrics results/metrics/{RUN}/quantize.json")
     _add_recipe_job_arguments(p, "the recipe's config entry, inline YAML/JSON", calibration_required=False)
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("dwr", help="DWR's block-by-block search on a quantized model (a new artifact)")
+    p = _command(sub, "dwr", "DWR's block-by-block search on a quantized model (a new artifact)",
+                 f"ptqrepro dwr --model {MODEL_DIR} --calibration {CALIBRATION_FILE} --base results/quantized/{RUN} "
+                 "--recipe gptq+dwr@int3 --spec '{base: gptq@int3, dwr: {ranks: [16, 32], windows: 1}}' "
+                 "--out results/quantized/smollm2-135m/gptq+dwr@int3/s0 "
+                 "--metrics results/metrics/smollm2-135m/gptq+dwr@int3/s0/quantize.json")
     _add_recipe_job_arguments(p, "the recipe's config entry {base, dwr}, inline YAML/JSON")
     p.add_argument("--base", required=True, help="artifact directory of the base recipe")
     p.set_defaults(func=cmd_dwr)
 
-    p = eval_ppl = sub.add_parser("eval-ppl", help="perplexity of a quantized model with the GPTQ protocol")
-    p.add_argument("--model", required=True)
+    p = eval_ppl = _command(sub, "eval-ppl", "perplexity of a quantized model with the GPTQ protocol",
+                            f"ptqrepro eval-ppl --model {MODEL_DIR} --quantized results/quantized/{RUN} --corpus {CORPUS_DIR} "
+                            "--seqlen 512 --max-windows 24 --reference results/reference/smollm2-135m/wiki-mini.safetensors "
+                            f"--out results/metrics/{RUN}/ppl-wiki-mini.json")
+    _add_model_argument(p)
     p.add_argument("--quantized", required=True, help="artifact directory from quantize")
-    p.add_argument("--corpus", required=True)
-    p.add_argument("--seqlen", type=_positive, default=2048)
-    p.add_argument("--max-windows", type=_positive, help="that many windows spread evenly over the test text")
+    p.add_argument("--corpus", required=True, help="prepared corpus directory (its test split is scored)")
+    p.add_argument("--seqlen", type=_positive, default=2048, help="tokens per window")
+    p.add_argument("--max-windows", type=_positive,
+                   help="that many windows spread evenly over the test text (default: every window)")
     p.add_argument("--nsamples", type=_positive, default=256, help="windows drawn by the per-document (C4) protocol")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", default="fast", choices=TOKENIZERS, help="fast, or slow (use_fast=False, as GPTQ datautils)")
-    p.add_argument("--batch-size", type=_positive, default=4)
-    p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (see compute_dtype)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=_positive)
-    p.add_argument("--placement", default="auto", choices=PLACEMENTS,
-                   help="whole: the model on the device; layers: one decoder layer at a time there; auto: whole where it fits")
-    p.add_argument("--reference", help="the float model's top-k log-probabilities (float-reference): adds KL and flips")
-    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-document (C4) protocol's draw")
+    _add_tokenizer_argument(p)
+    _add_compute_arguments(p, 4, EVAL_DTYPE_HELP)
+    _add_placement_argument(p)
+    p.add_argument("--reference", help="the float model's top-k log-probabilities (float-reference): adds KL and flips "
+                                       "(default: perplexity alone)")
+    p.add_argument("--out", required=True, help="result JSON")
     p.set_defaults(func=cmd_eval_ppl)
 
-    p = sub.add_parser("float-reference", help="the float model's top-k next-token log-probabilities on the evaluation windows")
+    p = _command(sub, "float-reference", "the float model's top-k next-token log-probabilities on the evaluation windows",
+                 f"ptqrepro float-reference --model {MODEL_DIR} --corpus {CORPUS_DIR} --seqlen 512 --max-windows 24 "
+                 "--out results/reference/smollm2-135m/wiki-mini.safetensors")
     # eval-ppl's own options but the quantized model's and the outputs: the same windows, tokens and dtype
     for action in eval_ppl._actions:
         if action.dest not in ("help", "quantized", "reference", "out"):
             p._add_action(copy.copy(action))
-    p.add_argument("--top-k", type=_positive, default=128, help="log-probabilities kept per token (default 128)")
+    p.add_argument("--top-k", type=_positive, default=128, help="log-probabilities kept per token")
     p.add_argument("--out", required=True, help="safetensors file")
     p.set_defaults(func=cmd_float_reference)
 
-    p = sub.add_parser("zeroshot-tasks", help="write the local zero-shot tasks (data and lm-eval YAMLs) from a corpus's test split")
+    p = _command(sub, "zeroshot-tasks", "write the local zero-shot tasks (data and lm-eval YAMLs) from a corpus's test split",
+                 f"ptqrepro zeroshot-tasks --corpus {CORPUS_DIR} --items 30 --seed 0 --out results/zeroshot/wiki-mini-n30-s0")
     p.add_argument("--corpus", required=True, help="prepared corpus directory")
     p.add_argument("--items", type=_positive, default=200, help="items per task")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the items' draw")
     p.add_argument("--out", required=True, help="task directory (lm-eval include_path)")
     p.set_defaults(func=cmd_zeroshot_tasks)
 
-    p = sub.add_parser("eval-zeroshot", help="zero-shot accuracy of a quantized model through lm-eval-harness")
-    p.add_argument("--model", required=True)
+    p = _command(sub, "eval-zeroshot", "zero-shot accuracy of a quantized model through lm-eval-harness",
+                 f"ptqrepro eval-zeroshot --model {MODEL_DIR} --quantized results/quantized/{RUN} "
+                 "--tasks ptq_lastword ptq_nextsentence --include results/zeroshot/wiki-mini-n30-s0 "
+                 f"--out-dir results/metrics/{RUN}")
+    _add_model_argument(p)
     p.add_argument("--quantized", required=True, help="artifact directory from quantize")
     p.add_argument("--tasks", required=True, nargs="+", help="lm-eval task names (local ones need --include)")
-    p.add_argument("--include", help="folder of task YAMLs (from zeroshot-tasks)")
-    p.add_argument("--batch-size", type=_positive, default=8)
-    p.add_argument("--max-length", type=_positive, default=2048)
-    p.add_argument("--limit", type=_positive, help="score only the first N items of each task")
+    p.add_argument("--include", help="folder of task YAMLs (from zeroshot-tasks; default: lm-eval's own tasks only)")
+    p.add_argument("--max-length", type=_positive, default=2048, help="longest sequence scored, in tokens")
+    p.add_argument("--limit", type=_positive, help="score only the first N items of each task (default: every item)")
     p.add_argument("--num-fewshot", type=_count, default=0, help="examples per prompt (0: zero-shot)")
-    p.add_argument("--metric", nargs="*", default=[], metavar="TASK=METRIC", help="the accuracy reported per task (acc, acc_norm; default acc)")
-    p.add_argument("--staged", help="the stage-tasks record of the hub tasks (checks lm-eval's version)")
-    p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (see compute_dtype)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=_positive)
-    p.add_argument("--placement", default="auto", choices=PLACEMENTS,
-                   help="whole: the model on the device; layers: one decoder layer at a time there; auto: whole where it fits")
+    p.add_argument("--metric", nargs="*", default=[], metavar="TASK=METRIC",
+                   help="the accuracy reported per task (acc, acc_norm; default: acc for every task)")
+    p.add_argument("--staged", help="the stage-tasks record of the hub tasks (checks lm-eval's version; default: no check)")
+    _add_compute_arguments(p, 8, EVAL_DTYPE_HELP)
+    _add_placement_argument(p)
     p.add_argument("--out-dir", required=True, help="writes zeroshot-<task>.json and its per-item zeroshot-<task>.items.csv there")
     p.set_defaults(func=cmd_eval_zeroshot)
 
-    p = sub.add_parser("stage-tasks", help="build lm-eval's hub tasks once where the network is, so that jobs find their data offline")
+    p = _command(sub, "stage-tasks", "build lm-eval's hub tasks once where the network is, so that jobs find their data offline",
+                 "ptqrepro stage-tasks --tasks arc_easy piqa --metric arc_easy=acc_norm --out results/zeroshot/staged.json")
     p.add_argument("--tasks", required=True, nargs="+", help="lm-eval task names (local ones are skipped)")
-    p.add_argument("--metric", nargs="*", default=[], metavar="TASK=METRIC", help="the accuracy reported per task (acc, acc_norm): checked to exist")
+    p.add_argument("--metric", nargs="*", default=[], metavar="TASK=METRIC",
+                   help="the accuracy reported per task (acc, acc_norm): checked to exist (default: acc for every task)")
     p.add_argument("--out", required=True, help="the staging record (JSON): lm-eval's version, each task's dataset and version")
     p.set_defaults(func=cmd_stage_tasks)
 
-    p = sub.add_parser("export", help="a quantized model as a Hugging Face model directory (transformers, vLLM)")
+    p = _command(sub, "export", "a quantized model as a Hugging Face model directory (transformers, vLLM)",
+                 f"ptqrepro export --model {MODEL_DIR} --quantized results/quantized/{RUN} --format compressed-tensors "
+                 f"--out results/export/{RUN}/compressed-tensors")
     p.add_argument("--model", required=True, help="prepared model directory")
     p.add_argument("--quantized", required=True, help="artifact directory from quantize or dwr")
     p.add_argument("--format", required=True,
@@ -876,60 +958,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output model directory")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("vllm-check", help="score an exported model in vLLM (its own environment) against eval-ppl's windows")
+    p = _command(sub, "vllm-check", "score an exported model in vLLM (its own environment) against eval-ppl's windows",
+                 f"ptqrepro vllm-check --exported results/export/{RUN}/vllm-cpu "
+                 f"--result results/export/{RUN}/vllm-reference-ppl-wiki-mini.json --corpus {CORPUS_DIR} "
+                 f"--vllm-python ~/vllm/bin/python --windows 4 --out results/export/{RUN}/vllm-check.md")
     p.add_argument("--exported", required=True, help="exported model directory (ptqrepro export)")
     p.add_argument("--result", required=True, help="eval-ppl JSON of the same artifact, in the dtype vLLM runs")
     p.add_argument("--corpus", required=True, help="prepared corpus directory the result scored")
     p.add_argument("--vllm-python", help="python of vLLM's environment (default: $PTQ_VLLM_PYTHON)")
-    p.add_argument("--windows", type=_positive, help="score the result's first N windows only")
+    p.add_argument("--windows", type=_positive, help="score the result's first N windows only (default: all of them)")
     p.add_argument("--dtype", default="bfloat16", help="vLLM's dtype (its CPU 4-bit kernel: bfloat16 or float16)")
-    p.add_argument("--log", help="vLLM's output")
+    p.add_argument("--log", help="vLLM's output (default: discarded)")
     p.add_argument("--out", required=True, help="agreement table (Markdown; the record beside it as .json)")
     p.set_defaults(func=cmd_vllm_check)
 
-    p = sub.add_parser("tables", help="gather result JSONs into all.csv, all.md, replicates.csv and windows.csv")
+    p = _command(sub, "tables", "gather result JSONs into all.csv, all.md, replicates.csv and windows.csv",
+                 "ptqrepro tables --out results/tables results/metrics/smollm2-135m/*/s*/*.json")
     p.add_argument("--out", required=True, help="output directory")
     _add_bootstrap_arguments(p)
-    p.add_argument("--averages", help="zero-shot averages to add, as JSON or YAML: {name: {task: acc|acc_norm}}")
-    p.add_argument("results", nargs="+")
+    p.add_argument("--averages", help="zero-shot averages to add, as JSON or YAML: {name: {task: acc|acc_norm}} (default: none)")
+    p.add_argument("results", nargs="+", help="result JSONs of quantize, eval-ppl and eval-zeroshot")
     p.set_defaults(func=cmd_tables)
 
-    p = sub.add_parser("agreement", help="how a peer toolkit's quantized linears agree with ours (same grid points)")
+    p = _command(sub, "agreement", "how a peer toolkit's quantized linears agree with ours (same grid points)",
+                 "ptqrepro agreement --ours results/quantized/smollm2-135m/gptq@int4-g64/s0 "
+                 "--peer results/quantized/smollm2-135m/llmc-gptq@int4-g64/s0 "
+                 "--out results/metrics/smollm2-135m/llmc-gptq@int4-g64/s0/agreement.json")
     p.add_argument("--ours", required=True, help="artifact directory of our recipe")
     p.add_argument("--peer", required=True, help="artifact directory of the peer recipe that mirrors it")
     p.add_argument("--out", required=True, help="result JSON")
     p.set_defaults(func=cmd_agreement)
 
-    p = sub.add_parser("peers", help="the peers table: our recipes beside the same recipes by peer toolkits")
+    p = _command(sub, "peers", "the peers table: our recipes beside the same recipes by peer toolkits",
+                 "ptqrepro peers --out results/tables results/metrics/smollm2-135m/gptq@int4-g64/s0/*.json "
+                 "results/metrics/smollm2-135m/llmc-gptq@int4-g64/s0/*.json")
     p.add_argument("--out", required=True, help="output directory for peers.csv and peers.md")
     _add_bootstrap_arguments(p)
     p.add_argument("results", nargs="+", help="quantize, perplexity and agreement JSONs of the peer recipes and the recipes they mirror")
     p.set_defaults(func=cmd_peers)
 
-    p = sub.add_parser("plots", help="a figure of the report (PNG and PDF)")
+    p = _command(sub, "plots", "a figure of the report (PNG and PDF)",
+                 "ptqrepro plots --table results/tables/all.csv --figure ppl_vs_bits --out results/plots/ppl_vs_bits")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--table", help="all.csv from tables: the --figure")
     source.add_argument("--dwr", help="a dwr job's quantize.json: its search curves per block")
     source.add_argument("--magr", help="a MagR recipe's quantize.json: per-channel max|W| before and after")
-    p.add_argument("--figure", default="ppl_vs_bits", choices=TABLE_FIGURES,
-                   help="which figure of the table (default ppl_vs_bits)")
+    p.add_argument("--figure", default="ppl_vs_bits", choices=TABLE_FIGURES, help="which figure of the table")
     p.add_argument("--out", required=True, help="output path without extension")
     p.set_defaults(func=cmd_plots)
 
-    p = sub.add_parser("paper-tables", help="each paper's tables with our numbers beside its (Markdown, LaTeX)")
+    p = _command(sub, "paper-tables", "each paper's tables with our numbers beside its (Markdown, LaTeX)",
+                 "ptqrepro paper-tables --table results/tables/all.csv --reference config/reference/magr.csv "
+                 "config/reference/lqer.csv --out results/tables/papers")
     p.add_argument("--table", required=True, help="all.csv from tables")
     p.add_argument("--reference", required=True, nargs="+", help="config/reference/*.csv files")
     p.add_argument("--out", required=True, help="output directory (one .md and .tex per paper)")
     p.set_defaults(func=cmd_paper_tables)
 
-    p = sub.add_parser("compare", help="how far each perplexity moved between two runs (another machine, dtype or commit)")
+    p = _command(sub, "compare", "how far each perplexity moved between two runs (another machine, dtype or commit)",
+                 "ptqrepro compare --windows benchmarks/runs/A/windows.csv benchmarks/runs/B/windows.csv "
+                 "--labels A B --out results/compare")
     p.add_argument("--windows", required=True, nargs=2, metavar=("A", "B"), help="the two runs' windows.csv from tables")
     p.add_argument("--labels", nargs=2, default=("a", "b"), metavar=("A", "B"), help="names of the two runs in compare.md")
     p.add_argument("--out", required=True, help="output directory for compare.csv and compare.md")
     _add_bootstrap_arguments(p)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("compare-claims", help="every claim whose verdict differs between two kept runs (benchmarks/runs/)")
+    p = _command(sub, "compare-claims", "every claim whose verdict differs between two kept runs (benchmarks/runs/)",
+                 "ptqrepro compare-claims --runs benchmarks/runs/A benchmarks/runs/B --config config/config.yaml "
+                 "--out results/compare-claims")
     p.add_argument("--runs", required=True, nargs=2, metavar=("A", "B"),
                    help="two kept runs' folders, each with all.csv, windows.csv and provenance.json")
     p.add_argument("--config", required=True, help="the config whose claims are judged (e.g. config/config.yaml)")
@@ -938,7 +1035,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bootstrap_arguments(p)
     p.set_defaults(func=cmd_compare_claims)
 
-    p = sub.add_parser("claims", help="check the papers' claims (config 'claims') against all.csv")
+    p = _command(sub, "claims", "check the papers' claims (config 'claims') against all.csv",
+                 "ptqrepro claims --table results/tables/all.csv --windows results/tables/windows.csv "
+                 "--claims '[{paper: GPTQ, claim: GPTQ below RTN at INT3, below: [gptq@int3, rtn@int3]}]' --out results/tables")
     p.add_argument("--table", required=True, help="all.csv from tables")
     p.add_argument("--claims", required=True, help="the config's claims list, inline YAML/JSON")
     p.add_argument("--windows", required=True, help="windows.csv from tables (per-window losses)")

@@ -32,6 +32,7 @@ from pathlib import Path
 from ptqrepro.errors import PtqError
 from ptqrepro.export import EXPORT_MANIFEST
 from ptqrepro.io import read_json, write_json
+from ptqrepro.report.result_format import PERPLEXITY_KIND, WINDOW_KEYS
 
 ROOT_ERROR = re.compile(r"\b[A-Za-z]*(Error|Exception): ")
 SCORER = Path(__file__).with_name("vllm_score.py")
@@ -117,14 +118,14 @@ def vllm_check(model_dir: str | Path, result_path: str | Path, corpus_dir: str |
     if not python:
         raise PtqError(f"where is vLLM? give its environment's python (--vllm-python or {VLLM_PYTHON_ENV})")
     result = read_json(result_path)
-    if result.get("kind") != "perplexity" or "window_nll" not in result:
+    if result.get("kind") != PERPLEXITY_KIND or WINDOW_KEYS["nll"] not in result:
         raise PtqError(f"{result_path} is not a perplexity result with per-window NLLs (ptqrepro eval-ppl)")
     if result["protocol"]["dtype"] != dtype:
         raise PtqError(f"{result_path} was evaluated in {result['protocol']['dtype']}, vLLM would run in {dtype}: "
                        f"compare like with like (--dtype {result['protocol']['dtype']})")
     token_windows = result_windows(result, corpus_dir, model_dir)[:windows]
     scores = vllm_scores(python, model_dir, token_windows, dtype, log)
-    ours = result["window_nll"][: len(token_windows)]
+    ours = result[WINDOW_KEYS["nll"]][: len(token_windows)]
     written = read_json(Path(model_dir) / EXPORT_MANIFEST).get("versions", {})
     return {"exported": str(model_dir), "result": str(result_path), "recipe": result["recipe"], "dtype": dtype,
             "versions": scores["versions"], "written_with": written, "version_warnings": scores["version_warnings"],

@@ -21,7 +21,8 @@ import pandas as pd
 
 from ptqrepro.errors import InputError, PtqError, first_line
 from ptqrepro.io import atomic_path
-from ptqrepro.report.tables import PERPLEXITY_KIND, PERPLEXITY_METRIC, ZEROSHOT_KIND
+from ptqrepro.report.result_format import PERPLEXITY_KIND, ZEROSHOT_KIND
+from ptqrepro.report.tables import PERPLEXITY_METRIC
 
 REFERENCE_COLUMNS = ("paper", "table", "model", "method", "setting", "dataset", "metric", "value", "recipe", "source")
 MISSING = "—"

@@ -31,7 +31,8 @@ from ptqrepro.artifact import Artifact
 from ptqrepro.errors import PtqError
 from ptqrepro.io import atomic_path
 from ptqrepro.report.claims import paired_losses
-from ptqrepro.report.tables import PERPLEXITY_KIND, PERPLEXITY_METRIC, Results, summarize
+from ptqrepro.report.result_format import PERPLEXITY_KIND
+from ptqrepro.report.tables import PERPLEXITY_METRIC, Results, summarize
 from ptqrepro.report.uncertainty import BootstrapSettings, paired_difference
 
 PEER_COLUMNS = ("model", "recipe", "method", "weight_scheme", "implementation", "calibration_dtype", "dataset", "ppl",

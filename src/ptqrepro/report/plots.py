@@ -19,7 +19,8 @@ from matplotlib.figure import Figure
 
 from ptqrepro.errors import PtqError
 from ptqrepro.io import atomic_path
-from ptqrepro.report.tables import PERPLEXITY_KIND, PERPLEXITY_METRIC, QUANTIZE_KIND, ZEROSHOT_KIND
+from ptqrepro.report.result_format import PERPLEXITY_KIND, QUANTIZE_KIND, ZEROSHOT_KIND
+from ptqrepro.report.tables import PERPLEXITY_METRIC
 
 LQER_RANK_METRIC = "lqer_rank"
 """The quantize job's metric that names an LQER/L2QER recipe's rank k."""

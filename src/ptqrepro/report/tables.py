@@ -37,30 +37,18 @@ import pandas as pd
 
 from ptqrepro.errors import InputError, PtqError, first_line
 from ptqrepro.io import atomic_path, read_json
-from ptqrepro.report.uncertainty import BootstrapSettings, Interval, exp_or_inf, mean_interval, normal_quantile
-
-RECIPE_KEYS = (
-    "model",
-    "recipe",
-    "method",
-    "weight_format",
-    "weight_scheme",
-    "weight_bits",
-    "bits_per_weight",
-    "act_format",
+from ptqrepro.report.result_format import (
+    MEASUREMENT_KEYS,
+    PERPLEXITY_KIND,
+    PROVENANCE_KEYS,
+    QUANTIZE_KIND,
+    RECIPE_KEYS,
+    REVISION_KEYS,
+    UNCALIBRATED,
+    WINDOW_KEYS,
+    ZEROSHOT_KIND,
 )
-"""Top-level keys that describe the quantized model a result belongs to."""
-
-MEASUREMENT_KEYS = ("kind", "dataset")
-"""Top-level keys that describe what was measured."""
-
-PROVENANCE_KEYS = ("config_hash", "git_commit", "device", "wall_time_s", "peak_rss_mb")
-"""Keys of the ``provenance`` object copied into every row."""
-
-REVISION_KEYS = ("model_revision", "dataset_revision", "tokenizer_class")
-"""Keys of the ``provenance`` object naming the exact inputs: the hub commits of the model and of
-the dataset (empty for a local source, and in results written before they were recorded) and the
-tokenizer class."""
+from ptqrepro.report.uncertainty import BootstrapSettings, Interval, exp_or_inf, mean_interval, normal_quantile
 
 COLUMNS = (
     *RECIPE_KEYS,
@@ -110,15 +98,11 @@ IDENTITY_COLUMNS = ("model", "recipe", "seed", "kind", "dataset", "metric")
 """A measurement of one seed is identified by these; two files giving the same one are ambiguous."""
 
 MISSING_CELL = "—"
-PERPLEXITY_KIND, PERPLEXITY_METRIC = "perplexity", "ppl"
+PERPLEXITY_METRIC = "ppl"
 NLL_METRIC = "nll"
 KLD_METRIC, FLIPS_METRIC = "kld", "flips"
-WINDOW_METRICS = {NLL_METRIC: "window_nll", KLD_METRIC: "window_kld", FLIPS_METRIC: "window_flips"}
-"""The per-window metrics of a perplexity result: windows.csv's column and the result file's key."""
-QUANTIZE_KIND, QUANTIZE_TIME_METRIC = "quantize", "quantize_time_s"
-UNCALIBRATED = "none"
-"""The ``dataset`` of a quantize result of a recipe that reads no calibration data."""
-ZEROSHOT_KIND, ZEROSHOT_METRICS = "zeroshot", ("acc", "acc_norm")
+QUANTIZE_TIME_METRIC = "quantize_time_s"
+ZEROSHOT_METRICS = ("acc", "acc_norm")
 STDERR_SUFFIX = "_stderr"
 
 
@@ -292,7 +276,7 @@ def _summary_value(key: dict, group: pd.DataFrame, values: np.ndarray, results: 
                    settings: BootstrapSettings, nll_interval) -> dict:
     """``value``, ``ci_low``, ``ci_high`` (and ``windows``) of one measurement over its seeds;
     ``nll_interval(model, recipe, dataset)`` gives a perplexity's mean-NLL interval."""
-    if key["kind"] == PERPLEXITY_KIND and key["metric"] in (PERPLEXITY_METRIC, *WINDOW_METRICS):
+    if key["kind"] == PERPLEXITY_KIND and key["metric"] in (PERPLEXITY_METRIC, *WINDOW_KEYS):
         column = NLL_METRIC if key["metric"] == PERPLEXITY_METRIC else key["metric"]
         interval, windows = nll_interval(key["model"], key["recipe"], key["dataset"], column)
         if key["metric"] == PERPLEXITY_METRIC:
@@ -357,7 +341,7 @@ def _windows_of_result(result: dict[str, Any], path: str | os.PathLike) -> list[
     """The per-window rows of a perplexity result (none for other kinds)."""
     if result.get("kind") != PERPLEXITY_KIND:
         return []
-    losses = result.get("window_nll")
+    losses = result.get(WINDOW_KEYS[NLL_METRIC])
     fingerprint = (result.get("protocol") or {}).get("windows_sha256")
     if not isinstance(losses, list) or not losses or fingerprint is None:
         raise PtqError(f"{path}: perplexity result without per-window losses ('window_nll' and "
@@ -366,7 +350,7 @@ def _windows_of_result(result: dict[str, Any], path: str | os.PathLike) -> list[
     if any(isinstance(loss, bool) or not isinstance(loss, numbers.Real) for loss in losses):
         raise PtqError(f"{path}: 'window_nll' holds a value that is not a number")
     columns = {NLL_METRIC: losses}
-    for column, key in WINDOW_METRICS.items():
+    for column, key in WINDOW_KEYS.items():
         values = result.get(key)
         if column != NLL_METRIC and values is not None:
             if (not isinstance(values, list) or len(values) != len(losses)
