@@ -137,14 +137,15 @@ def test_zero_shot_metrics_averages_and_models_name_what_the_config_has(tmp_path
 
 
 def test_calibrated_recipes_a_claim_names_at_fewer_than_three_seeds_are_warned_about():
-    """The default and every paper config run each calibrated recipe a claim names at three or more
-    seeds; at one seed the warning names exactly the calibrated recipes (not fp16 or RTN)."""
+    """The default, the whole SmolLM2 grid and every paper config run each calibrated recipe a claim
+    names at three or more seeds; at one seed the warning names exactly the calibrated recipes (not
+    fp16 or RTN)."""
     import glob
 
     from ptqrepro.config import single_draw_warnings
     from ptqrepro.io import load_yaml
 
-    for path in ["config/config.yaml", *sorted(glob.glob("config/papers/*.yaml"))]:
+    for path in ["config/config.yaml", "config/smollm2-grid.yaml", *sorted(glob.glob("config/papers/*.yaml"))]:
         assert single_draw_warnings(load_yaml(open(path).read(), path)) == [], path
     config = {"calibration": {"seeds": [0]},
               "recipes": {"fp16": {"steps": []}, "rtn@int4": {"steps": ["rtn"], "weight": "int4"},

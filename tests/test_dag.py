@@ -471,39 +471,42 @@ def test_a_good_config_plans_the_same_dag(tmp_path, tiny_model_dir, tiny_corpus)
     assert not (tmp_path / "results").exists()
 
 
-@pytest.mark.parametrize("paper", sorted((REPO / "config" / "papers").glob("*.yaml")), ids=lambda p: p.stem)
-def test_paper_configs_list_their_whole_dag_without_a_hub(paper, tmp_path):
+SHIPPED_CONFIGS = [REPO / "config" / "config.yaml", REPO / "config" / "smollm2-grid.yaml",
+                   *sorted((REPO / "config" / "papers").glob("*.yaml"))]
+"""The default, the whole SmolLM2 grid and the papers' configs."""
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.stem)
+def test_shipped_configs_list_their_whole_dag_without_a_hub(path, tmp_path):
     """A dry run needs no network and no model: one quantize (or dwr) job per (model, recipe,
-    calibration seed) the config asks for (a recipe's `models`, else every model; its seeds), nothing
-    inherited."""
+    calibration seed) the config asks for (a recipe's `models`, else every model; its seeds; peer
+    recipes only for `snakemake peers`), nothing inherited."""
     from ptqrepro.config import recipe_seeds
     from ptqrepro.data.corpora import corpus_spec
+    from ptqrepro.peers.recipes import is_peer
 
-    config = yaml.safe_load(paper.read_text())
-    run = subprocess.run([*SNAKEMAKE, "-n", "--configfile", str(paper)], capture_output=True, text=True, cwd=REPO,
+    config = yaml.safe_load(path.read_text())
+    run = subprocess.run([*SNAKEMAKE, "-n", "--forceall", "--configfile", str(path)], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     jobs = {"quantize": 0, "dwr": 0} | {
         match.group(1): int(match.group(2))
         for match in re.finditer(r"^(quantize|dwr|eval_ppl)\s+(\d+)", run.stdout, flags=re.MULTILINE)
     }
-    runs = [(model, name, seed) for name, entry in config["recipes"].items() for model in entry.get("models", config["models"])
-            for seed in recipe_seeds(config, name)]
+    runs = [(model, name, seed) for name, entry in config["recipes"].items() if not is_peer(entry)
+            for model in entry.get("models", config["models"]) for seed in recipe_seeds(config, name)]
     reconstructions = [run for run in runs if "base" in config["recipes"][run[1]]]
     corpus = config["calibration"]["corpus"]
     drawn = corpus_spec(corpus, config.get("corpora", {}).get(corpus)).sampling != "chunks"  # LQER's chunks: no draw
-    assert any(len(recipe_seeds(config, name)) == 3 for name in config["recipes"]) == drawn  # the paper configs replicate draws
+    assert any(len(recipe_seeds(config, name)) == 3 for name in config["recipes"]) == drawn  # every shipped config replicates draws
     assert jobs["dwr"] == len(reconstructions)
     assert jobs["quantize"] == len(runs) - len(reconstructions)
     assert jobs["eval_ppl"] == len(runs) * len(config["eval"]["ppl"]["datasets"])
 
 
-def test_the_default_run_starts_its_longest_jobs_first():
-    """Priorities from the recipes' relative costs: AWQ (its block loss) before MagR+GPTQ before GPTQ
-    before RTN; the
-    GPTQ job a DWR search waits on before the other GPTQ jobs; every quantization before any
-    evaluation. The whole default DAG (--forceall: also after the README's run has made results/)."""
-    run = subprocess.run([*SNAKEMAKE, "-n", "--forceall"], capture_output=True, text=True, cwd=REPO)
+def dry_run_priorities(*arguments: str) -> dict[tuple[str, str | None], int]:
+    """Each (rule, recipe) of the repository's dry run with ``arguments`` and its scheduling priority."""
+    run = subprocess.run([*SNAKEMAKE, "-n", "--forceall", *arguments], capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     priority = {}
     for job in re.split(r"\n *rule ", run.stdout)[1:]:  # a group job indents its jobs
@@ -511,10 +514,33 @@ def test_the_default_run_starts_its_longest_jobs_first():
         recipe = re.search(r"recipe=([^,\s]+)", job)
         level = re.search(r"priority: (\d+)", job)
         priority[(rule, recipe.group(1) if recipe else None)] = int(level.group(1)) if level else 0
+    return priority
+
+
+def quantize_priorities(priority: dict) -> dict[str, int]:
+    """The quantize and DWR jobs' priorities by recipe, after checking that every one of them is
+    above every evaluation's."""
     quantize = {recipe: level for (rule, recipe), level in priority.items() if rule in ("quantize", "dwr")}
+    assert max(level for (rule, _), level in priority.items() if rule == "eval_ppl") < min(quantize.values())
+    return quantize
+
+
+def test_the_whole_grid_starts_its_longest_jobs_first():
+    """Priorities from the recipes' relative costs: AWQ (its block loss) before MagR+GPTQ before GPTQ
+    before RTN; the GPTQ job a DWR search waits on before the other GPTQ jobs; every quantization
+    before any evaluation. The whole DAG of config/smollm2-grid.yaml, which has every method (--forceall:
+    also after a run has made results/)."""
+    quantize = quantize_priorities(dry_run_priorities("--configfile", str(REPO / "config" / "smollm2-grid.yaml")))
     assert quantize["awq+rtn@int3"] > quantize["magr+gptq@int2-beta0.8"] > quantize["gptq@int2"] > quantize["rtn@int3"] > 0
     assert quantize["gptq@int3"] > quantize["gptq@int2"]
-    assert max(level for (rule, _), level in priority.items() if rule == "eval_ppl") < min(quantize.values())
+
+
+def test_the_default_run_starts_its_longest_jobs_first():
+    """The default's DAG: the GPTQ INT3 jobs that DWR searches wait on first, then MagR+GPTQ, then
+    the other GPTQ jobs, RTN last; every quantization before any evaluation."""
+    quantize = quantize_priorities(dry_run_priorities())
+    assert (quantize["gptq@int3"] > quantize["magr+gptq@int3-beta0.9"] > quantize["gptq@int4-g64"]
+            > quantize["rtn@int3"] > 0)
 
 
 def test_the_smoke_config_plans_a_small_dag_with_tables_and_a_figure():
