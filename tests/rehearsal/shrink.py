@@ -1,10 +1,11 @@
 """A paper config shrunk in sizes only, for a rehearsal on the tiny models of ``rehearsal.hub``.
 
 Shrunk: calibration samples, sequence lengths and seeds (the first seed only), the evaluation's
-windows and C4 documents, zero-shot items, DWR's ranks and search windows, LQER/L2QER ranks, and
-the memory each job asks of a scheduler (the local SLURM test node has a few GB, not 96). Kept:
-models (hub ids), corpora, recipes (methods, formats, steps and their other settings), claims,
-references, resources other than memory, `offline`, `device`.
+windows and C4 documents, zero-shot items, DWR's ranks and search windows, LQER/L2QER ranks, the
+memory each job asks of a scheduler (the local SLURM test node has a few GB, not 96) and each job's
+threads (one: a tiny model gains nothing from more, and two jobs then run at once on two cores).
+Kept: models (hub ids), corpora, recipes (methods, formats, steps and their other settings),
+claims, references, resources other than memory and CPUs, `offline`, `device`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ RANK_DIVISOR = 64
 """A rank r becomes max(1, r // 64): the paper configs' ranks are set for widths 4096-8192, the tiny
 models' is 128 (rehearsal.hub.HIDDEN), so DWR's largest rank (8192 on Llama-2-70B) becomes 128."""
 MEM_MB = 1000
+THREADS = 1
 
 
 def shrunk_rank(rank: int) -> int:
@@ -60,14 +62,16 @@ def shrink_recipe(entry: dict) -> dict:
 
 
 def shrink_resources(resources: dict) -> dict:
-    """Every ``mem_mb`` (per rule and per model) set to MEM_MB."""
-    return {key: (MEM_MB if key == "mem_mb" else shrink_resources(value) if isinstance(value, dict) else value)
+    """Every ``mem_mb`` (per rule and per model) set to MEM_MB, every ``cpus`` to THREADS."""
+    shrunk = {"mem_mb": MEM_MB, "cpus": THREADS}
+    return {key: (shrunk[key] if key in shrunk else shrink_resources(value) if isinstance(value, dict) else value)
             for key, value in resources.items()}
 
 
 def shrink_config(config: dict) -> dict:
     """``config`` (a paper config as read from YAML) with only its sizes shrunk (module docstring)."""
     config = copy.deepcopy(config)
+    config["threads"] = THREADS
     calibration = config["calibration"]
     calibration["nsamples"] = min(calibration.get("nsamples", NSAMPLES), NSAMPLES)
     calibration["seqlen"] = SEQLEN
