@@ -179,8 +179,8 @@ def test_the_vllm_backend_evaluates_the_exports(tmp_path, tiny_model_dir, tiny_c
     dry = [*SNAKEMAKE, "--directory", str(tmp_path), "-n", "-p"]
     run = subprocess.run(dry, capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stderr[-2000:]
-    for recipe, export in (("rtn@int4-g64", "vllm-cpu"), ("fp16", "dequantized")):
-        assert (f"--backend vllm --exported results/export/tiny/{recipe}/s0/{export} --vllm-python "
+    for recipe, folder in (("rtn@int4-g64", "vllm-cpu"), ("fp16", "dequantized")):
+        assert (f"--backend vllm --exported results/export/tiny/{recipe}/s0/{folder} --vllm-python "
                 f"{config['eval']['zeroshot']['vllm_python']} --vllm-log results/logs/eval_zeroshot/tiny/{recipe}/s0.log.vllm"
                 ) in run.stdout
     assert "rule export_for_vllm:" in run.stdout and "--format dequantized" in run.stdout

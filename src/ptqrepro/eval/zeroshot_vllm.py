@@ -32,10 +32,9 @@ from ptqrepro.export import COMPRESSED_TENSORS, vllm_cpu_export_format
 from ptqrepro.io import read_json
 from ptqrepro.vllm_check import SCORER, VLLM_PYTHON_ENV, root_cause
 
-HF, VLLM = "hf", "vllm"
+VLLM = "vllm"
 BACKEND_SETTING = "eval.zeroshot.backend vllm"
 """How every error of the vllm backend begins: the setting that asked for it."""
-BACKENDS = (HF, VLLM)
 HARNESS = Path(__file__).resolve().parent.parent / "vllm_harness.py"
 VLLM_DTYPE_AUTO = "bfloat16"
 """vLLM's dtype where ``eval.zeroshot.dtype`` is auto: its CPU 4-bit kernel computes bfloat16 or
