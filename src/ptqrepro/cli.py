@@ -9,7 +9,7 @@
     ptqrepro eval-ppl        --model DIR --quantized DIR --corpus DIR --seqlen L [--max-windows K] [--tokenizer slow] [--reference FILE] [--placement layers] --out FILE.json
     ptqrepro float-reference --model DIR --corpus DIR --seqlen L [--max-windows K] [--tokenizer slow] --top-k K --out FILE.safetensors
     ptqrepro zeroshot-tasks  --corpus DIR --items N --seed S --out DIR
-    ptqrepro eval-zeroshot   --model DIR --quantized DIR --tasks T... [--include DIR] [--staged FILE.json] [--num-fewshot K] [--metric T=acc_norm...] --out-dir DIR
+    ptqrepro eval-zeroshot   --model DIR --quantized DIR --tasks T... [--include DIR] [--staged FILE.json] [--num-fewshot K] [--metric T=acc_norm...] [--backend vllm --exported DIR] --out-dir DIR
     ptqrepro stage-tasks     --tasks T... [--metric T=acc_norm...] --out FILE.json
     ptqrepro export          --model DIR --quantized DIR --format compressed-tensors|dequantized [--drop-activation-quantization] [--target vllm-cpu] --out DIR
     ptqrepro vllm-check      --exported DIR --result JSON --corpus DIR [--vllm-python PY] [--windows N] --out TABLE.md
@@ -547,14 +547,19 @@ def cmd_eval_zeroshot(args) -> None:
                  and staged["tasks"][task]["dataset_revision"] != record["dataset_revision"]]
         if moved:
             raise PtqError(f"{args.staged}: the cached datasets changed since staging: {', '.join(moved)}; stage the tasks again")
-    with _model_to_evaluate(args) as (model, tokenizer, manifest, device, dtype, placement):
-        results = evaluate_zeroshot(model, tokenizer, args.tasks, args.include, args.batch_size, args.max_length,
-                                    device, args.limit, args.num_fewshot, loaded)
+    if args.backend == "vllm":
+        results, manifest, ran, tokenizer_class = _zeroshot_in_vllm(args, records)
+        device, dtype, placement = "cpu", ran["dtype"], None
+    else:
+        with _model_to_evaluate(args) as (model, tokenizer, manifest, device, dtype, placement):
+            results = evaluate_zeroshot(model, tokenizer, args.tasks, args.include, args.batch_size, args.max_length,
+                                        device, args.limit, args.num_fewshot, loaded)
+        ran, tokenizer_class = {"backend": "hf"}, type(tokenizer).__name__
     source = Path(args.include or "") / TASKS_SOURCE
     local_revision = read_json(source).get("revision") if args.include and source.is_file() else None
     description = _result_description(manifest)
     protocol = {"batch_size": args.batch_size, "max_length": args.max_length, "limit": args.limit, "dtype": dtype,
-                "num_fewshot": args.num_fewshot, **HARNESS_SETTINGS}
+                "num_fewshot": args.num_fewshot, **HARNESS_SETTINGS, "backend": ran["backend"]}
     for task, result in results.items():
         items = Path(args.out_dir) / f"zeroshot-{task}.items.csv"
         with atomic_path(items) as tmp:
@@ -562,14 +567,46 @@ def cmd_eval_zeroshot(args) -> None:
         write_json(Path(args.out_dir) / f"zeroshot-{task}.json", {
             "kind": ZEROSHOT_KIND, **description, "dataset": task, "metrics": result.metrics,
             "reported_metric": metrics_of[task], "protocol": protocol,
-            "task": {**result.record, "n_shot": result.num_fewshot, "items": items.name, "lm_eval": lm_eval_version()},
+            "task": {**result.record, "n_shot": result.num_fewshot, "items": items.name,
+                     "lm_eval": ran.get("versions", {}).get("lm-eval", lm_eval_version())},
             "provenance": {**provenance.record({"protocol": protocol, "task": task, "quantized": manifest["config_hash"]},
                                                device), "placement": placement,
                            **_revisions(args.model, local_revision if task in LOCAL_TASKS else result.record["dataset_revision"],
-                                       type(tokenizer).__name__)},
+                                       tokenizer_class),
+                           **({"vllm": {key: ran[key] for key in ("versions", "version_warnings")},
+                               "exported": str(args.exported)} if ran["backend"] == "vllm" else {})},
         })
         shown = ", ".join(f"{name} {value:.4f}" for name, value in result.metrics.items() if not name.endswith("stderr"))
         print(f"{description['recipe']} on {task}: {shown}")
+    if args.loglikelihoods:
+        write_json(args.loglikelihoods, {task: {str(doc_id): values for doc_id, values in result.loglikelihoods.items()}
+                                         for task, result in results.items()})
+
+
+def _zeroshot_in_vllm(args, records: dict) -> tuple[dict, dict, dict, str]:
+    """``eval-zeroshot --backend vllm``: the tasks scored by lm-eval's vllm model on ``--exported``,
+    which must be an export of ``--quantized``; ``(results, the artifact's manifest, what ran them,
+    the tokenizer's class)``."""
+    from transformers import AutoTokenizer
+
+    from ptqrepro.artifact import MANIFEST
+    from ptqrepro.eval.zeroshot import HARNESS_SETTINGS
+    from ptqrepro.eval.zeroshot_vllm import evaluate_zeroshot_vllm, vllm_python
+    from ptqrepro.export import EXPORT_MANIFEST
+
+    if not args.exported:
+        raise InputError("eval-zeroshot --backend vllm: give --exported, the recipe's export for vLLM (ptqrepro export)")
+    manifest = _read_json(str(Path(args.quantized) / MANIFEST), "--quantized")
+    exported = _read_json(str(Path(args.exported) / EXPORT_MANIFEST), "--exported")
+    if exported.get("artifact_config_hash") != manifest.get("config_hash"):
+        raise InputError(f"--exported {args.exported} was exported from another artifact than --quantized {args.quantized} "
+                         f"({exported.get('recipe')}, config hash {exported.get('artifact_config_hash')}): export it again")
+    results, ran = evaluate_zeroshot_vllm(vllm_python(args.vllm_python), args.exported, args.tasks, args.include, records,
+                                          args.batch_size, args.max_length, args.dtype, args.limit, args.num_fewshot,
+                                          HARNESS_SETTINGS, args.vllm_log)
+    for warning in ran["version_warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    return results, manifest, ran, type(AutoTokenizer.from_pretrained(args.exported)).__name__
 
 
 def cmd_export(args) -> None:
@@ -931,6 +968,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--staged", help="the stage-tasks record of the hub tasks (checks lm-eval's version; default: no check)")
     _add_compute_arguments(p, 8, EVAL_DTYPE_HELP)
     _add_placement_argument(p)
+    p.add_argument("--backend", default="hf", choices=("hf", "vllm"),
+                   help="hf: lm-eval's HF model on our in-memory model; vllm: lm-eval's vllm model on --exported, in "
+                        "vLLM's own environment")
+    p.add_argument("--exported", help="--backend vllm: the export of --quantized that vLLM serves (ptqrepro export)")
+    p.add_argument("--vllm-python", help="--backend vllm: python of vLLM's environment, with lm-eval (default: $PTQ_VLLM_PYTHON)")
+    p.add_argument("--vllm-log", help="--backend vllm: where vLLM's and lm-eval's output go")
+    p.add_argument("--loglikelihoods", help="also write, per task and item, the log-likelihood of each request (JSON), "
+                                            "to compare backends item by item")
     p.add_argument("--out-dir", required=True, help="writes zeroshot-<task>.json and its per-item zeroshot-<task>.items.csv there")
     p.set_defaults(func=cmd_eval_zeroshot)
 

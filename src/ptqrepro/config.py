@@ -18,13 +18,14 @@ from ptqrepro.data.corpora import corpus_spec
 from ptqrepro.data.windows import calibration_is_drawn
 from ptqrepro.errors import PtqError
 from ptqrepro.eval.zeroshot import LOCAL_TASKS
+from ptqrepro.eval.zeroshot_vllm import BACKEND_SETTING, VLLM, export_format
 from ptqrepro.io import load_yaml
 from ptqrepro.models.sources import ModelSource, slow_tokenizer_problem
 from ptqrepro.plugins import import_plugins
 from ptqrepro.peers.recipes import is_peer, peer_from_spec, peer_spec
 from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
 from ptqrepro.report.claims import claims_from_config
-from ptqrepro.steps import BUILTIN_STEPS
+from ptqrepro.steps import BUILTIN_STEPS, LqerStep
 
 JOB_KEYS = ("models", "seeds", "calibration_dtype")
 """Keys of a recipe's entry that choose its jobs (on which models, at which calibration seeds, with
@@ -196,6 +197,8 @@ def check_config(config: dict) -> None:
     passes(_check_zeroshot_recipes, zeroshot, config["recipes"])
     passes(_check_local_tasks, zeroshot)
     errors += _zeroshot_name_errors(zeroshot, config["models"])
+    if zeroshot.get("backend") == VLLM:
+        errors += [error for name in zeroshot_recipes(config) if (error := _vllm_export_error(config, name))]
     errors += resource_errors(config)
     if errors:
         raise ConfigError(list(dict.fromkeys(errors)))
@@ -311,3 +314,35 @@ def _check_local_tasks(zeroshot: dict) -> None:
     local = [task for task in zeroshot.get("tasks", []) if task in LOCAL_TASKS]
     if local and not zeroshot.get("corpus"):
         raise PtqError(f"eval.zeroshot: the local tasks {', '.join(local)} are generated from a corpus's test split: set eval.zeroshot.corpus")
+
+
+def zeroshot_recipes(config: dict) -> list[str]:
+    """The recipes ``eval.zeroshot`` scores: its ``recipes``, else every recipe but the peer recipes
+    (which the report leaves to ``snakemake peers``)."""
+    zeroshot = config["eval"].get("zeroshot") or {}
+    return list(zeroshot.get("recipes") or [name for name, entry in config["recipes"].items() if not is_peer(entry)])
+
+
+def zeroshot_export_format(config: dict, name: str) -> str:
+    """The export of recipe ``name`` that ``eval.zeroshot.backend: vllm`` evaluates
+    (``eval.zeroshot_vllm.export_format``): a peer recipe's is that of the recipe it mirrors; a
+    reconstruction (DWR) carries low-rank terms."""
+    entry = recipe_entry(config["recipes"][name])
+    if is_peer(entry):
+        return zeroshot_export_format(config, entry["mirrors"])
+    if is_reconstruction(entry):
+        return export_format(name, None, None, low_rank=True)
+    recipe = recipe_from_config(name, recipe_job_spec(config, name))
+    return export_format(name, recipe.weight, recipe.act, any(isinstance(step, LqerStep) for step in recipe.steps))
+
+
+def _vllm_export_error(config: dict, name: str) -> str | None:
+    """Why vLLM cannot evaluate recipe ``name`` zero-shot; None where it can, and where the recipe
+    is not the config's or does not parse (their own checks report those)."""
+    if name not in config["recipes"]:
+        return None
+    try:
+        zeroshot_export_format(config, name)
+    except PtqError as error:
+        return str(error) if str(error).startswith(BACKEND_SETTING) else None
+    return None

@@ -65,7 +65,7 @@ from torch import nn
 
 from ptqrepro.artifact import Artifact, apply_float_parameters, check_fits, load_artifact
 from ptqrepro.errors import PtqError
-from ptqrepro.formats import IntFormat, QuantizedWeight, parse_format
+from ptqrepro.formats import GroupedFormat, IntFormat, QuantizedWeight, parse_format
 from ptqrepro.io import atomic_path
 from ptqrepro.models.sources import load_model
 from ptqrepro.pipeline import effective_weight
@@ -141,9 +141,14 @@ def writer_versions() -> dict:
 def check_vllm_cpu(artifact: Artifact, fmt: IntFormat) -> bool:
     """Whether the artifact is W8A8 for vLLM's CPU build, after checking that vLLM's CPU kernels
     compute it (see the module's docstring); an error naming the scheme they serve otherwise."""
-    recipe = artifact.manifest["recipe"]
+    return check_vllm_cpu_scheme(artifact.manifest["recipe"], fmt, artifact.manifest.get("act_format"))
+
+
+def check_vllm_cpu_scheme(recipe: str, fmt: IntFormat, act: str | None) -> bool:
+    """Whether weights of ``fmt`` with activations of ``act`` (a format's name; None: float) are
+    W8A8 for vLLM's CPU build, after checking that its kernels compute them; an error naming the
+    scheme they serve otherwise."""
     cannot = f"vLLM's CPU build cannot serve {recipe}"
-    act = artifact.manifest.get("act_format")
     if act is not None:
         act_format = parse_format(act)
         if not (isinstance(act_format, IntFormat) and act_format.bits == 8 and act_format.group_size is None):
@@ -160,6 +165,28 @@ def check_vllm_cpu(artifact: Artifact, fmt: IntFormat) -> bool:
     if fmt.group_size and fmt.group_size % 2:
         raise PtqError(f"{cannot}: its weight-only kernel needs an even group size, not {fmt.group_size}")
     return False
+
+
+def vllm_cpu_export_format(recipe: str, weight: GroupedFormat | None, act: GroupedFormat | None,
+                           low_rank: bool) -> str:
+    """The export format in which vLLM's CPU build serves a recipe, known from its formats before it
+    runs: ``dequantized`` for a float model (no weight or activation format, no low-rank terms), else
+    ``compressed-tensors`` where ``check_compressed_tensors`` and ``check_vllm_cpu_scheme`` would pass
+    on its artifact (what depends on the weights, a MagR grid's zero points and the linears' sizes,
+    is checked at export); an error naming what it cannot serve otherwise."""
+    cannot = f"vLLM's CPU build cannot serve {recipe}"
+    if low_rank:
+        raise PtqError(f"{cannot}: {COMPRESSED_TENSORS} has no form for LQER's low-rank terms")
+    if weight is None and act is None:
+        return DEQUANTIZED
+    if weight is None:
+        raise PtqError(f"{cannot}: it quantizes activations of float weights; vLLM computes activation "
+                       "quantization only as W8A8 (weight int8-sym, act int8)")
+    if not isinstance(weight, IntFormat):
+        raise PtqError(f"{cannot}: its weight format {weight.name} is not an integer grid with scale and zero point "
+                       f"({COMPRESSED_TENSORS} has no MX integer formats)")
+    check_vllm_cpu_scheme(recipe, weight, act.name if act is not None else None)
+    return COMPRESSED_TENSORS
 
 
 def check_vllm_cpu_shapes(model: nn.Module, artifact: Artifact) -> None:

@@ -20,6 +20,9 @@ each as ``key: value: what is wrong; allowed: what would do``. Nothing is writte
 * a local corpus: the file of each split a job reads exists and holds at least one window (a token
   is at least one byte);
 * zero-shot task names: local, or known to lm-eval;
+* ``eval.zeroshot.backend: vllm``: the python of vLLM's environment runs and has vLLM and this
+  environment's lm-eval (``eval.zeroshot_vllm.harness_versions``); every linear a recipe exports
+  as 4-bit weights for vLLM is a multiple of 32 in both sizes (``export.check_vllm_cpu_shapes``);
 * ``device``: ``cuda[:N]`` needs that GPU here;
 * the stage-in (``staging_problems``): the Hugging Face home ``staging.hf_home`` exists and is
   writable, with room for the hub models not yet in its cache beside ``staging.min_free_gb``; a
@@ -38,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ptqrepro.config import recipe_entry
+from ptqrepro.config import recipe_entry, zeroshot_export_format, zeroshot_recipes
 from ptqrepro.data.corpora import corpus_spec
 from ptqrepro.errors import PtqError
 from ptqrepro.eval.zeroshot import LOCAL_TASKS
@@ -100,6 +103,7 @@ def preflight(config: dict, prepared_models: str | Path, log: Callable[[str], No
     problems += sequence_problems(config, shapes)
     problems += corpus_problems(config)
     problems += zeroshot_problems(config)
+    problems += zeroshot_backend_problems(config, shapes)
     staging = staging_problems(config, model_configs, log)
     if dry_run:
         for problem in staging:
@@ -401,3 +405,32 @@ def disk_problems(staging: dict, cache: Path, downloads: dict[str, int | None], 
                     f"{free / 1e9:.1f} GB free at {existing}, but the downloads need {needed / 1e9:.1f} GB ({listed}, "
                     f"and min_free_gb {staging.get('min_free_gb', 10)})",
                     "a Hugging Face home on a filesystem with that room, or fewer models")]
+
+
+def zeroshot_backend_problems(config: dict, shapes: dict[str, ModelShapes]) -> list[Problem]:
+    """``eval.zeroshot.backend: vllm`` where vLLM's environment cannot run lm-eval, or a recipe's
+    4-bit export has a linear vLLM's CPU kernel does not take (``export.check_vllm_cpu_shapes``)."""
+    from ptqrepro.eval.zeroshot_vllm import BACKEND_SETTING, VLLM, harness_versions, vllm_python
+    from ptqrepro.export import COMPRESSED_TENSORS, VLLM_CPU_DIMENSION_MULTIPLE
+
+    zeroshot = config["eval"].get("zeroshot") or {}
+    if zeroshot.get("backend") != VLLM:
+        return []
+    problems = []
+    try:
+        harness_versions(vllm_python(zeroshot.get("vllm_python")))
+    except PtqError as error:
+        problems.append(Problem("eval.zeroshot.backend", VLLM, str(error).removeprefix(f"{BACKEND_SETTING}: "),
+                                "hf, or vLLM's environment with lm-eval (eval.zeroshot.vllm_python or $PTQ_VLLM_PYTHON)"))
+    multiple = VLLM_CPU_DIMENSION_MULTIPLE
+    for name in zeroshot_recipes(config):
+        entry = config["recipes"].get(name, {})
+        if zeroshot_export_format(config, name) != COMPRESSED_TENSORS or recipe_entry(entry).get("act"):
+            continue
+        for model in set(entry.get("models") or config["models"]) & set(zeroshot.get("models") or config["models"]):
+            uneven = [f"{linear} ({shape[1]} x {shape[0]})" for linear, shape in shapes.get(model, ModelShapes("", {}, None)).linears.items()
+                      if shape[0] % multiple or shape[1] % multiple]
+            if uneven:
+                problems.append(Problem("eval.zeroshot.recipes", name, f"vLLM's CPU 4-bit kernel takes linears whose sizes are "
+                                        f"multiples of {multiple}; model {model} has {', '.join(uneven)}", "backend hf for this model"))
+    return problems

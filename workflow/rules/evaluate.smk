@@ -1,6 +1,8 @@
 # Stage 3: perplexity of every quantized model on every evaluation corpus (GPTQ protocol).
 
+from ptqrepro.config import zeroshot_export_format
 from ptqrepro.eval.zeroshot import hub_tasks, staged_key
+from ptqrepro.eval.zeroshot_vllm import VLLM, export_folder
 
 # The evaluations of one quantized model (perplexity on every dataset, zero-shot) form one group: on
 # a cluster they run as one submission, one after another on one GPU (profiles/slurm merges the
@@ -88,6 +90,24 @@ HUB_TASKS = hub_tasks(ZEROSHOT["tasks"]) if ZEROSHOT else []
 STAGED_TASKS = f"results/zeroshot/staged-{staged_key(HUB_TASKS)}.json" if HUB_TASKS else None
 # --metric TASK=METRIC for the tasks whose reported accuracy is not acc
 TASK_METRICS = " ".join(f"{task}={metric}" for task, metric in (ZEROSHOT or {}).get("metrics", {}).items())
+# eval.zeroshot.backend vllm: lm-eval's vllm model on each recipe's export for vLLM's CPU build
+# (workflow/rules/export.smk), in vLLM's own environment (ptqrepro.eval.zeroshot_vllm)
+ZEROSHOT_IN_VLLM = bool(ZEROSHOT) and ZEROSHOT["backend"] == VLLM
+VLLM_HARNESS = (
+    " --backend vllm --exported {input.exported}"
+    + (f" --vllm-python {ZEROSHOT['vllm_python']}" if ZEROSHOT.get("vllm_python") else "")
+    + " --vllm-log {log}.vllm"
+    if ZEROSHOT_IN_VLLM
+    else ""
+)
+
+
+def zeroshot_export(wildcards):
+    """The export of the run that vLLM evaluates zero-shot (none for the hf backend)."""
+    if not ZEROSHOT_IN_VLLM:
+        return []
+    fmt = export_folder(zeroshot_export_format(config, wildcards.recipe))
+    return f"results/export/{wildcards.model}/{wildcards.recipe}/s{wildcards.seed}/{fmt}"
 
 
 rule zeroshot_tasks:
@@ -133,6 +153,7 @@ if ZEROSHOT:
             quantized=f"results/quantized/{RUN_DIR}",
             tasks=[LOCAL_TASKS_DIR] if LOCAL_TASKS_DIR else [],
             staged=[STAGED_TASKS] if STAGED_TASKS else [],
+            exported=zeroshot_export,
         output:
             [f"results/metrics/{RUN_DIR}/zeroshot-{task}.json" for task in ZEROSHOT["tasks"]],
             [f"results/metrics/{RUN_DIR}/zeroshot-{task}.items.csv" for task in ZEROSHOT["tasks"]],
@@ -157,7 +178,11 @@ if ZEROSHOT:
             tasks=" ".join(ZEROSHOT["tasks"]),
             metrics=f"--metric {TASK_METRICS}" if TASK_METRICS else "",
             limit=f"--limit {ZEROSHOT['limit']}" if ZEROSHOT.get("limit") else "",
-            protocol={key: ZEROSHOT[key] for key in ("batch_size", "max_length", "dtype", "num_fewshot")},
+            # the backend only where it is vllm: results of the hf backend keep their params
+            protocol={
+                **{key: ZEROSHOT[key] for key in ("batch_size", "max_length", "dtype", "num_fewshot")},
+                **({"backend": VLLM} if ZEROSHOT_IN_VLLM else {}),
+            },
             device=lambda w: device_class(),
             out_dir=lambda w, output: os.path.dirname(output[0]),
         shell:
@@ -166,4 +191,4 @@ if ZEROSHOT:
             " {params.include} {params.staged} {params.metrics} {params.limit} --num-fewshot {params.protocol[num_fewshot]}"
             " --batch-size {params.protocol[batch_size]} --max-length {params.protocol[max_length]}"
             " --dtype {params.protocol[dtype]} --device {resources.device} --placement {resources.placement} --threads {threads}"
-            " --out-dir {params.out_dir} > {log} 2>&1"
+            f"{VLLM_HARNESS} --out-dir {{params.out_dir}} > {{log}} 2>&1"

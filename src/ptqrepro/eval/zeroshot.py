@@ -29,7 +29,7 @@ import hashlib
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version as package_version
 from pathlib import Path
 
@@ -263,13 +263,16 @@ def check_metrics(records: dict[str, dict], metrics: dict[str, str]) -> None:
 @dataclass(frozen=True)
 class TaskResult:
     """One task's scores: lm-eval's aggregate ``metrics`` (filter suffix dropped), the task's
-    ``record`` (``task_record``), the shots used, and ``items``: per scored document its id and its
-    0/1 per accuracy metric (``acc``, ``acc_norm`` where the task has it)."""
+    ``record`` (``task_record``), the shots used, ``items``: per scored document its id and its
+    0/1 per accuracy metric (``acc``, ``acc_norm`` where the task has it), and
+    ``loglikelihoods``: per document id the log-likelihood of each of its requests (the target;
+    each choice), which the items' accuracies are decided on."""
 
     metrics: dict[str, float]
     record: dict
     num_fewshot: int
     items: list[dict]
+    loglikelihoods: dict[int, list[float]] = field(default_factory=dict)
 
 
 ITEM_METRICS = ("acc", "acc_norm")
@@ -288,16 +291,27 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str], include_path: str | No
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=device)
     output = simple_evaluate(model=lm, tasks=[built[task] for task in tasks], task_manager=manager, limit=limit,
                              log_samples=True, num_fewshot=num_fewshot, **HARNESS_SETTINGS)
+    return task_results(output, tasks, {task: task_record(built[task]) for task in tasks}, num_fewshot)
+
+
+def task_results(output: dict, tasks: list[str], records: dict[str, dict], num_fewshot: int) -> dict[str, TaskResult]:
+    """``{task: TaskResult}`` from lm-eval's ``simple_evaluate`` output (``results``, ``n-shot``,
+    and ``samples`` logged: each with ``doc_id``, its accuracy metrics and ``filtered_resps``, per
+    request ``(log-likelihood, is_greedy)``) and each task's ``task_record``; the same for every
+    model type lm-eval ran."""
     results = {}
     for task in tasks:
         metrics = {
             name.split(",")[0]: float(value) for name, value in output["results"][task].items()
             if "," in name and isinstance(value, (int, float)) and not isinstance(value, bool)
         }
+        samples = sorted(output["samples"][task], key=lambda sample: int(sample["doc_id"]))
         items = [{"doc_id": int(sample["doc_id"]), **{name: int(sample[name]) for name in ITEM_METRICS if name in sample}}
-                 for sample in output["samples"][task]]
+                 for sample in samples]
+        loglikelihoods = {int(sample["doc_id"]): [float(response[0]) for response in sample["filtered_resps"]]
+                          for sample in samples}
         shots = output.get("n-shot", {}).get(task, num_fewshot)
-        results[task] = TaskResult(metrics, task_record(built[task]), int(shots), sorted(items, key=lambda item: item["doc_id"]))
+        results[task] = TaskResult(metrics, records[task], int(shots), items, loglikelihoods)
     return results
 
 
