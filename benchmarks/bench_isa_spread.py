@@ -228,7 +228,8 @@ def part_model(args) -> None:
     for setting, dtype in [*((s, args.eval_dtype) for s in args.settings), ("native", "float32")]:
         target = out / "ppl-eval" / f"{first['artifact_sha256'][:16]}-{setting}-{dtype}.json"
         target.parent.mkdir(parents=True, exist_ok=True)
-        score = evaluate(args, first["directory"], setting, dtype, target)
+        native = (setting, dtype) == ("native", args.eval_dtype)
+        score = base if native else evaluate(args, first["directory"], setting, dtype, target)
         delta = max(abs(a - b) for a, b in zip(score["window_nll"], base["window_nll"]))
         print(f"| {setting} | {dtype} | {score['ppl']:.4f} | {score['ppl'] - base['ppl']:+.4f} | {delta:.4f} |")
 
