@@ -10,9 +10,9 @@ import json
 # the zero-shot tasks' datasets too (rule stage_zeroshot_tasks, workflow/rules/evaluate.smk).
 rule stage:
     input:
-        expand("results/models/{model}", model=MODELS),
-        expand("results/corpora/{corpus}", corpus=STAGED_CORPORA),
-        lambda w: [STAGED_TASKS] if STAGED_TASKS else [],
+        expand("results/models/{model}", model=plan.models),
+        expand("results/corpora/{corpus}", corpus=plan.staged_corpora),
+        [plan.staged_tasks] if plan.staged_tasks else [],
 
 
 rule prepare_model:
