@@ -3,7 +3,7 @@
 #   snakemake --cores 2 --configfile config/smoke.yaml       a first run, in minutes
 #   snakemake --cores 2                                      the embedded default (offline)
 #   snakemake --cores 2 --configfile config/papers/X.yaml    a paper's experiment
-#   snakemake --report report.html                           the tables and figures, after a run
+#   snakemake --report results/report.html                   the tables and figures, after a run
 #
 # Every job calls the `ptqrepro` command line, so each one can also be run by hand. The config is
 # checked and the jobs are planned once in workflow/rules/common.smk (ptqrepro.plan); each stage's

@@ -1,7 +1,7 @@
 """Cross-checks of an experiment config that a JSON schema cannot express.
 
-The Snakefile re-reads each config file with ``check_config_files`` first (Snakemake's own loader
-keeps the last of a key given twice), validates the config against
+The workflow (``workflow/rules/common.smk``) re-reads each config file with ``check_config_files``
+first (Snakemake's own loader keeps the last of a key given twice), validates the config against
 ``workflow/schemas/config.schema.yaml`` (``check_schema``: every violation at once), then calls
 ``check_config`` so that a bad model source, an unknown corpus, a recipe naming a missing step or
 an unparsable format string stops the DAG before any job runs: every such error at once, one line

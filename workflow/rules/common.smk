@@ -101,7 +101,7 @@ onstart:
 # to workflow/rules/, where the rules are written.
 CONDA_ENV = "../../envs/ptqrepro.yaml"
 
-# Every rule other than quantize, dwr and the evaluations: no GPU; memory and wall time from
+# The rules other than quantize, dwr and the evaluations: no GPU; memory and wall time from
 # `resources.other`, partition and account as every job (ptqrepro.cluster).
 OTHER_RESOURCES = rule_resources(config, "other")
 

@@ -1,5 +1,5 @@
 # Stage 1: models, corpora and calibration windows, each made once and shared by every method.
-# prepare_model and prepare_corpus are the stage-in (local rules, the Snakefile): a hub model's
+# prepare_model and prepare_corpus are the stage-in (local rules, common.smk): a hub model's
 # snapshot and a hub corpus's files are downloaded there once into the Hugging Face cache, with the
 # commit each resolved to; every later job reads them from the cache, offline.
 

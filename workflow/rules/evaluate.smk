@@ -59,7 +59,7 @@ rule eval_ppl:
     threads: rule_threads(config, "eval_ppl")
     resources:
         **rule_resources(config, "eval_ppl"),
-        # a resource, not a param: where the layers are changes no result (the Snakefile)
+        # a resource, not a param: where the layers are changes no result (common.smk)
         placement=config["eval"]["placement"],
         # the command's device; the param records its class, as in the quantize rule
         device=config["device"],
@@ -139,7 +139,7 @@ if plan.zeroshot:
         threads: rule_threads(config, "eval_zeroshot")
         resources:
             **rule_resources(config, "eval_zeroshot"),
-            # a resource, not a param: where the layers are changes no result (the Snakefile)
+            # a resource, not a param: where the layers are changes no result (common.smk)
             placement=config["eval"]["placement"],
             # the command's device; the param records its class, as in the quantize rule
             device=config["device"],

@@ -24,7 +24,7 @@ rule quantize:
     threads: rule_threads(config, "quantize")
     resources:
         **rule_resources(config, "quantize"),
-        # a resource, not a param: where the activations are changes no result (the Snakefile)
+        # a resource, not a param: where the activations are changes no result (common.smk)
         offload=CALIB["offload"],
         device=config["device"],
     params:
@@ -60,7 +60,7 @@ rule dwr:
     threads: rule_threads(config, "dwr")
     resources:
         **rule_resources(config, "dwr"),
-        # a resource, not a param: where the activations are changes no result (the Snakefile)
+        # a resource, not a param: where the activations are changes no result (common.smk)
         offload=CALIB["offload"],
         device=config["device"],
     params:
