@@ -1,7 +1,7 @@
 """Cross-checks of an experiment config that a JSON schema cannot express.
 
-The Snakefile re-reads each config file with ``check_config_files`` first (Snakemake's own loader
-keeps the last of a key given twice), validates the config against
+The workflow (``workflow/rules/common.smk``) re-reads each config file with ``check_config_files``
+first (Snakemake's own loader keeps the last of a key given twice), validates the config against
 ``workflow/schemas/config.schema.yaml`` (``check_schema``: every violation at once), then calls
 ``check_config`` so that a bad model source, an unknown corpus, a recipe naming a missing step or
 an unparsable format string stops the DAG before any job runs: every such error at once, one line
@@ -23,7 +23,7 @@ from ptqrepro.io import load_yaml
 from ptqrepro.models.sources import ModelSource, slow_tokenizer_problem
 from ptqrepro.plugins import import_plugins
 from ptqrepro.peers.recipes import is_peer, peer_from_spec, peer_spec
-from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
+from ptqrepro.recipes import Recipe, is_reconstruction, recipe_from_config, reconstruction_from_config
 from ptqrepro.report.claims import claims_from_config
 from ptqrepro.steps import BUILTIN_STEPS, LqerStep
 
@@ -66,15 +66,15 @@ def calibration_dtype(config: dict, name: str) -> str:
     return config["recipes"][name].get("calibration_dtype", config["calibration"].get("dtype", "auto"))
 
 
-def recipe_calibrates(config: dict, name: str) -> bool:
+def recipe_calibrates(config: dict, name: str, recipe: Recipe | None = None) -> bool:
     """Whether recipe ``name``'s job reads calibration windows: a reconstruction (DWR) and a peer
     toolkit's job always do, one of our recipes where a step needs activation statistics
-    (``Recipe.needs_stats``); fp16, RTN and LQER without activation statistics read none, so the
-    calibration settings are no input of theirs."""
+    (``Recipe.needs_stats``; ``recipe``: the entry already parsed); fp16, RTN and LQER without
+    activation statistics read none, so the calibration settings are no input of theirs."""
     entry = config["recipes"][name]
     if is_reconstruction(entry) or is_peer(entry):
         return True
-    return recipe_from_config(name, recipe_entry(entry)).needs_stats
+    return (recipe or recipe_from_config(name, recipe_entry(entry))).needs_stats
 
 
 def calibration_seeds(config: dict) -> list[int]:
@@ -87,27 +87,26 @@ def calibration_seeds(config: dict) -> list[int]:
     return _checked_seeds(seeds, "calibration.seeds")
 
 
-def recipe_seeds(config: dict, name: str) -> list[int]:
+def recipe_seeds(config: dict, name: str, calibrates: Callable[[str], bool] | None = None) -> list[int]:
     """The calibration seeds recipe ``name`` runs at, each a job of its own: its entry's ``seeds``,
     else the config's (``calibration_seeds``). A recipe that reads no calibration data (fp16,
-    RTN) gives the same model at every seed, so it runs at the first one only; a reconstruction
-    (DWR) runs at seeds its base runs at; a peer recipe at the seeds of the recipe it mirrors,
-    unless it lists its own."""
+    RTN; ``calibrates(name)``, by default ``recipe_calibrates``) gives the same model at every
+    seed, so it runs at the first one only; a reconstruction (DWR) runs at seeds its base runs at;
+    a peer recipe at the seeds of the recipe it mirrors, unless it lists its own."""
+    calibrates = calibrates or (lambda recipe: recipe_calibrates(config, recipe))
     entry = config["recipes"][name]
     if is_peer(entry) and "seeds" not in entry:
-        return recipe_seeds(config, entry["mirrors"])
+        return recipe_seeds(config, entry["mirrors"], calibrates)
     seeds = _checked_seeds(entry["seeds"], f"recipe {name!r}: seeds") if "seeds" in entry else calibration_seeds(config)
     if is_reconstruction(entry):
-        base_seeds = recipe_seeds(config, entry["base"])
+        base_seeds = recipe_seeds(config, entry["base"], calibrates)
         outside = [seed for seed in seeds if seed not in base_seeds]
         if outside:
             raise PtqError(f"recipe {name!r}: seeds {outside} are not seeds of its base {entry['base']!r} ({base_seeds})")
         return seeds
-    if is_peer(entry):
+    if is_peer(entry) or calibrates(name):
         return seeds
-    if not recipe_from_config(name, recipe_entry(entry)).needs_stats:
-        return seeds[:1]
-    return seeds
+    return seeds[:1]
 
 
 def _checked_seeds(seeds, key: str) -> list[int]:

@@ -7,9 +7,9 @@ system, a user's script) reaches only Snakemake: on SIGINT its local executor wa
 jobs, on SIGTERM it stops scheduling and waits too. A quantize job then runs to its end after
 Snakemake has marked its outputs incomplete, and the rerun (``rerun-incomplete``) deletes them and
 quantizes again from layer 0, the checkpoints having been removed with the job's success.
-``stop_jobs_with_snakemake`` (the Snakefile's ``onstart``) sends each running ``ptqrepro``
-command SIGTERM first: it stops at once (``cli.main``: exit code 130, nothing half-written, the
-finished layers kept), and the rerun restores those layers.
+``stop_jobs_with_snakemake`` (the workflow's ``onstart``, in workflow/rules/common.smk) sends each
+running ``ptqrepro`` command SIGTERM first: it stops at once (``cli.main``: exit code 130, nothing
+half-written, the finished layers kept), and the rerun restores those layers.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def stop_ptqrepro_jobs() -> list[int]:
 
 def stop_jobs_with_snakemake() -> None:
     """Chain a handler before Snakemake's own for SIGINT and SIGTERM (call it once Snakemake has
-    installed its handlers: the Snakefile's ``onstart``) that first stops the running jobs."""
+    installed its handlers: the workflow's ``onstart``) that first stops the running jobs."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         previous = signal.getsignal(signum)
 

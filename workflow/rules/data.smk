@@ -1,5 +1,5 @@
 # Stage 1: models, corpora and calibration windows, each made once and shared by every method.
-# prepare_model and prepare_corpus are the stage-in (local rules, the Snakefile): a hub model's
+# prepare_model and prepare_corpus are the stage-in (local rules, common.smk): a hub model's
 # snapshot and a hub corpus's files are downloaded there once into the Hugging Face cache, with the
 # commit each resolved to; every later job reads them from the cache, offline.
 
@@ -10,9 +10,9 @@ import json
 # the zero-shot tasks' datasets too (rule stage_zeroshot_tasks, workflow/rules/evaluate.smk).
 rule stage:
     input:
-        expand("results/models/{model}", model=MODELS),
-        expand("results/corpora/{corpus}", corpus=STAGED_CORPORA),
-        lambda w: [STAGED_TASKS] if STAGED_TASKS else [],
+        expand("results/models/{model}", model=plan.models),
+        expand("results/corpora/{corpus}", corpus=plan.staged_corpora),
+        [plan.staged_tasks] if plan.staged_tasks else [],
 
 
 rule prepare_model:

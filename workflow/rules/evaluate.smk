@@ -1,8 +1,6 @@
 # Stage 3: perplexity of every quantized model on every evaluation corpus (GPTQ protocol).
 
-from ptqrepro.config import zeroshot_export_format
-from ptqrepro.eval.zeroshot import hub_tasks, staged_key
-from ptqrepro.eval.zeroshot_vllm import VLLM, export_folder
+from ptqrepro.eval.zeroshot import staged_key
 
 # The evaluations of one quantized model (perplexity on every dataset, zero-shot) form one group: on
 # a cluster they run as one submission, one after another on one GPU (profiles/slurm merges the
@@ -61,7 +59,7 @@ rule eval_ppl:
     threads: rule_threads(config, "eval_ppl")
     resources:
         **rule_resources(config, "eval_ppl"),
-        # a resource, not a param: where the layers are changes no result (the Snakefile)
+        # a resource, not a param: where the layers are changes no result (common.smk)
         placement=config["eval"]["placement"],
         # the command's device; the param records its class, as in the quantize rule
         device=config["device"],
@@ -80,34 +78,8 @@ rule eval_ppl:
 
 # Zero-shot accuracy through lm-eval-harness on the in-memory quantized model (one job per model
 # and recipe, one result and one per-item file per task). Local tasks are generated from a corpus's
-# test split; hub tasks are staged once on the submit host (their datasets prepared where the
-# network is) before any GPU job reads them.
-ZEROSHOT = config["eval"].get("zeroshot")
-LOCAL_TASKS_DIR = (
-    "results/zeroshot/{corpus}-n{items}-s{seed}".format(**ZEROSHOT) if ZEROSHOT and ZEROSHOT.get("corpus") else None
-)
-HUB_TASKS = hub_tasks(ZEROSHOT["tasks"]) if ZEROSHOT else []
-STAGED_TASKS = f"results/zeroshot/staged-{staged_key(HUB_TASKS)}.json" if HUB_TASKS else None
-# --metric TASK=METRIC for the tasks whose reported accuracy is not acc
-TASK_METRICS = " ".join(f"{task}={metric}" for task, metric in (ZEROSHOT or {}).get("metrics", {}).items())
-# eval.zeroshot.backend vllm: lm-eval's vllm model on each recipe's export for vLLM's CPU build
-# (workflow/rules/export.smk), in vLLM's own environment (ptqrepro.eval.zeroshot_vllm)
-ZEROSHOT_IN_VLLM = bool(ZEROSHOT) and ZEROSHOT["backend"] == VLLM
-VLLM_HARNESS = (
-    " --backend vllm --exported {input.exported}"
-    + (f" --vllm-python {ZEROSHOT['vllm_python']}" if ZEROSHOT.get("vllm_python") else "")
-    + " --vllm-log {log}.vllm"
-    if ZEROSHOT_IN_VLLM
-    else ""
-)
-
-
-def zeroshot_export(wildcards):
-    """The export of the run that vLLM evaluates zero-shot (none for the hf backend)."""
-    if not ZEROSHOT_IN_VLLM:
-        return []
-    fmt = export_folder(zeroshot_export_format(config, wildcards.recipe))
-    return f"results/export/{wildcards.model}/{wildcards.recipe}/s{wildcards.seed}/{fmt}"
+# test split (plan.local_tasks_dir); hub tasks are staged once on the submit host (their datasets
+# prepared where the network is: plan.staged_tasks) before any GPU job reads them.
 
 
 rule zeroshot_tasks:
@@ -134,33 +106,33 @@ rule stage_zeroshot_tasks:
     log:
         "results/logs/stage_zeroshot_tasks/{key}.log",
     wildcard_constraints:
-        key=staged_key(HUB_TASKS),
+        key=staged_key(list(plan.hub_tasks)),
     localrule: True
     conda:
         CONDA_ENV
     params:
-        tasks=" ".join(HUB_TASKS),
-        metrics=f"--metric {TASK_METRICS}" if TASK_METRICS else "",
+        tasks=" ".join(plan.hub_tasks),
+        metrics=plan.metric_option(),
     shell:
         "ptqrepro stage-tasks --tasks {params.tasks} {params.metrics} --out {output} > {log} 2>&1"
 
 
-if ZEROSHOT:
+if plan.zeroshot:
 
     rule eval_zeroshot:
         input:
             model="results/models/{model}",
             quantized=f"results/quantized/{RUN_DIR}",
-            tasks=[LOCAL_TASKS_DIR] if LOCAL_TASKS_DIR else [],
-            staged=[STAGED_TASKS] if STAGED_TASKS else [],
+            tasks=[plan.local_tasks_dir] if plan.local_tasks_dir else [],
+            staged=[plan.staged_tasks] if plan.staged_tasks else [],
             exported=zeroshot_export,
         output:
-            [f"results/metrics/{RUN_DIR}/zeroshot-{task}.json" for task in ZEROSHOT["tasks"]],
-            [f"results/metrics/{RUN_DIR}/zeroshot-{task}.items.csv" for task in ZEROSHOT["tasks"]],
+            [f"results/metrics/{RUN_DIR}/zeroshot-{task}.json" for task in plan.zeroshot["tasks"]],
+            [f"results/metrics/{RUN_DIR}/zeroshot-{task}.items.csv" for task in plan.zeroshot["tasks"]],
         log:
             f"results/logs/eval_zeroshot/{RUN_DIR}.log",
         wildcard_constraints:
-            recipe=one_of(ZEROSHOT_RECIPES),
+            recipe=one_of(plan.zeroshot_recipes),
         group:
             EVALUATION_GROUP
         conda:
@@ -168,19 +140,19 @@ if ZEROSHOT:
         threads: rule_threads(config, "eval_zeroshot")
         resources:
             **rule_resources(config, "eval_zeroshot"),
-            # a resource, not a param: where the layers are changes no result (the Snakefile)
+            # a resource, not a param: where the layers are changes no result (common.smk)
             placement=config["eval"]["placement"],
             # the command's device; the param records its class, as in the quantize rule
             device=config["device"],
         params:
-            include=f"--include {LOCAL_TASKS_DIR}" if LOCAL_TASKS_DIR else "",
-            staged=f"--staged {STAGED_TASKS}" if STAGED_TASKS else "",
-            tasks=" ".join(ZEROSHOT["tasks"]),
-            metrics=f"--metric {TASK_METRICS}" if TASK_METRICS else "",
-            limit=f"--limit {ZEROSHOT['limit']}" if ZEROSHOT.get("limit") else "",
+            include=f"--include {plan.local_tasks_dir}" if plan.local_tasks_dir else "",
+            staged=f"--staged {plan.staged_tasks}" if plan.staged_tasks else "",
+            tasks=" ".join(plan.zeroshot["tasks"]),
+            metrics=plan.metric_option(),
+            limit=f"--limit {plan.zeroshot['limit']}" if plan.zeroshot.get("limit") else "",
             # the backend only where it is vllm: results of the hf backend keep their params
             protocol={
-                **{key: ZEROSHOT[key] for key in ("batch_size", "max_length", "dtype", "num_fewshot")},
+                **{key: plan.zeroshot[key] for key in ("batch_size", "max_length", "dtype", "num_fewshot")},
                 **({"backend": VLLM} if ZEROSHOT_IN_VLLM else {}),
             },
             device=lambda w: device_class(),

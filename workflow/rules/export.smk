@@ -33,9 +33,6 @@ rule export:
 # export, naming what it can), our perplexity evaluation repeated in vLLM's dtype, and vLLM (its
 # own environment, `export_vllm.python` or $PTQ_VLLM_PYTHON) scoring the first windows of the same
 # protocol: results/export/<model>/<recipe>/s<seed>/vllm-check.md, with vLLM's version.
-EXPORT_VLLM = config["export_vllm"]
-VLLM_DATASET = PPL["datasets"][0]
-VLLM_RUNS = [(model, recipe, seed) for model, recipe, seed in SEEDED_RUNS if recipe in EXPORT_VLLM["recipes"]]
 
 
 rule export_for_vllm:
@@ -73,7 +70,7 @@ rule eval_ppl_vllm_dtype:
         max_windows=f"--max-windows {PPL['max_windows']}" if PPL.get("max_windows") else "",
         protocol={
             **{key: PPL[key] for key in ("seqlen", "nsamples", "seed", "batch_size")},
-            "dtype": EXPORT_VLLM["dtype"],
+            "dtype": config["export_vllm"]["dtype"],
         },
     shell:
         "ptqrepro eval-ppl --model {input.model} --quantized {input.quantized} --corpus {input.corpus}"
@@ -85,8 +82,8 @@ rule eval_ppl_vllm_dtype:
 rule vllm_check:
     input:
         exported=f"results/export/{RUN_DIR}/vllm-cpu",
-        result=f"results/export/{RUN_DIR}/vllm-reference-ppl-{VLLM_DATASET}.json",
-        corpus=f"results/corpora/{VLLM_DATASET}",
+        result=f"results/export/{RUN_DIR}/vllm-reference-ppl-{plan.vllm_dataset}.json",
+        corpus=f"results/corpora/{plan.vllm_dataset}",
     output:
         table=f"results/export/{RUN_DIR}/vllm-check.md",
         record=f"results/export/{RUN_DIR}/vllm-check.json",
@@ -98,20 +95,20 @@ rule vllm_check:
     resources:
         **OTHER_RESOURCES,
     params:
-        python=f"--vllm-python {EXPORT_VLLM['python']}" if EXPORT_VLLM.get("python") else "",
-        windows=EXPORT_VLLM["windows"],
-        dtype=EXPORT_VLLM["dtype"],
+        python=f"--vllm-python {config['export_vllm']['python']}" if config["export_vllm"].get("python") else "",
+        windows=config["export_vllm"]["windows"],
+        dtype=config["export_vllm"]["dtype"],
     shell:
         "ptqrepro vllm-check --exported {input.exported} --result {input.result} --corpus {input.corpus}"
         " {params.python} --windows {params.windows} --dtype {params.dtype} --log {log.vllm}"
         " --out {output.table} > {log.run} 2>&1"
 
 
-if VLLM_RUNS:
+if plan.vllm_runs:
 
     rule export_vllm:
         input:
-            [f"results/export/{model}/{recipe}/s{seed}/vllm-check.md" for model, recipe, seed in VLLM_RUNS],
+            [f"results/export/{model}/{recipe}/s{seed}/vllm-check.md" for model, recipe, seed in plan.vllm_runs],
 
 else:
 

@@ -2,21 +2,17 @@
 # ptqrepro.peers) are quantized by the quantize rule and evaluated like ours; here each one's grids
 # are compared with those of the recipe it mirrors, and the peers table laid out.
 
-# (model, peer recipe, seed) runs and the recipe each mirrors (at the same seeds: ptqrepro.config.recipe_seeds)
-PEER_RUNS = [(model, recipe, seed) for model, recipe, seed in SEEDED_RUNS if recipe in PEERS]
-MIRRORED_RUNS = sorted({(model, config["recipes"][recipe]["mirrors"], seed) for model, recipe, seed in PEER_RUNS})
-
 
 rule grid_agreement:
     input:
         peer=f"results/quantized/{RUN_DIR}",
-        ours=lambda w: f"results/quantized/{w.model}/{config['recipes'][w.recipe]['mirrors']}/s{w.seed}",
+        ours=lambda w: f"results/quantized/{w.model}/{plan.recipes[w.recipe].mirrors}/s{w.seed}",
     output:
         f"results/metrics/{RUN_DIR}/agreement.json",
     log:
         f"results/logs/grid_agreement/{RUN_DIR}.log",
     wildcard_constraints:
-        recipe=one_of(PEERS),
+        recipe=one_of(plan.peers),
     conda:
         CONDA_ENV
     resources:
@@ -27,13 +23,7 @@ rule grid_agreement:
 
 rule peers_table:
     input:
-        [f"results/metrics/{model}/{recipe}/s{seed}/quantize.json" for model, recipe, seed in PEER_RUNS + MIRRORED_RUNS],
-        [
-            f"results/metrics/{model}/{recipe}/s{seed}/ppl-{dataset}.json"
-            for model, recipe, seed in PEER_RUNS + MIRRORED_RUNS
-            for dataset in PPL["datasets"]
-        ],
-        [f"results/metrics/{model}/{recipe}/s{seed}/agreement.json" for model, recipe, seed in PEER_RUNS],
+        plan.peers_table_inputs(),
     output:
         csv=report("results/tables/peers.csv", caption="../report/peers.rst", category="Tables"),
         md="results/tables/peers.md",
@@ -49,7 +39,7 @@ rule peers_table:
         "ptqrepro peers --out results/tables {params.bootstrap} {input} > {log} 2>&1"
 
 
-if PEER_RUNS:
+if plan.peer_runs:
 
     rule peers:
         input:

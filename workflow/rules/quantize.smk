@@ -17,14 +17,14 @@ rule quantize:
     log:
         f"results/logs/quantize/{RUN_DIR}.log",
     wildcard_constraints:
-        recipe=one_of(QUANTIZATIONS),
+        recipe=one_of(plan.quantizations),
     priority: longest_first
     conda:
         CONDA_ENV
     threads: rule_threads(config, "quantize")
     resources:
         **rule_resources(config, "quantize"),
-        # a resource, not a param: where the activations are changes no result (the Snakefile)
+        # a resource, not a param: where the activations are changes no result (common.smk)
         offload=CALIB["offload"],
         device=config["device"],
     params:
@@ -45,29 +45,29 @@ rule quantize:
 rule dwr:
     input:
         model="results/models/{model}",
-        base=lambda w: f"results/quantized/{w.model}/{config['recipes'][w.recipe]['base']}/s{w.seed}",
-        calibration=CALIBRATION_FILE,
+        base=lambda w: f"results/quantized/{w.model}/{plan.recipes[w.recipe].base}/s{w.seed}",
+        calibration=plan.calibration_file,
     output:
         artifact=quantized_artifact(f"results/quantized/{RUN_DIR}"),
         metrics=f"results/metrics/{RUN_DIR}/quantize.json",
     log:
         f"results/logs/dwr/{RUN_DIR}.log",
     wildcard_constraints:
-        recipe=one_of(RECONSTRUCTIONS),
+        recipe=one_of(plan.reconstructions),
     priority: longest_first
     conda:
         CONDA_ENV
     threads: rule_threads(config, "dwr")
     resources:
         **rule_resources(config, "dwr"),
-        # a resource, not a param: where the activations are changes no result (the Snakefile)
+        # a resource, not a param: where the activations are changes no result (common.smk)
         offload=CALIB["offload"],
         device=config["device"],
     params:
         spec=lambda w: recipe_spec(w.recipe),
         device=lambda w: device_class(),
         batch_size=CALIB["batch_size"],
-        dtype=lambda w: calibration_dtype(config, w.recipe),
+        dtype=lambda w: plan.recipes[w.recipe].calibration_dtype,
         checkpoints=checkpoint_dir,
     shell:
         OFFLINE_JOB

@@ -7,17 +7,7 @@ import shlex
 
 rule tables:
     input:
-        [f"results/metrics/{model}/{recipe}/s{seed}/quantize.json" for model, recipe, seed in REPORTED_RUNS],
-        [
-            f"results/metrics/{model}/{recipe}/s{seed}/ppl-{dataset}.json"
-            for model, recipe, seed in REPORTED_RUNS
-            for dataset in PPL["datasets"]
-        ],
-        [
-            f"results/metrics/{model}/{recipe}/s{seed}/zeroshot-{task}.json"
-            for model, recipe, seed in ZEROSHOT_RUNS
-            for task in config["eval"]["zeroshot"]["tasks"]
-        ],
+        plan.table_inputs(),
     output:
         csv=report("results/tables/all.csv", caption="../report/all_csv.rst", category="Tables"),
         md="results/tables/all.md",
@@ -32,19 +22,7 @@ rule tables:
     params:
         bootstrap=BOOTSTRAP,
         # eval.zeroshot.averages with each task's reported metric: {name: {task: acc|acc_norm}}
-        averages=(
-            "--averages "
-            + shlex.quote(
-                json.dumps(
-                    {
-                        name: {task: ZEROSHOT["metrics"].get(task, "acc") for task in tasks}
-                        for name, tasks in ZEROSHOT["averages"].items()
-                    }
-                )
-            )
-            if ZEROSHOT and ZEROSHOT["averages"] and ZEROSHOT_RUNS
-            else ""
-        ),
+        averages=f"--averages {shlex.quote(json.dumps(plan.averages))}" if plan.averages else "",
     shell:
         "ptqrepro tables --out results/tables {params.bootstrap} {params.averages} {input} > {log} 2>&1"
 
@@ -59,7 +37,7 @@ rule plot_table_figure:
     log:
         "results/logs/plot_{figure}.log",
     wildcard_constraints:
-        figure=one_of(TABLE_FIGURES),
+        figure=one_of(plan.table_figures),
     conda:
         CONDA_ENV
     resources:
@@ -113,14 +91,14 @@ rule paper_tables:
 rule plot_dwr:
     input:
         # the search of the recipe's first calibration seed
-        lambda w: f"results/metrics/{w.model}/{w.recipe}/s{SEEDS[w.recipe][0]}/quantize.json",
+        lambda w: f"results/metrics/{w.model}/{w.recipe}/s{plan.first_seed(w.recipe)}/quantize.json",
     output:
         png=report("results/plots/dwr/{model}/{recipe}.png", caption="../report/dwr.rst", category="Figures"),
         pdf="results/plots/dwr/{model}/{recipe}.pdf",
     log:
         "results/logs/plot_dwr/{model}/{recipe}.log",
     wildcard_constraints:
-        recipe=one_of(RECONSTRUCTIONS),
+        recipe=one_of(plan.reconstructions),
     conda:
         CONDA_ENV
     resources:
@@ -132,14 +110,14 @@ rule plot_dwr:
 rule plot_magr:
     input:
         # MagR's records of the recipe's first calibration seed
-        lambda w: f"results/metrics/{w.model}/{w.recipe}/s{SEEDS[w.recipe][0]}/quantize.json",
+        lambda w: f"results/metrics/{w.model}/{w.recipe}/s{plan.first_seed(w.recipe)}/quantize.json",
     output:
         png=report("results/plots/magr/{model}/{recipe}.png", caption="../report/magr.rst", category="Figures"),
         pdf="results/plots/magr/{model}/{recipe}.pdf",
     log:
         "results/logs/plot_magr/{model}/{recipe}.log",
     wildcard_constraints:
-        recipe=one_of([recipe for _, recipe in MAGR_RUNS]),
+        recipe=one_of([recipe for _, recipe in plan.magr_runs]),
     conda:
         CONDA_ENV
     resources:
