@@ -19,7 +19,7 @@ import time
 import torch
 from threadpoolctl import threadpool_limits
 
-from ptqrepro.statistics import add_gram_blocks, add_gram_syrk
+from ptqrepro.layerwise.statistics import add_gram_blocks, add_gram_syrk
 
 CASES = ((2560, 576), (2560, 1536), (2048, 4096), (2048, 11008))
 """(tokens, input features) per batch."""

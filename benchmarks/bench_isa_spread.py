@@ -70,7 +70,7 @@ def kernel_hashes() -> dict[str, str]:
     import torch
     from torch.nn import functional
 
-    from ptqrepro.statistics import add_gram_blocks, add_gram_syrk
+    from ptqrepro.layerwise.statistics import add_gram_blocks, add_gram_syrk
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -146,7 +146,7 @@ def artifact_digest(directory: Path) -> str:
 def recipe_spec(config_path: Path, recipe: str) -> dict:
     import yaml
 
-    from ptqrepro.config import recipe_job_spec
+    from ptqrepro.checks.config import recipe_job_spec
 
     return recipe_job_spec(yaml.safe_load(config_path.read_text()), recipe)
 

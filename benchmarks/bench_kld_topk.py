@@ -19,7 +19,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from ptqrepro.artifact import apply_artifact
+from ptqrepro.export.artifact import apply_artifact
 from ptqrepro.cli import _corpus, _documents
 from ptqrepro.data.windows import evaluation_windows
 from ptqrepro.eval.divergence import divergence_from_reference, top_k_of_logits

@@ -36,7 +36,7 @@ from ptqrepro.formats import MXFormat
 from ptqrepro.methods.dwr import discarded_at_rank, discarded_weight, reconstruct, search_space
 from ptqrepro.methods.lqer import LowRankCorrection, activation_scale, low_rank_correction
 from ptqrepro.methods.rtn import rtn
-from ptqrepro.statistics import output_error
+from ptqrepro.layerwise.statistics import output_error
 
 MX_FORMAT = MXFormat("int4", 16)
 FORMATS = {fmt.name: fmt for fmt in (INT_FORMAT, MX_FORMAT)}

@@ -163,10 +163,10 @@ def measure_layer(device: str, batch_size: int) -> dict:
     from ptqrepro.methods.gptq import gptq
     from ptqrepro.models.adapters import architecture_of, decoder_layers, layer_linears
     from ptqrepro.models.sources import compute_dtype, load_model, torch_dtype
-    from ptqrepro.pipeline import capture_layer_inputs, observe, quantize_model
-    from ptqrepro.placement import fetch
-    from ptqrepro.recipes import recipe_from_config
-    from ptqrepro.statistics import collect_input_statistics
+    from ptqrepro.layerwise.pipeline import capture_layer_inputs, observe, quantize_model
+    from ptqrepro.layerwise.placement import fetch
+    from ptqrepro.recipe.recipes import recipe_from_config
+    from ptqrepro.layerwise.statistics import collect_input_statistics
 
     torch.set_num_threads(THREADS)
     runtime = status_mib()

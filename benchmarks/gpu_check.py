@@ -300,7 +300,7 @@ def perplexity(work: Path, run: Runner, family: str, row: Row, artifact: Path, d
 def artifact_differences(a: Path, b: Path) -> dict:
     """Max |ΔW| of the dequantized weights, of the low-rank terms and of the float parameters, and
     the share of weight codes that are equal, between two artifacts of the same recipe."""
-    from ptqrepro.artifact import load_artifact
+    from ptqrepro.export.artifact import load_artifact
 
     first, second = load_artifact(a), load_artifact(b)
     if set(first.quantized) != set(second.quantized) or set(first.corrections) != set(second.corrections):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ptqrepro.cli import main
-from ptqrepro.io import load_yaml
+from ptqrepro.runtime.io import load_yaml
 
 
 def run(capsys, *argv):
@@ -307,7 +307,7 @@ def test_every_subcommand_has_an_example_it_parses_and_every_option_help():
     takes (the recipes and claims in it too); every option has help text, and the help shows
     each option's default where it has one."""
     from ptqrepro.cli import _HelpFormatter, _spec
-    from ptqrepro.recipes import reconstruction_from_config, recipe_from_config
+    from ptqrepro.recipe.recipes import reconstruction_from_config, recipe_from_config
     from ptqrepro.report.claims import claims_from_config
 
     parser, commands = _subcommands()

@@ -370,7 +370,7 @@ def test_models_that_no_job_could_load_are_found_before_the_work(tmp_path):
     one line of ``prepare-model`` before it writes anything (``preflight.model_source_problem``, the
     check planning makes too: ``staging_problems``)."""
     from ptqrepro.models.sources import ModelSource
-    from ptqrepro.preflight import model_source_problem
+    from ptqrepro.checks.preflight import model_source_problem
 
     offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "home")}
     ghost = ModelSource(name="ghost", hub="nobody/no-such-model")

@@ -1,4 +1,4 @@
-"""Per-rule resources, partition and account from the config (ptqrepro.cluster), the schema of
+"""Per-rule resources, partition and account from the config (ptqrepro.runtime.cluster), the schema of
 those keys, and what the SLURM profile makes of a paper config and of the default (dry runs)."""
 
 import os
@@ -13,8 +13,8 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from ptqrepro.cluster import job_request, resource_errors, rule_resources, rule_threads, slurm_target
-from ptqrepro.config import recipe_seeds
+from ptqrepro.runtime.cluster import job_request, resource_errors, rule_resources, rule_threads, slurm_target
+from ptqrepro.checks.config import recipe_seeds
 
 from test_dag import REPO
 
@@ -178,7 +178,7 @@ def test_the_default_config_keeps_its_artifacts():
 
 
 GPU_SLOT = Path(sys.executable).parent / "ptqrepro-gpu-slot"
-"""The command the rules start their GPU jobs through (ptqrepro.gpuslot), as pip installed it."""
+"""The command the rules start their GPU jobs through (ptqrepro.runtime.gpuslot), as pip installed it."""
 SHOW = ["sh", "-c", 'echo "$(date +%s.%N) ${CUDA_VISIBLE_DEVICES-unset}"; sleep 1']
 """A job's stand-in: when it started and the GPUs it sees (then it holds them for a second)."""
 

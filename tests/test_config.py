@@ -1,10 +1,10 @@
-"""The config's own checks (ptqrepro.config): every error of a config in one refusal, each once."""
+"""The config's own checks (ptqrepro.checks.config): every error of a config in one refusal, each once."""
 
 from __future__ import annotations
 
 import pytest
 
-from ptqrepro.config import ConfigError, check_config, check_config_files
+from ptqrepro.checks.config import ConfigError, check_config, check_config_files
 from ptqrepro.errors import PtqError
 
 from test_dag import tiny_config
@@ -77,8 +77,7 @@ def test_every_key_given_twice_in_every_file_is_listed(tmp_path):
 def test_a_slow_tokenizer_transformers_cannot_load_is_refused(tmp_path, monkeypatch):
     """transformers 5 has no slow LLaMA/Mistral/OPT tokenizer: `slow` is a planning-time error
     naming both keys that ask for it, never a silent fast one."""
-    from ptqrepro import config as config_module
-
+    from ptqrepro.checks import config as config_module
     config = tiny_config(tmp_path / "model", tmp_path / "corpus")
     config["calibration"]["tokenizer"] = "slow"
     config["eval"]["ppl"]["tokenizer"] = "slow"
@@ -99,7 +98,7 @@ def test_a_corpus_without_the_split_a_job_reads_is_refused(tmp_path):
 def test_the_schema_types_the_corpus_and_tokenizer_settings(tmp_path):
     from pathlib import Path
 
-    from ptqrepro.config import check_schema
+    from ptqrepro.checks.config import check_schema
 
     schema = Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml"
     config = tiny_config(tmp_path / "model", tmp_path / "corpus")
@@ -142,8 +141,8 @@ def test_calibrated_recipes_a_claim_names_at_fewer_than_three_seeds_are_warned_a
     fp16 or RTN)."""
     import glob
 
-    from ptqrepro.config import single_draw_warnings
-    from ptqrepro.io import load_yaml
+    from ptqrepro.checks.config import single_draw_warnings
+    from ptqrepro.runtime.io import load_yaml
 
     for path in ["config/config.yaml", "config/smollm2-grid.yaml", *sorted(glob.glob("config/papers/*.yaml"))]:
         assert single_draw_warnings(load_yaml(open(path).read(), path)) == [], path
@@ -192,8 +191,8 @@ def settings_disagreements(schema: dict) -> list[str]:
 
     from ptqrepro.methods.gptq import GROUP_MODES
     from ptqrepro.peers import TOOLKITS
-    from ptqrepro.recipes import DWR_SPACES, DwrSettings
-    from ptqrepro.steps import AWQ_LOSSES, BUILTIN_STEPS, PRECISIONS, STEPS
+    from ptqrepro.recipe.recipes import DWR_SPACES, DwrSettings
+    from ptqrepro.recipe.steps import AWQ_LOSSES, BUILTIN_STEPS, PRECISIONS, STEPS
 
     defs = schema["$defs"]
     recipe = schema["properties"]["recipes"]["additionalProperties"]["properties"]

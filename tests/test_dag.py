@@ -396,7 +396,7 @@ def test_schema_rejects_an_unknown_key(tmp_path, tiny_model_dir, tiny_corpus):
     assert run.returncode != 0 and "Additional properties are not allowed ('nsampels'" in run.stdout + run.stderr
 
 
-# Settings that cannot work on the tiny model or this machine (each category of ptqrepro.preflight),
+# Settings that cannot work on the tiny model or this machine (each category of ptqrepro.checks.preflight),
 # in one config: the dry run names every one of them.
 CANNOT_WORK = {
     "recipes": {
@@ -481,7 +481,7 @@ def test_shipped_configs_list_their_whole_dag_without_a_hub(path, tmp_path):
     """A dry run needs no network and no model: one quantize (or dwr) job per (model, recipe,
     calibration seed) the config asks for (a recipe's `models`, else every model; its seeds; peer
     recipes only for `snakemake peers`), nothing inherited."""
-    from ptqrepro.config import recipe_seeds
+    from ptqrepro.checks.config import recipe_seeds
     from ptqrepro.data.corpora import corpus_spec
     from ptqrepro.peers.recipes import is_peer
 

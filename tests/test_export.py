@@ -12,7 +12,7 @@ from compressed_tensors.compressors.pack_quantized.base import PackedQuantizatio
 from compressed_tensors.quantization import QuantizationConfig
 from safetensors.torch import load_file
 
-from ptqrepro.artifact import apply_artifact, load_artifact
+from ptqrepro.export.artifact import apply_artifact, load_artifact
 from ptqrepro.cli import main
 from ptqrepro.models.sources import load_model
 from conftest import prepare_tiny_run

@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ptqrepro.artifact import load_artifact
+from ptqrepro.export.artifact import load_artifact
 from ptqrepro.cli import main
 from ptqrepro.errors import PtqError
-from ptqrepro.vllm_check import VLLM_PYTHON_ENV, agreement, root_cause, vllm_check
-from ptqrepro.vllm_score import ExportVersionError, version_warnings, window_nll
+from ptqrepro.export.vllm_check import VLLM_PYTHON_ENV, agreement, root_cause, vllm_check
+from ptqrepro.export.vllm_score import ExportVersionError, version_warnings, window_nll
 from conftest import prepare_tiny_run, tiny_tokenizer
 from test_export import export, prepared, quantize  # noqa: F401 (the module's fixture)
 

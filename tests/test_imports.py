@@ -75,15 +75,15 @@ def cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_import_graph_is_read_and_a_cycle_is_found():
     graph = import_graph()
-    assert {"ptqrepro.steps", "ptqrepro.methods.gptq"} <= graph["ptqrepro.recipes"] | graph["ptqrepro.steps"]
-    assert {"ptqrepro.recipes", "ptqrepro.pipeline"} <= graph["ptqrepro.peers"] | graph["ptqrepro.peers.recipes"]
+    assert {"ptqrepro.recipe.steps", "ptqrepro.methods.gptq"} <= graph["ptqrepro.recipe.recipes"] | graph["ptqrepro.recipe.steps"]
+    assert {"ptqrepro.recipe.recipes", "ptqrepro.layerwise.pipeline"} <= graph["ptqrepro.peers"] | graph["ptqrepro.peers.recipes"]
     assert "ptqrepro.formats.base" in graph["ptqrepro.formats.integer"]
     relative = "from . import base\nfrom .. import errors\nfrom ..models.adapters import Architecture\n"
     assert imported("ptqrepro.formats.x", Path("x.py"), set(graph), relative) == {
         "ptqrepro.formats.base", "ptqrepro.errors", "ptqrepro.models.adapters"}
     assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     # the cycle this test was written against: recipes -> peers -> pipeline -> recipes
-    assert cycle({**graph, "ptqrepro.recipes": graph["ptqrepro.recipes"] | {"ptqrepro.peers"}}) is not None
+    assert cycle({**graph, "ptqrepro.recipe.recipes": graph["ptqrepro.recipe.recipes"] | {"ptqrepro.peers"}}) is not None
 
 
 def test_the_package_has_no_import_cycle():

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ptqrepro.artifact import MANIFEST, TENSORS, load_artifact, save_artifact
+from ptqrepro.export.artifact import MANIFEST, TENSORS, load_artifact, save_artifact
 from ptqrepro.errors import PtqError
 from ptqrepro.formats import packing, parse_format
 from ptqrepro.formats.packing import pack_codes, unpack_codes
-from ptqrepro.lowrank import quantize_low_rank
+from ptqrepro.formats.lowrank import quantize_low_rank
 from ptqrepro.methods.rtn import rtn
 
 

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from ptqrepro.artifact import apply_artifact, load_artifact, save_artifact
+from ptqrepro.export.artifact import apply_artifact, load_artifact, save_artifact
 from ptqrepro.errors import PtqError
-from ptqrepro.pipeline import quantize_model
-from ptqrepro.reconstruction import search_model
-from ptqrepro.recipes import DwrSettings, recipe_from_config, reconstruction_from_config
+from ptqrepro.layerwise.pipeline import quantize_model
+from ptqrepro.layerwise.reconstruction import search_model
+from ptqrepro.recipe.recipes import DwrSettings, recipe_from_config, reconstruction_from_config
 
 
 def calibration(vocab=96, n=6, seqlen=32, seed=0):

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
-from ptqrepro.artifact import Artifact, load_artifact
+from ptqrepro.export.artifact import Artifact, load_artifact
 from ptqrepro.cli import main
-from ptqrepro.config import check_config, recipe_job_spec, recipe_seeds
+from ptqrepro.checks.config import check_config, recipe_job_spec, recipe_seeds
 from ptqrepro.errors import PtqError
 from ptqrepro.formats import QuantizedWeight, parse_format
 from ptqrepro.models.sources import load_model
@@ -24,12 +24,12 @@ from ptqrepro.peers import TOOLKITS, Toolkit, toolkit
 from ptqrepro.peers import brevitas
 from ptqrepro.peers.llmcompressor import plan
 from ptqrepro.peers.recipes import peer_from_spec, peer_spec
-from ptqrepro.recipes import recipe_from_config
+from ptqrepro.recipe.recipes import recipe_from_config
 from ptqrepro.report.peers import grid_agreement, peers_table
 from ptqrepro.report.result_format import undeclared_keys
 from ptqrepro.report.tables import gather_results
 from ptqrepro.report.uncertainty import BootstrapSettings
-from ptqrepro.statistics import output_error
+from ptqrepro.layerwise.statistics import output_error
 from conftest import prepare_tiny_run
 from test_dag import SNAKEMAKE, snakemake, tiny_config, write_config
 

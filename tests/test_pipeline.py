@@ -4,15 +4,15 @@ from typing import ClassVar
 import pytest
 import torch
 
-from ptqrepro.artifact import apply_artifact, save_artifact
+from ptqrepro.export.artifact import apply_artifact, save_artifact
 from ptqrepro.errors import PtqError
 from ptqrepro.formats import parse_format
 from ptqrepro.methods.rtn import rtn
 from ptqrepro.models.adapters import LLAMA, architecture_of
-from ptqrepro.pipeline import quantize_model
-from ptqrepro.statistics import add_gram, add_gram_blocks, add_gram_syrk, relative_output_error
-from ptqrepro.recipes import Recipe, recipe_from_config
-from ptqrepro.steps import LayerContext, RtnStep
+from ptqrepro.layerwise.pipeline import quantize_model
+from ptqrepro.layerwise.statistics import add_gram, add_gram_blocks, add_gram_syrk, relative_output_error
+from ptqrepro.recipe.recipes import Recipe, recipe_from_config
+from ptqrepro.recipe.steps import LayerContext, RtnStep
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ def test_compositions_round_trip_through_the_artifact(model, tmp_path, entry):
     """Scaled norms, codes and activation quantization all survive save/apply."""
     import copy
 
-    from ptqrepro.artifact import ActivationQuantizer
+    from ptqrepro.export.artifact import ActivationQuantizer
 
     fresh = copy.deepcopy(model)
     recipe = recipe_from_config("combo", entry)
@@ -276,7 +276,7 @@ def test_module_output_reruns_the_inspected_module_on_its_calibration_inputs(mod
     """The plumbing of AWQ's block loss: the recorded calls of self_attn and mlp, run again, give
     the outputs the statistics pass saw; given weights replace the linears' for that call only."""
     from ptqrepro.models.adapters import decoder_layers, layer_linears
-    from ptqrepro.pipeline import capture_layer_inputs, module_output, recording_inputs, run_layer
+    from ptqrepro.layerwise.pipeline import capture_layer_inputs, module_output, recording_inputs, run_layer
 
     arch = architecture_of(model)
     inputs = capture_layer_inputs(model, arch, calibration(), "cpu", batch_size=2)

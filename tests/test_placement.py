@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from conftest import tiny_llama, tiny_tokenizer
-from ptqrepro.artifact import Artifact
+from ptqrepro.export.artifact import Artifact
 from ptqrepro.errors import PtqError
 from ptqrepro.models.adapters import LLAMA
 from ptqrepro.models.sources import ModelSource, load_model, prepare_model
-from ptqrepro.pipeline import capture_layer_inputs, quantize_model
-from ptqrepro.placement import borrowed, fetch
-from ptqrepro.reconstruction import search_model
-from ptqrepro.recipes import DwrSettings, recipe_from_config
+from ptqrepro.layerwise.pipeline import capture_layer_inputs, quantize_model
+from ptqrepro.layerwise.placement import borrowed, fetch
+from ptqrepro.layerwise.reconstruction import search_model
+from ptqrepro.recipe.recipes import DwrSettings, recipe_from_config
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 GPTQ = {"steps": ["smoothquant", "gptq"], "weight": "int4-g16"}
@@ -183,7 +183,7 @@ def test_the_config_puts_the_offload_on_the_quantize_and_dwr_jobs(tmp_path, tiny
 def artifact_model(tmp_path, spec: dict):
     """A tiny LLaMA carrying the artifact of ``spec`` (activation quantization and low-rank terms
     installed as hooks), and its base."""
-    from ptqrepro.artifact import apply_artifact, save_artifact
+    from ptqrepro.export.artifact import apply_artifact, save_artifact
 
     base = tiny_llama(vocab_size=96, layers=3)
     result = quantize_model(copy.deepcopy(base), recipe_from_config("r", spec), calibration(), batch_size=2)
@@ -203,7 +203,7 @@ def test_a_streamed_evaluation_scores_as_the_whole_model(tmp_path, device):
     model's losses bit for bit; inside a forward pass exactly the running layer holds copies of its
     tensors, and afterwards every module has its own tensors back."""
     from ptqrepro.eval.perplexity import window_losses
-    from ptqrepro.placement import placed_for_evaluation
+    from ptqrepro.layerwise.placement import placed_for_evaluation
 
     model = artifact_model(tmp_path, LQER_W4A8)
     windows = calibration(n=4, seed=1)
@@ -233,7 +233,7 @@ def test_a_streamed_evaluation_scores_as_the_whole_model(tmp_path, device):
 def test_auto_placement_and_bad_placements(model):
     """``auto`` keeps the whole model on a CPU; an unknown placement, and a model with a tensor
     outside the modules its architecture declares, are clear errors."""
-    from ptqrepro.placement import choose_placement, placed_for_evaluation
+    from ptqrepro.layerwise.placement import choose_placement, placed_for_evaluation
 
     assert choose_placement("auto", model, "cpu") == "whole"
     with pytest.raises(PtqError, match="unknown placement 'gpu': expected auto, whole, layers"):
@@ -249,7 +249,7 @@ def test_a_streamed_evaluation_holds_one_layer_on_the_gpu(tmp_path):
     """With ``layers`` the GPU's peak during a forward pass stays below the model's layers; ``auto``
     picks ``whole`` for a model that fits."""
     from ptqrepro.eval.perplexity import window_losses
-    from ptqrepro.placement import model_bytes, placed_for_evaluation
+    from ptqrepro.layerwise.placement import model_bytes, placed_for_evaluation
 
     model = tiny_llama(vocab_size=96, layers=8)
     layers_bytes = model_bytes(model.model.layers)
@@ -271,7 +271,7 @@ def test_an_evaluation_loads_the_model_in_its_dtype(tmp_path, tiny_corpus):
     would round the frequencies to bfloat16 as well."""
     import argparse
 
-    from ptqrepro.artifact import save_artifact
+    from ptqrepro.export.artifact import save_artifact
     from ptqrepro.cli import _model_to_evaluate
 
     folder, _ = prepared_model(tmp_path, tiny_corpus, torch.float32)

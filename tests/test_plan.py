@@ -4,9 +4,9 @@ and targets the workflow gets, each recipe parsed once."""
 import pytest
 from snakemake.utils import validate
 
-import ptqrepro.config
+import ptqrepro.checks.config
 import ptqrepro.plan
-from ptqrepro.config import check_config
+from ptqrepro.checks.config import check_config
 from ptqrepro.plan import build_plan
 from test_dag import REPO
 
@@ -84,7 +84,7 @@ def test_each_recipe_is_parsed_once(monkeypatch):
 
     original = ptqrepro.plan.recipe_from_config
     monkeypatch.setattr(ptqrepro.plan, "recipe_from_config", counting)
-    monkeypatch.setattr(ptqrepro.config, "recipe_from_config", counting)
+    monkeypatch.setattr(ptqrepro.checks.config, "recipe_from_config", counting)
     build_plan(config)
     assert sorted(parsed) == sorted(["fp16", "rtn@int4", "gptq@int3", "magr+gptq@int3", "l2qer-k4@int4"])
 

@@ -1,4 +1,4 @@
-"""Steps of one's own (ptqrepro.plugins): registered by a config's ``plugins`` or an entry point,
+"""Steps of one's own (ptqrepro.recipe.plugins): registered by a config's ``plugins`` or an entry point,
 then named by recipes, checked by the schema and check_config, carried to the quantize job.
 The plugin is tests/plugins/ptq_cliprtn.py (round-to-nearest with a clipping search)."""
 
@@ -13,13 +13,13 @@ from typing import ClassVar
 import pytest
 import torch
 
-from ptqrepro import plugins
-from ptqrepro.config import ConfigError, check_config, check_schema, recipe_job_spec
+from ptqrepro.recipe import plugins
+from ptqrepro.checks.config import ConfigError, check_config, check_schema, recipe_job_spec
 from ptqrepro.errors import PtqError
 from ptqrepro.formats import parse_format
 from ptqrepro.methods.rtn import rtn
-from ptqrepro.recipes import recipe_from_config
-from ptqrepro.steps import BUILTIN_STEPS, STEPS, Step, register_step
+from ptqrepro.recipe.recipes import recipe_from_config
+from ptqrepro.recipe.steps import BUILTIN_STEPS, STEPS, Step, register_step
 
 from test_dag import tiny_config
 
@@ -97,7 +97,7 @@ def test_register_step_refuses_a_taken_name_and_a_bad_one(registry):
         name: ClassVar[str] = "gptq"
         quantizer: ClassVar[bool] = True
 
-    with pytest.raises(PtqError, match="step 'gptq' is already ptqrepro.steps.GptqStep"):
+    with pytest.raises(PtqError, match="step 'gptq' is already ptqrepro.recipe.steps.GptqStep"):
         register_step(Another)
     Another.name = "my+step"
     with pytest.raises(PtqError, match="must be letters, digits"):
@@ -123,7 +123,7 @@ def test_the_clipping_search_is_never_worse_than_rtn_per_row(registry):
 
 def test_the_preflight_reports_what_a_plugin_step_cannot_do_on_a_model(registry):
     from ptqrepro.models.shapes import ModelShapes
-    from ptqrepro.preflight import recipe_problems
+    from ptqrepro.checks.preflight import recipe_problems
 
     @register_step
     @dataclass(frozen=True)

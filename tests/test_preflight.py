@@ -1,4 +1,4 @@
-"""Start-up checks (ptqrepro.preflight) and the schema's method settings (config.check_schema), on
+"""Start-up checks (ptqrepro.checks.preflight) and the schema's method settings (config.check_schema), on
 the tiny LLaMA: hidden 64, intermediate 128, 4 heads and 2 key-value heads (k/v_proj give 32
 outputs), context 512."""
 
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from ptqrepro.config import check_schema
+from ptqrepro.checks.config import check_schema
 from ptqrepro.errors import PtqError
 from ptqrepro.models.shapes import read_model_config, shapes_of
 from ptqrepro.models.sources import ModelSource
-from ptqrepro.preflight import PreflightError, device_problems, lm_eval_task_names, preflight, zeroshot_problems
+from ptqrepro.checks.preflight import PreflightError, device_problems, lm_eval_task_names, preflight, zeroshot_problems
 from test_dag import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]

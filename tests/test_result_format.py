@@ -15,7 +15,7 @@ from ptqrepro.report.result_format import (
     undeclared_keys,
 )
 from ptqrepro.report.uncertainty import BootstrapSettings
-from ptqrepro.vllm_check import result_windows
+from ptqrepro.export.vllm_check import result_windows
 
 NESTED = {"provenance": PROVENANCE_RECORD_KEYS, "protocol": PERPLEXITY_PROTOCOL_KEYS}
 """The objects inside a result whose keys the format declares (the others are open mappings:

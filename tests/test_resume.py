@@ -17,15 +17,15 @@ import pytest
 import torch
 
 from conftest import tiny_llama, tiny_tokenizer
-from ptqrepro.artifact import Artifact, save_artifact, load_artifact
-from ptqrepro.checkpoint import LayerCheckpoints
+from ptqrepro.export.artifact import Artifact, save_artifact, load_artifact
+from ptqrepro.layerwise.checkpoint import LayerCheckpoints
 from ptqrepro.cli import main
 from ptqrepro.errors import PtqError
 from ptqrepro.formats import parse_format
 from ptqrepro.methods.rtn import rtn
-from ptqrepro.pipeline import quantize_model
-from ptqrepro.reconstruction import search_model
-from ptqrepro.recipes import DwrSettings, recipe_from_config
+from ptqrepro.layerwise.pipeline import quantize_model
+from ptqrepro.layerwise.reconstruction import search_model
+from ptqrepro.recipe.recipes import DwrSettings, recipe_from_config
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,8 +169,8 @@ def test_a_killed_quantize_job_resumes_to_the_same_artifact(tmp_path, tiny_corpu
 HOLDER = """
 import sys
 import torch
-from ptqrepro.artifact import Artifact
-from ptqrepro.checkpoint import LayerCheckpoints
+from ptqrepro.export.artifact import Artifact
+from ptqrepro.layerwise.checkpoint import LayerCheckpoints
 from ptqrepro.formats import parse_format
 from ptqrepro.methods.rtn import rtn
 
@@ -309,7 +309,7 @@ def test_snakemake_stopped_by_a_signal_resumes_with_the_same_command(tmp_path, t
 def test_a_stop_of_snakemake_reaches_its_ptqrepro_jobs_only(tmp_path):
     """``interrupts.stop_ptqrepro_jobs`` sends SIGTERM to the descendants that run the ``ptqrepro``
     command, not to a shell whose script names it nor to anything else."""
-    from ptqrepro.interrupts import stop_ptqrepro_jobs
+    from ptqrepro.runtime.interrupts import stop_ptqrepro_jobs
 
     command = tmp_path / "ptqrepro"
     command.write_text("#!/bin/sh\nsleep 60\n")

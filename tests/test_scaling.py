@@ -10,9 +10,9 @@ from ptqrepro.methods.awq import block_mse, search_clip, search_scales
 from ptqrepro.methods.rtn import rtn
 from ptqrepro.methods.smoothquant import smoothing_scales
 from ptqrepro.models.adapters import architecture_of, decoder_layers, layer_linears
-from ptqrepro.pipeline import capture_layer_inputs, module_output, recording_inputs, run_layer
-from ptqrepro.statistics import collect_input_statistics, output_error
-from ptqrepro.steps import AwqStep, LayerContext, SmoothQuantStep
+from ptqrepro.layerwise.pipeline import capture_layer_inputs, module_output, recording_inputs, run_layer
+from ptqrepro.layerwise.statistics import collect_input_statistics, output_error
+from ptqrepro.recipe.steps import AwqStep, LayerContext, SmoothQuantStep
 
 
 def tiny_opt():

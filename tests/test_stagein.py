@@ -1,4 +1,4 @@
-"""Stage-in (ptqrepro.hub, prepare-model, prepare-corpus), its planning checks (preflight.staging_problems),
+"""Stage-in (ptqrepro.runtime.hub, prepare-model, prepare-corpus), its planning checks (preflight.staging_problems),
 and the revisions every result records: on a Hugging Face cache laid out by tests/hubcache.py under
 real hub ids, offline."""
 
@@ -15,12 +15,12 @@ import pandas
 import pytest
 
 from hubcache import NETGUARD, WIKITEXT_CONFIG, add_c4_snapshot, add_folder_snapshot, add_snapshot, add_wikitext_snapshot
-from ptqrepro import hub
+from ptqrepro.runtime import hub
 from ptqrepro.cli import main
 from ptqrepro.errors import PtqError
 from ptqrepro.models.shapes import KNOWN_PARAMETERS, checkpoint_bytes, checkpoint_parameters
 from ptqrepro.models.sources import ModelSource, load_model, model_location, prepare_model
-from ptqrepro.preflight import staging_problems
+from ptqrepro.checks.preflight import staging_problems
 from test_dag import REPO, SNAKEMAKE, tiny_config, write_config
 
 WIKITEXT_ROWS = {
@@ -190,7 +190,7 @@ def test_a_gated_model_without_a_token_is_a_planning_error(hf_home, monkeypatch)
     assert "accept its licence on https://huggingface.co/meta-llama/Llama-2-7b-hf" in problem
     assert "`hf auth login`" in problem and "HF_TOKEN" in problem
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_token")
-    monkeypatch.setattr("ptqrepro.preflight.shutil.disk_usage", lambda path: SimpleNamespace(free=10**15))
+    monkeypatch.setattr("ptqrepro.checks.preflight.shutil.disk_usage", lambda path: SimpleNamespace(free=10**15))
     assert problems(config) == []
 
 
@@ -205,9 +205,9 @@ def test_the_disk_check_counts_the_models_still_to_download(hf_home, tmp_path, m
     from transformers import LlamaConfig
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr("ptqrepro.preflight.is_gated", lambda repo, ask_hub=False: False)
+    monkeypatch.setattr("ptqrepro.checks.preflight.is_gated", lambda repo, ask_hub=False: False)
     free = {"bytes": 20e9}
-    monkeypatch.setattr("ptqrepro.preflight.shutil.disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
+    monkeypatch.setattr("ptqrepro.checks.preflight.shutil.disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
     llama_7b = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                            vocab_size=32000, dtype="float16")
     config = planning_config({"a": "org/llama-7b", "b": "huggyllama/llama-13b", "c": "org/unknown"}, offline=False,
@@ -355,6 +355,6 @@ def test_the_stage_in_runs_locally_and_every_later_job_offline(tmp_path, tiny_mo
     (["snakemake", "--cores", "2", "--configfile", "config/papers/lqer.yaml"], False), (["pytest", "--no-such-flag=1"], False),
 ])
 def test_a_dry_run_is_told_from_snakemakes_command_line(argv, dry):
-    from ptqrepro.preflight import snakemake_dry_run
+    from ptqrepro.checks.preflight import snakemake_dry_run
 
     assert snakemake_dry_run(argv) is dry

@@ -12,12 +12,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ptqrepro.config import check_config, zeroshot_export_format
+from ptqrepro.checks.config import check_config, zeroshot_export_format
 from ptqrepro.errors import PtqError
 from ptqrepro.eval.zeroshot import LOCAL_TASKS, lm_eval_version
 from ptqrepro.eval.zeroshot_vllm import harness_versions, vllm_python
-from ptqrepro.preflight import zeroshot_backend_problems
-from ptqrepro.vllm_check import VLLM_PYTHON_ENV
+from ptqrepro.checks.preflight import zeroshot_backend_problems
+from ptqrepro.export.vllm_check import VLLM_PYTHON_ENV
 from conftest import prepare_tiny_run
 from test_dag import tiny_config
 from test_export import export, quantize

@@ -45,12 +45,12 @@ import torch
 
 from ptqrepro import __version__
 from ptqrepro.errors import InputError, PtqError, first_line
-from ptqrepro.io import atomic_path, check_writable, load_yaml, read_json, write_json
+from ptqrepro.runtime.io import atomic_path, check_writable, load_yaml, read_json, write_json
 from ptqrepro.data.corpora import CORPUS_MANIFEST
 from ptqrepro.data.corpora import prepared_corpus as _corpus
 from ptqrepro.data.corpora import prepared_documents as _documents
 from ptqrepro.models.sources import TOKENIZERS
-from ptqrepro.placement import OFFLOADS, PLACEMENTS, check_offload
+from ptqrepro.layerwise.placement import OFFLOADS, PLACEMENTS, check_offload
 from ptqrepro.report.result_format import (
     AGREEMENT_KIND,
     CALIBRATION_KEYS,
@@ -156,7 +156,7 @@ def _windows_table(path: str, option: str = "--windows"):
 
 def cmd_prepare_model(args) -> None:
     from ptqrepro.models.sources import ModelSource, prepare_model
-    from ptqrepro.preflight import model_source_problem
+    from ptqrepro.checks.preflight import model_source_problem
 
     source = ModelSource.from_config(args.name, _spec(args.spec))
     problem = model_source_problem(source)
@@ -204,8 +204,8 @@ def _checkpoints(folder: str | None, settings: dict):
     if folder is None:
         yield None
         return
-    from ptqrepro.checkpoint import LayerCheckpoints
-    from ptqrepro.provenance import config_hash, git_commit
+    from ptqrepro.layerwise.checkpoint import LayerCheckpoints
+    from ptqrepro.runtime.provenance import config_hash, git_commit
 
     fingerprint = config_hash({"settings": settings, "commit": git_commit(), "torch": torch.__version__})
     with LayerCheckpoints(folder, fingerprint, log=print) as checkpoints:
@@ -213,12 +213,12 @@ def _checkpoints(folder: str | None, settings: dict):
 
 
 def cmd_quantize(args) -> None:
-    from ptqrepro.artifact import BASE_MODEL, model_fingerprint, save_artifact
+    from ptqrepro.export.artifact import BASE_MODEL, model_fingerprint, save_artifact
     from ptqrepro.models.sources import compute_dtype, load_model, require_finite_weights, resolve_device, torch_dtype
-    from ptqrepro.pipeline import quantize_model
-    from ptqrepro.provenance import Provenance
+    from ptqrepro.layerwise.pipeline import quantize_model
+    from ptqrepro.runtime.provenance import Provenance
     from ptqrepro.peers.recipes import is_peer
-    from ptqrepro.recipes import recipe_from_config
+    from ptqrepro.recipe.recipes import recipe_from_config
 
     _set_threads(args.threads)
     provenance = Provenance()
@@ -310,7 +310,7 @@ def _quantize_with_peer(args, spec: dict, provenance) -> None:
     or on CUDA where the toolkit moves it), our artifact and result JSON as for our recipes, plus
     the toolkit, its version and how it differs from ours (``ptqrepro.peers``). No per-layer
     checkpoints: a killed job starts over."""
-    from ptqrepro.artifact import BASE_MODEL, model_fingerprint, save_artifact
+    from ptqrepro.export.artifact import BASE_MODEL, model_fingerprint, save_artifact
     from ptqrepro.models.sources import load_model, require_finite_weights, resolve_device
     from ptqrepro.peers import toolkit
     from ptqrepro.peers.recipes import peer_from_spec
@@ -346,11 +346,11 @@ def _quantize_with_peer(args, spec: dict, provenance) -> None:
 
 
 def cmd_dwr(args) -> None:
-    from ptqrepro.artifact import BASE_MODEL, check_fits, load_artifact, model_fingerprint, save_artifact
+    from ptqrepro.export.artifact import BASE_MODEL, check_fits, load_artifact, model_fingerprint, save_artifact
     from ptqrepro.models.sources import compute_dtype, load_model, require_finite_weights, resolve_device, torch_dtype
-    from ptqrepro.provenance import Provenance
-    from ptqrepro.reconstruction import search_model
-    from ptqrepro.recipes import reconstruction_from_config
+    from ptqrepro.runtime.provenance import Provenance
+    from ptqrepro.layerwise.reconstruction import search_model
+    from ptqrepro.recipe.recipes import reconstruction_from_config
 
     _set_threads(args.threads)
     provenance = Provenance()
@@ -408,9 +408,9 @@ def _model_to_evaluate(args):
     ``--device`` as ``--placement`` puts it there (``placement.placed_for_evaluation``): inside the
     block, ``(model, tokenizer, manifest, device, dtype name, placement chosen)``. The model loads
     in the evaluation dtype (lazily where that is the checkpoint's), so the host holds it once."""
-    from ptqrepro.artifact import apply_artifact
+    from ptqrepro.export.artifact import apply_artifact
     from ptqrepro.models.sources import compute_dtype, load_model, require_finite_weights, resolve_device
-    from ptqrepro.placement import placed_for_evaluation
+    from ptqrepro.layerwise.placement import placed_for_evaluation
 
     device = resolve_device(args.device)
     dtype = compute_dtype(args.dtype, device)
@@ -426,7 +426,7 @@ def cmd_eval_ppl(args) -> None:
     from ptqrepro.eval.divergence import FloatReference
     from ptqrepro.eval.perplexity import perplexity, windows_fingerprint
     from ptqrepro.models.sources import load_tokenizer
-    from ptqrepro.provenance import Provenance
+    from ptqrepro.runtime.provenance import Provenance
 
     _set_threads(args.threads)
     provenance = Provenance()
@@ -464,7 +464,7 @@ def cmd_float_reference(args) -> None:
     from ptqrepro.eval.divergence import float_reference
     from ptqrepro.eval.perplexity import windows_fingerprint
     from ptqrepro.models.sources import compute_dtype, load_model, load_tokenizer, require_finite_weights, resolve_device
-    from ptqrepro.placement import placed_for_evaluation
+    from ptqrepro.layerwise.placement import placed_for_evaluation
 
     _set_threads(args.threads)
     spec = _corpus(args.corpus)
@@ -527,7 +527,7 @@ def cmd_eval_zeroshot(args) -> None:
         task_record,
         write_items,
     )
-    from ptqrepro.provenance import Provenance
+    from ptqrepro.runtime.provenance import Provenance
 
     _set_threads(args.threads)
     provenance = Provenance()
@@ -589,10 +589,10 @@ def _zeroshot_in_vllm(args, records: dict) -> tuple[dict, dict, dict, str]:
     the tokenizer's class)``."""
     from transformers import AutoTokenizer
 
-    from ptqrepro.artifact import MANIFEST
+    from ptqrepro.export.artifact import MANIFEST
     from ptqrepro.eval.zeroshot import HARNESS_SETTINGS
     from ptqrepro.eval.zeroshot_vllm import evaluate_zeroshot_vllm, vllm_python
-    from ptqrepro.export import EXPORT_MANIFEST
+    from ptqrepro.export.hf_directory import EXPORT_MANIFEST
 
     if not args.exported:
         raise InputError("eval-zeroshot --backend vllm: give --exported, the recipe's export for vLLM (ptqrepro export)")
@@ -610,7 +610,7 @@ def _zeroshot_in_vllm(args, records: dict) -> tuple[dict, dict, dict, str]:
 
 
 def cmd_export(args) -> None:
-    from ptqrepro.export import export_model
+    from ptqrepro.export.hf_directory import export_model
 
     check_writable(args.out, "--out", folder=True)
     manifest = export_model(args.model, args.quantized, args.format, args.out, args.drop_activation_quantization,
@@ -620,7 +620,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_vllm_check(args) -> None:
-    from ptqrepro.vllm_check import vllm_check, write_check
+    from ptqrepro.export.vllm_check import vllm_check, write_check
 
     check_writable(args.out, "--out")
     record = vllm_check(args.exported, args.result, args.corpus, args.vllm_python, args.windows, args.dtype, args.log)
@@ -649,7 +649,7 @@ def cmd_tables(args) -> None:
 
 
 def cmd_agreement(args) -> None:
-    from ptqrepro.artifact import load_artifact
+    from ptqrepro.export.artifact import load_artifact
     from ptqrepro.report.peers import grid_agreement
 
     ours, peer = load_artifact(args.ours), load_artifact(args.peer)
@@ -851,7 +851,7 @@ def _add_recipe_job_arguments(p: argparse.ArgumentParser, spec_help: str, calibr
     p.add_argument("--spec", required=True, help=spec_help)
     _add_compute_arguments(p, 8, "of the calibration forward passes: " + EVAL_DTYPE_HELP)
     p.add_argument("--offload", default="device",
-                   help=f"where the calibration activations between layers are kept: {' or '.join(OFFLOADS)} (see ptqrepro.placement)")
+                   help=f"where the calibration activations between layers are kept: {' or '.join(OFFLOADS)} (see ptqrepro.layerwise.placement)")
     p.add_argument("--out", required=True, help="artifact directory")
     p.add_argument("--metrics", required=True, help="result JSON")
     p.add_argument("--checkpoint-dir", help="save every finished layer there and resume from it (deleted on success; "
@@ -994,7 +994,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantized", required=True, help="artifact directory from quantize or dwr")
     p.add_argument("--format", required=True,
                    help="compressed-tensors: the integer codes packed, with scales and zero points (integer grids only); "
-                        "dequantized: float weights, for any recipe (see ptqrepro.export)")
+                        "dequantized: float weights, for any recipe (see ptqrepro.export.hf_directory)")
     p.add_argument("--drop-activation-quantization", action="store_true",
                    help="export a recipe with activation quantization without it (recorded in ptqrepro-export.json)")
     p.add_argument("--target", default="transformers", choices=("transformers", "vllm-cpu"),

@@ -16,11 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ptqrepro.config import calibration_dtype, recipe_calibrates, recipe_job_spec, recipe_seeds
+from ptqrepro.checks.config import calibration_dtype, recipe_calibrates, recipe_job_spec, recipe_seeds
 from ptqrepro.eval.zeroshot import hub_tasks, staged_key
 from ptqrepro.peers import toolkit
 from ptqrepro.peers.recipes import is_peer
-from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
+from ptqrepro.recipe.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
 from ptqrepro.report.claims import claims_from_config
 
 RUN_DIR = "{model}/{recipe}/s{seed}"

@@ -16,7 +16,7 @@ import torch
 
 from ptqrepro.errors import PtqError
 from ptqrepro.formats import GroupedFormat, QuantizedWeight
-from ptqrepro.steps import LayerContext, Step, register_step
+from ptqrepro.recipe.steps import LayerContext, Step, register_step
 
 
 def clip_search_rtn(weight: torch.Tensor, fmt: GroupedFormat, ratios: tuple[float, ...],

@@ -10,15 +10,15 @@ import sys
 
 from snakemake.utils import validate
 
-from ptqrepro.cluster import rule_resources, rule_threads
-from ptqrepro.config import check_config, check_config_files, check_schema, single_draw_warnings, zeroshot_export_format
+from ptqrepro.runtime.cluster import rule_resources, rule_threads
+from ptqrepro.checks.config import check_config, check_config_files, check_schema, single_draw_warnings, zeroshot_export_format
 from ptqrepro.errors import PtqError
 from ptqrepro.eval.zeroshot_vllm import VLLM, export_folder
-from ptqrepro.hub import staging_environment
-from ptqrepro.interrupts import stop_jobs_with_snakemake
+from ptqrepro.runtime.hub import staging_environment
+from ptqrepro.runtime.interrupts import stop_jobs_with_snakemake
 from ptqrepro.models.sources import resolve_device
 from ptqrepro.plan import RUN_DIR, build_plan
-from ptqrepro.preflight import preflight, snakemake_dry_run
+from ptqrepro.checks.preflight import preflight, snakemake_dry_run
 
 # Each check lists every error it finds, one line each, and the next runs once it passes: it reads
 # what the one before checked (duplicate keys, the schema, the config's consistency, then the models'
@@ -92,7 +92,7 @@ wildcard_constraints:
 
 
 # SIGINT or SIGTERM to this Snakemake alone stops its running jobs too, so that a quantize job keeps
-# its finished layers for the rerun (ptqrepro.interrupts; profiles/default: rerun-incomplete).
+# its finished layers for the rerun (ptqrepro.runtime.interrupts; profiles/default: rerun-incomplete).
 onstart:
     stop_jobs_with_snakemake()
 
@@ -103,7 +103,7 @@ onstart:
 CONDA_ENV = "../../envs/ptqrepro.yaml"
 
 # The rules other than quantize, dwr and the evaluations: no GPU; memory and wall time from
-# `resources.other`, partition and account as every job (ptqrepro.cluster).
+# `resources.other`, partition and account as every job (ptqrepro.runtime.cluster).
 OTHER_RESOURCES = rule_resources(config, "other")
 
 # Every setting that changes a result reaches its jobs through the rule's `params:` (or the output
@@ -130,7 +130,7 @@ def quantized_artifact(path):
 
 
 def recipe_spec(name):
-    """A recipe's entry as the quantize/dwr command reads it (ptqrepro.config.recipe_job_spec), as JSON."""
+    """A recipe's entry as the quantize/dwr command reads it (ptqrepro.checks.config.recipe_job_spec), as JSON."""
     return json.dumps(plan.recipes[name].spec)
 
 

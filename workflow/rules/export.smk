@@ -4,7 +4,7 @@
 #   snakemake --cores 1 results/export/smollm2-135m/rtn@int4-g64/s0/compressed-tensors
 #
 # {format}: compressed-tensors (the integer codes packed, with their scales and zero points) or
-# dequantized (float weights, any recipe); what each holds and refuses: ptqrepro.export. A recipe
+# dequantized (float weights, any recipe); what each holds and refuses: ptqrepro.export.hf_directory. A recipe
 # with activation quantization is refused (see its log); `ptqrepro export
 # --drop-activation-quantization` by hand exports its weights alone.
 

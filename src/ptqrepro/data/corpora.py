@@ -19,7 +19,7 @@ from typing import Iterator
 from xml.etree import ElementTree
 
 from ptqrepro.errors import InputError, PtqError
-from ptqrepro.io import atomic_path, read_json
+from ptqrepro.runtime.io import atomic_path, read_json
 
 SPLITS = ("train", "validation", "test")
 SOURCES = ("gensim-wiki", "hub", "local")
@@ -303,7 +303,7 @@ def hub_snapshot(spec: CorpusSpec) -> tuple[Path, str]:
     """The snapshot folder in the Hugging Face cache of a hub corpus's dataset repository and its commit,
     holding only the files the corpus reads: its ``data_files``, or else its ``config_name``'s files
     as the repository's card (README.md) maps them, or else the whole repository."""
-    from ptqrepro.hub import stage_dataset
+    from ptqrepro.runtime.hub import stage_dataset
 
     if spec.data_files:
         return stage_dataset(spec.path, tuple(sorted(set(spec.data_files.values()))))

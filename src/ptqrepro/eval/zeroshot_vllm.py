@@ -3,10 +3,10 @@
 
 The tasks are those of the ``hf`` backend (``ptqrepro.eval.zeroshot``: the same local task folder,
 the same staged hub tasks, the same harness settings); the model is the recipe's export for vLLM's
-CPU build (``ptqrepro.export``: ``compressed-tensors`` with ``--target vllm-cpu``, or
+CPU build (``ptqrepro.export.hf_directory``: ``compressed-tensors`` with ``--target vllm-cpu``, or
 ``dequantized`` for a float recipe), which vLLM computes with its own kernels. vLLM pins its own
 torch, so the harness runs in vLLM's environment (its python: ``eval.zeroshot.vllm_python`` or
-``$PTQ_VLLM_PYTHON``), as a subprocess running ``ptqrepro/vllm_harness.py``; its output becomes
+``$PTQ_VLLM_PYTHON``), as a subprocess running ``ptqrepro/export/vllm_harness.py``; its output becomes
 the same ``TaskResult`` as the ``hf`` backend's (``zeroshot.task_results``), so the results are
 written, tabulated and judged the same way, with the backend, vLLM's and lm-eval's versions and
 vLLM's dtype recorded. Both environments must have the same lm-eval (the tasks' definitions and
@@ -28,14 +28,14 @@ from pathlib import Path
 
 from ptqrepro.errors import PtqError
 from ptqrepro.eval.zeroshot import TaskResult, lm_eval_version, task_results
-from ptqrepro.export import COMPRESSED_TENSORS, vllm_cpu_export_format
-from ptqrepro.io import read_json
-from ptqrepro.vllm_check import SCORER, VLLM_PYTHON_ENV, root_cause
+from ptqrepro.export.hf_directory import COMPRESSED_TENSORS, vllm_cpu_export_format
+from ptqrepro.runtime.io import read_json
+from ptqrepro.export.vllm_check import SCORER, VLLM_PYTHON_ENV, root_cause
 
 VLLM = "vllm"
 BACKEND_SETTING = "eval.zeroshot.backend vllm"
 """How every error of the vllm backend begins: the setting that asked for it."""
-HARNESS = Path(__file__).resolve().parent.parent / "vllm_harness.py"
+HARNESS = Path(__file__).resolve().parent.parent / "export" / "vllm_harness.py"
 VLLM_DTYPE_AUTO = "bfloat16"
 """vLLM's dtype where ``eval.zeroshot.dtype`` is auto: its CPU 4-bit kernel computes bfloat16 or
 float16 only, and every CPU vLLM runs on computes bfloat16."""

@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from ptqrepro.statistics import output_error
+from ptqrepro.layerwise.statistics import output_error
 
 Quantizer = Callable[[torch.Tensor], torch.Tensor]
 """Fake-quantizes a weight [out, in] with the recipe's format (RTN)."""

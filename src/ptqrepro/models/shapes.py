@@ -44,7 +44,7 @@ def read_model_config(source: ModelSource, prepared: str | Path | None = None):
     from transformers import AutoConfig
 
     if source.hub is not None:
-        from ptqrepro.hub import hub_cache, offline
+        from ptqrepro.runtime.hub import hub_cache, offline
 
         return AutoConfig.from_pretrained(source.hub, cache_dir=hub_cache(), local_files_only=offline())
     path = gguf_path(source)

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from ptqrepro.errors import InputError, PtqError, first_line
-from ptqrepro.hub import COMMIT, is_local_path, stage_model, staged_snapshot
-from ptqrepro.io import atomic_path
-from ptqrepro.provenance import bf16_kernels
+from ptqrepro.runtime.hub import COMMIT, is_local_path, stage_model, staged_snapshot
+from ptqrepro.runtime.io import atomic_path
+from ptqrepro.runtime.provenance import bf16_kernels
 
 MANIFEST = "model.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

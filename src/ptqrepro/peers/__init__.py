@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 
 from ptqrepro.errors import PtqError
-from ptqrepro.pipeline import QuantizationResult
+from ptqrepro.layerwise.pipeline import QuantizationResult
 
 UNQUANTIZED = ["lm_head"]
 """The linears outside the decoder layers, which a peer leaves in float as our recipes do."""

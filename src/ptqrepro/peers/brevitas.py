@@ -47,8 +47,8 @@ from ptqrepro.formats import QuantizedWeight
 from ptqrepro.formats.integer import IntFormat
 from ptqrepro.models.adapters import architecture_of, decoder_linears
 from ptqrepro.peers import UNQUANTIZED, PeerPlan, PeerResult
-from ptqrepro.pipeline import QuantizationResult
-from ptqrepro.recipes import Recipe
+from ptqrepro.layerwise.pipeline import QuantizationResult
+from ptqrepro.recipe.recipes import Recipe
 
 GPTQ_DAMPING = 0.01
 """Brevitas's GPTQ adds 1 % of the mean Hessian diagonal, a constant of ``GPTQ.single_layer_update``."""

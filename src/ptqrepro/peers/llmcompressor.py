@@ -43,8 +43,8 @@ from ptqrepro.formats import QuantizedWeight
 from ptqrepro.formats.integer import IntFormat
 from ptqrepro.models.adapters import architecture_of, decoder_linears
 from ptqrepro.peers import UNQUANTIZED, PeerPlan, PeerResult
-from ptqrepro.pipeline import QuantizationResult
-from ptqrepro.recipes import Recipe
+from ptqrepro.layerwise.pipeline import QuantizationResult
+from ptqrepro.recipe.recipes import Recipe
 
 def scheme_arguments(recipe: Recipe) -> dict:
     """The ``QuantizationScheme`` keyword arguments of the recipe's weight and activation formats."""

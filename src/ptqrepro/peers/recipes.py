@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ptqrepro.errors import PtqError
 from ptqrepro.peers import toolkit
-from ptqrepro.recipes import RECIPE_NAME, Recipe, is_reconstruction, recipe_from_config
+from ptqrepro.recipe.recipes import RECIPE_NAME, Recipe, is_reconstruction, recipe_from_config
 
 
 @dataclass(frozen=True)

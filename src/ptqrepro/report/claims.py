@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from ptqrepro.errors import PtqError
-from ptqrepro.io import atomic_path
+from ptqrepro.runtime.io import atomic_path
 from ptqrepro.report.result_format import PERPLEXITY_KIND
 from ptqrepro.report.tables import FLIPS_METRIC, KLD_METRIC, PERPLEXITY_METRIC, recipe_losses
 from ptqrepro.report.uncertainty import (

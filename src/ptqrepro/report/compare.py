@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from ptqrepro.errors import InputError, PtqError
-from ptqrepro.io import atomic_path
+from ptqrepro.runtime.io import atomic_path
 from ptqrepro.report.tables import recipe_losses
 from ptqrepro.report.uncertainty import BootstrapSettings, pair_by_seed, paired_difference
 
@@ -88,7 +88,7 @@ def write_comparison(table: pd.DataFrame, out_dir: str | os.PathLike, labels: tu
 
 def read_run(folder: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """A kept run's ``(all.csv, windows.csv, provenance)``; a missing file is a ``PtqError``."""
-    from ptqrepro.io import read_json
+    from ptqrepro.runtime.io import read_json
 
     folder = Path(folder)
     missing = [name for name in RUN_FILES if not (folder / name).is_file()]

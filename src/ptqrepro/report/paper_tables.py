@@ -20,7 +20,7 @@ from typing import Iterable
 import pandas as pd
 
 from ptqrepro.errors import InputError, PtqError, first_line
-from ptqrepro.io import atomic_path
+from ptqrepro.runtime.io import atomic_path
 from ptqrepro.report.result_format import PERPLEXITY_KIND, ZEROSHOT_KIND
 from ptqrepro.report.tables import PERPLEXITY_METRIC
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ptqrepro.artifact import Artifact
+from ptqrepro.export.artifact import Artifact
 from ptqrepro.errors import PtqError
-from ptqrepro.io import atomic_path
+from ptqrepro.runtime.io import atomic_path
 from ptqrepro.report.claims import paired_losses
 from ptqrepro.report.result_format import PERPLEXITY_KIND
 from ptqrepro.report.tables import PERPLEXITY_METRIC, Results, summarize

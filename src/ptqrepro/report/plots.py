@@ -18,7 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ptqrepro.errors import PtqError
-from ptqrepro.io import atomic_path
+from ptqrepro.runtime.io import atomic_path
 from ptqrepro.report.result_format import PERPLEXITY_KIND, QUANTIZE_KIND, ZEROSHOT_KIND
 from ptqrepro.report.tables import PERPLEXITY_METRIC
 

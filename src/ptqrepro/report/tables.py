@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from ptqrepro.errors import InputError, PtqError, first_line
-from ptqrepro.io import atomic_path, read_json
+from ptqrepro.runtime.io import atomic_path, read_json
 from ptqrepro.report.result_format import (
     MEASUREMENT_KEYS,
     PERPLEXITY_KIND,

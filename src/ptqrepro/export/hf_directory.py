@@ -63,12 +63,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ptqrepro.artifact import Artifact, apply_float_parameters, check_fits, load_artifact
+from ptqrepro.export.artifact import Artifact, apply_float_parameters, check_fits, load_artifact
 from ptqrepro.errors import PtqError
 from ptqrepro.formats import GroupedFormat, IntFormat, QuantizedWeight, parse_format
-from ptqrepro.io import atomic_path
+from ptqrepro.runtime.io import atomic_path
 from ptqrepro.models.sources import load_model
-from ptqrepro.pipeline import effective_weight
+from ptqrepro.layerwise.pipeline import effective_weight
 
 COMPRESSED_TENSORS = "compressed-tensors"
 TRANSFORMERS, VLLM_CPU = "transformers", "vllm-cpu"

@@ -21,7 +21,7 @@ import importlib
 from importlib import metadata
 
 from ptqrepro.errors import PtqError
-from ptqrepro.steps import STEPS, Step
+from ptqrepro.recipe.steps import STEPS, Step
 
 ENTRY_POINT_GROUP = "ptqrepro.methods"
 

@@ -2,7 +2,7 @@
 
 ``vllm_check`` rebuilds the test windows an ``eval-ppl`` result scored (its protocol, the corpus
 and the exported tokenizer; checked against the result's ``windows_sha256``), has vLLM score the
-first ``windows`` of them in its own environment (``ptqrepro/vllm_score.py`` run by that
+first ``windows`` of them in its own environment (``ptqrepro/export/vllm_score.py`` run by that
 environment's python, a subprocess: vLLM pins its own torch), and lays each window's NLL beside
 ours:
 
@@ -30,8 +30,8 @@ import tempfile
 from pathlib import Path
 
 from ptqrepro.errors import PtqError
-from ptqrepro.export import EXPORT_MANIFEST
-from ptqrepro.io import read_json, write_json
+from ptqrepro.export.hf_directory import EXPORT_MANIFEST
+from ptqrepro.runtime.io import read_json, write_json
 from ptqrepro.report.result_format import PERPLEXITY_KIND, WINDOW_KEYS
 
 ROOT_ERROR = re.compile(r"\b[A-Za-z]*(Error|Exception): ")

@@ -5,7 +5,7 @@ first (Snakemake's own loader keeps the last of a key given twice), validates th
 ``workflow/schemas/config.schema.yaml`` (``check_schema``: every violation at once), then calls
 ``check_config`` so that a bad model source, an unknown corpus, a recipe naming a missing step or
 an unparsable format string stops the DAG before any job runs: every such error at once, one line
-each; what needs the models' shapes or the machine follows (``ptqrepro.preflight``).
+each; what needs the models' shapes or the machine follows (``ptqrepro.checks.preflight``).
 """
 
 from __future__ import annotations
@@ -13,19 +13,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ptqrepro.cluster import resource_errors
+from ptqrepro.runtime.cluster import resource_errors
 from ptqrepro.data.corpora import corpus_spec
 from ptqrepro.data.windows import calibration_is_drawn
 from ptqrepro.errors import PtqError
 from ptqrepro.eval.zeroshot import LOCAL_TASKS
 from ptqrepro.eval.zeroshot_vllm import BACKEND_SETTING, VLLM, export_format
-from ptqrepro.io import load_yaml
+from ptqrepro.runtime.io import load_yaml
 from ptqrepro.models.sources import ModelSource, slow_tokenizer_problem
-from ptqrepro.plugins import import_plugins
+from ptqrepro.recipe.plugins import import_plugins
 from ptqrepro.peers.recipes import is_peer, peer_from_spec, peer_spec
-from ptqrepro.recipes import Recipe, is_reconstruction, recipe_from_config, reconstruction_from_config
+from ptqrepro.recipe.recipes import Recipe, is_reconstruction, recipe_from_config, reconstruction_from_config
 from ptqrepro.report.claims import claims_from_config
-from ptqrepro.steps import BUILTIN_STEPS, LqerStep
+from ptqrepro.recipe.steps import BUILTIN_STEPS, LqerStep
 
 JOB_KEYS = ("models", "seeds", "calibration_dtype")
 """Keys of a recipe's entry that choose its jobs (on which models, at which calibration seeds, with
@@ -42,7 +42,7 @@ def recipe_job_spec(config: dict, name: str) -> dict:
     """What recipe ``name``'s quantize or DWR job reads as its ``--spec``: the entry without
     ``JOB_KEYS``; a peer recipe's completed with the recipe it mirrors (``peers.recipes.peer_spec``); one
     that names a step from outside the package with the config's ``plugins``, which register it
-    (``ptqrepro.plugins``)."""
+    (``ptqrepro.recipe.plugins``)."""
     entry = recipe_entry(config["recipes"][name])
     if is_peer(entry):
         return peer_spec(name, entry, {key: recipe_entry(value) for key, value in config["recipes"].items()})

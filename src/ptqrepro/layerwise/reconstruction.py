@@ -36,16 +36,16 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ptqrepro.artifact import Artifact, install_quantized_inference
-from ptqrepro.checkpoint import LayerCheckpoints
+from ptqrepro.export.artifact import Artifact, install_quantized_inference
+from ptqrepro.layerwise.checkpoint import LayerCheckpoints
 from ptqrepro.errors import PtqError
 from ptqrepro.eval.perplexity import next_token_losses
 from ptqrepro.formats import QuantizedWeight
 from ptqrepro.methods.dwr import discarded_at_rank, discarded_weight, reconstruct, search_space
 from ptqrepro.models.adapters import architecture_of, decoder_layers, modules_after_layers
-from ptqrepro.pipeline import LayerInputs, advance, capture_layer_inputs, forward_precision
-from ptqrepro.placement import borrowed
-from ptqrepro.recipes import DwrSettings
+from ptqrepro.layerwise.pipeline import LayerInputs, advance, capture_layer_inputs, forward_precision
+from ptqrepro.layerwise.placement import borrowed
+from ptqrepro.recipe.recipes import DwrSettings
 
 
 @dataclass

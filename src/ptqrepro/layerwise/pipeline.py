@@ -48,10 +48,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ptqrepro.artifact import Artifact
-from ptqrepro.checkpoint import LayerCheckpoints
+from ptqrepro.export.artifact import Artifact
+from ptqrepro.layerwise.checkpoint import LayerCheckpoints
 from ptqrepro.formats import QuantizedWeight
-from ptqrepro.lowrank import QuantizedLowRank
+from ptqrepro.formats.lowrank import QuantizedLowRank
 from ptqrepro.models.adapters import (
     Architecture,
     architecture_of,
@@ -59,10 +59,10 @@ from ptqrepro.models.adapters import (
     layer_linears,
     modules_before_layers,
 )
-from ptqrepro.placement import borrowed, check_offload, fetch, parameter_dtype, release, store
-from ptqrepro.recipes import Recipe
-from ptqrepro.statistics import collect_input_statistics, relative_output_error
-from ptqrepro.steps import LayerContext
+from ptqrepro.layerwise.placement import borrowed, check_offload, fetch, parameter_dtype, release, store
+from ptqrepro.recipe.recipes import Recipe
+from ptqrepro.layerwise.statistics import collect_input_statistics, relative_output_error
+from ptqrepro.recipe.steps import LayerContext
 
 
 class _StopForward(Exception):

@@ -30,7 +30,7 @@ from ptqrepro.errors import PtqError
 from ptqrepro.formats import GroupedFormat, QuantizedWeight
 from ptqrepro.methods.awq import apply_clip, search_clip, search_scales
 from ptqrepro.formats.parse import parse_format
-from ptqrepro.lowrank import QuantizedLowRank, quantize_low_rank
+from ptqrepro.formats.lowrank import QuantizedLowRank, quantize_low_rank
 from ptqrepro.methods.gptq import GROUP_MODES, gptq
 from ptqrepro.methods.lqer import activation_scale, low_rank_correction
 from ptqrepro.methods.magr import coordinate_descent, magr
@@ -39,7 +39,7 @@ from ptqrepro.methods.smoothquant import smoothing_scales
 from ptqrepro.models.adapters import Architecture
 from ptqrepro.models.shapes import ModelShapes
 from ptqrepro.models.sources import compute_dtype, torch_dtype
-from ptqrepro.statistics import InputStatistics, relative_output_error
+from ptqrepro.layerwise.statistics import InputStatistics, relative_output_error
 
 
 def _allowed_types(hint) -> tuple:
@@ -144,7 +144,7 @@ class Step:
         """What the step's settings cannot do on a model of these shapes, each as (setting, value,
         what is wrong, what is allowed): the preflight reports them with the config key, one line
         each, before any job runs. A step of one's own overrides this; the built-in steps' checks
-        live in ``ptqrepro.preflight``."""
+        live in ``ptqrepro.checks.preflight``."""
         return []
 
     @classmethod
@@ -179,7 +179,7 @@ class Step:
 
 STEPS: dict[str, type[Step]] = {}
 """Every registered step by the name a recipe gives it: the built-in ones below, then those that
-``register_step`` adds from outside the package (``ptqrepro.plugins``)."""
+``register_step`` adds from outside the package (``ptqrepro.recipe.plugins``)."""
 
 STEP_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 
@@ -190,7 +190,7 @@ def register_step(cls: type[Step]) -> type[Step]:
     method joins its steps' names with ``+``); registering a second class under a taken name is an
     error, registering the same class again is not."""
     if not (isinstance(cls, type) and issubclass(cls, Step)):
-        raise PtqError(f"register_step: {cls!r} is not a subclass of ptqrepro.steps.Step")
+        raise PtqError(f"register_step: {cls!r} is not a subclass of ptqrepro.recipe.steps.Step")
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not STEP_NAME.fullmatch(name):
         raise PtqError(f"register_step: {cls.__qualname__}.name must be letters, digits, _ and - (starting with a letter), got {name!r}")

@@ -41,19 +41,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ptqrepro.config import recipe_entry, zeroshot_export_format, zeroshot_recipes
+from ptqrepro.checks.config import recipe_entry, zeroshot_export_format, zeroshot_recipes
 from ptqrepro.data.corpora import corpus_spec
 from ptqrepro.errors import PtqError
 from ptqrepro.eval.zeroshot import LOCAL_TASKS
 from ptqrepro.formats import GroupedFormat, parse_format
-from ptqrepro.lowrank import fit_reduction
-from ptqrepro.hub import (TOKEN_STEPS, cached_revision, has_weights, hub_cache, is_gated, is_local_path, repo_folder,
+from ptqrepro.formats.lowrank import fit_reduction
+from ptqrepro.runtime.hub import (TOKEN_STEPS, cached_revision, has_weights, hub_cache, is_gated, is_local_path, repo_folder,
                           staging_environment, token_available)
 from ptqrepro.models.shapes import KNOWN_PARAMETERS, ModelShapes, checkpoint_bytes, read_model_config, shapes_of
 from ptqrepro.models.sources import ModelSource
 from ptqrepro.peers.recipes import is_peer
-from ptqrepro.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
-from ptqrepro.steps import LqerStep, MagrStep
+from ptqrepro.recipe.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
+from ptqrepro.recipe.steps import LqerStep, MagrStep
 
 
 @dataclass(frozen=True)
@@ -411,7 +411,7 @@ def zeroshot_backend_problems(config: dict, shapes: dict[str, ModelShapes]) -> l
     """``eval.zeroshot.backend: vllm`` where vLLM's environment cannot run lm-eval, or a recipe's
     4-bit export has a linear vLLM's CPU kernel does not take (``export.check_vllm_cpu_shapes``)."""
     from ptqrepro.eval.zeroshot_vllm import BACKEND_SETTING, VLLM, harness_versions, vllm_python
-    from ptqrepro.export import COMPRESSED_TENSORS, VLLM_CPU_DIMENSION_MULTIPLE
+    from ptqrepro.export.hf_directory import COMPRESSED_TENSORS, VLLM_CPU_DIMENSION_MULTIPLE
 
     zeroshot = config["eval"].get("zeroshot") or {}
     if zeroshot.get("backend") != VLLM:

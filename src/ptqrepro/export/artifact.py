@@ -36,8 +36,8 @@ from ptqrepro.errors import InputError, first_line
 from ptqrepro.formats import QuantizedWeight, parse_format
 from ptqrepro.formats.activation import quantize_activation
 from ptqrepro.formats.packing import PACKABLE, pack_codes, unpack_codes
-from ptqrepro.io import atomic_path
-from ptqrepro.lowrank import QuantizedLowRank
+from ptqrepro.runtime.io import atomic_path
+from ptqrepro.formats.lowrank import QuantizedLowRank
 
 TENSORS = "quantized.safetensors"
 MANIFEST = "manifest.json"

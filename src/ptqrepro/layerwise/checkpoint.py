@@ -27,9 +27,9 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from ptqrepro.artifact import MANIFEST, Artifact, load_artifact, save_artifact
+from ptqrepro.export.artifact import MANIFEST, Artifact, load_artifact, save_artifact
 from ptqrepro.errors import PtqError
-from ptqrepro.io import read_json, write_json
+from ptqrepro.runtime.io import read_json, write_json
 
 FINGERPRINT = "fingerprint.json"
 LOCK = "lock"

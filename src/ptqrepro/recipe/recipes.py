@@ -12,7 +12,7 @@ exactly one quantizer (it turns float weights into codes of the weight format), 
 transforms and followed by refinements only, e.g. ``[magr, gptq, cd]`` or ``[gptq, {l2qer: {rank: 32}}]``.
 ``act`` names the format of the dynamic fake quantization of every linear's input at
 evaluation (none by default). A job's spec of a recipe with steps from outside the package also
-lists the modules that register them (``plugins``, see ``ptqrepro.plugins``).
+lists the modules that register them (``plugins``, see ``ptqrepro.recipe.plugins``).
 
 A *reconstruction* recipe names another recipe as its ``base`` and runs DWR's search on that
 recipe's quantized model (its own job, so the base is quantized once)::
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field, fields
 from ptqrepro.errors import PtqError
 from ptqrepro.formats import GroupedFormat, parse_format
 from ptqrepro.models.adapters import Architecture
-from ptqrepro.plugins import import_plugins, step_class
-from ptqrepro.steps import STEPS, Step
+from ptqrepro.recipe.plugins import import_plugins, step_class
+from ptqrepro.recipe.steps import STEPS, Step
 
 RECIPE_NAME = re.compile(r"[A-Za-z0-9_.+@=-]+")
 

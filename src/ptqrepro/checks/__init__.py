@@ -1,0 +1,1 @@
+"""Checks of an experiment config at planning time: cross-setting checks and preflight against models and machine."""
