@@ -11,7 +11,13 @@ import sys
 from snakemake.utils import validate
 
 from ptqrepro.runtime.cluster import rule_resources, rule_threads
-from ptqrepro.checks.config import check_config, check_config_files, check_schema, single_draw_warnings, zeroshot_export_format
+from ptqrepro.checks.config import (
+    check_config,
+    check_config_files,
+    check_schema,
+    single_draw_warnings,
+    zeroshot_export_format,
+)
 from ptqrepro.errors import PtqError
 from ptqrepro.eval.zeroshot_vllm import VLLM, export_folder
 from ptqrepro.runtime.hub import staging_environment
