@@ -25,7 +25,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import sys
 
 ITEM_FIELDS = ("doc_id", "acc", "acc_norm", "filtered_resps")
 
@@ -70,7 +69,7 @@ def evaluate(model: str, request: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from vllm_score import ExportVersionError, package_versions, version_warnings
+    from vllm_score import checked_versions, package_versions
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="exported model directory")
@@ -79,12 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     installed = {**package_versions(), "lm-eval": importlib.metadata.version("lm_eval")}
-    try:
-        warnings = version_warnings(args.model, installed)
-    except ExportVersionError as error:
-        sys.exit(f"ExportVersionError: {error}")
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    warnings = checked_versions(args.model, installed)
     with open(args.request) as handle:
         request = json.load(handle)
     output = evaluate(args.model, request)

@@ -82,6 +82,18 @@ def version_warnings(model_dir: str, installed: dict) -> list[str]:
             for name in ("compressed-tensors", "transformers") if name in written and written[name] != installed.get(name)]
 
 
+def checked_versions(model_dir: str, installed: dict) -> list[str]:
+    """``version_warnings`` of a script's run: each warning printed to stderr, one line; an
+    ``ExportVersionError`` ends the script with its message (the caller reports it as one line)."""
+    try:
+        warnings = version_warnings(model_dir, installed)
+    except ExportVersionError as error:
+        sys.exit(f"ExportVersionError: {error}")
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return warnings
+
+
 def window_nll(prompt_logprobs: list, token_ids: list[int]) -> float:
     """Mean negative log-probability of ``token_ids[1:]`` from vLLM's ``prompt_logprobs`` (a list
     whose first entry is None and whose entry t maps token ids to ``Logprob``)."""
@@ -113,12 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     installed = package_versions()
-    try:
-        warnings = version_warnings(args.model, installed)
-    except ExportVersionError as error:
-        sys.exit(f"ExportVersionError: {error}")
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    warnings = checked_versions(args.model, installed)
     with open(args.windows) as handle:
         windows = json.load(handle)["windows"]
     nll = score(args.model, windows, args.dtype)
