@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ptqrepro.checks.config import calibration_dtype, recipe_calibrates, recipe_job_spec, recipe_seeds
+from ptqrepro.checks.config import calibration_dtype, recipe_calibrates, recipe_job_spec, recipe_seeds, zeroshot_export_format
 from ptqrepro.eval.zeroshot import hub_tasks, staged_key
+from ptqrepro.eval.zeroshot_vllm import VLLM, export_folder
 from ptqrepro.peers import toolkit
 from ptqrepro.peers.recipes import is_peer
 from ptqrepro.recipe.recipes import is_reconstruction, recipe_from_config, reconstruction_from_config
@@ -93,6 +94,9 @@ class Plan:
     """The staging record of the hub tasks (rule stage_zeroshot_tasks), where there are any."""
     averages: dict[str, dict[str, str]]
     """``eval.zeroshot.averages`` with each task's reported metric, where zero-shot runs."""
+    zeroshot_exports: dict[str, str]
+    """With ``eval.zeroshot.backend: vllm``: each zero-shot recipe's export folder that lm-eval's
+    vllm model evaluates (``checks.config.zeroshot_export_format``); {} with the hf backend."""
     vllm_recipes: tuple[str, ...]
     paper_tables: bool
     """Whether the config names papers' tables (``reference``)."""
@@ -156,6 +160,25 @@ class Plan:
         """``--metric TASK=METRIC ...`` for the zero-shot tasks whose reported accuracy is not acc."""
         metrics = " ".join(f"{task}={metric}" for task, metric in self.zeroshot.get("metrics", {}).items())
         return f"--metric {metrics}" if metrics else ""
+
+    def zeroshot_export(self, model: str, recipe: str, seed) -> str | list:
+        """The export of a zero-shot run that vLLM evaluates (none, [], for the hf backend)."""
+        folder = self.zeroshot_exports.get(recipe)
+        return f"results/export/{model}/{recipe}/s{seed}/{folder}" if folder else []
+
+    def zeroshot_backend_options(self) -> str:
+        """The eval-zeroshot options of the vllm backend, with ``{input.exported}`` and ``{log}``
+        left for the rule's shell ("" for the hf backend)."""
+        if not self.zeroshot_exports:
+            return ""
+        python = self.zeroshot.get("vllm_python")
+        return " --backend vllm --exported {input.exported}" + (f" --vllm-python {python}" if python else "") + " --vllm-log {log}.vllm"
+
+    def zeroshot_protocol(self) -> dict:
+        """The zero-shot jobs' protocol param: the backend only where it is vllm, so that results
+        of the hf backend keep their params (and do not rerun)."""
+        protocol = {key: self.zeroshot[key] for key in ("batch_size", "max_length", "dtype", "num_fewshot")}
+        return {**protocol, "backend": VLLM} if self.zeroshot_exports else protocol
 
     def first_seed(self, recipe: str) -> int:
         return self.recipes[recipe].seeds[0]
@@ -274,6 +297,11 @@ def build_plan(config: dict, missing_toolkit: Callable[[str], str | None] = inst
         averages=(
             {name: {task: zeroshot["metrics"].get(task, "acc") for task in tasks} for name, tasks in zeroshot["averages"].items()}
             if zeroshot and zeroshot["averages"] and zeroshot_runs
+            else {}
+        ),
+        zeroshot_exports=(
+            {name: export_folder(zeroshot_export_format(config, name)) for name in {recipe for _, recipe, _ in zeroshot_runs}}
+            if zeroshot.get("backend") == VLLM
             else {}
         ),
         vllm_recipes=tuple(config["export_vllm"]["recipes"]),

@@ -16,10 +16,8 @@ from ptqrepro.checks.config import (
     check_config_files,
     check_schema,
     single_draw_warnings,
-    zeroshot_export_format,
 )
 from ptqrepro.errors import PtqError
-from ptqrepro.eval.zeroshot_vllm import VLLM, export_folder
 from ptqrepro.runtime.hub import staging_environment
 from ptqrepro.runtime.interrupts import stop_jobs_with_snakemake
 from ptqrepro.models.sources import resolve_device
@@ -187,23 +185,3 @@ def device_class():
         return resolve_device(config["device"]).split(":")[0]
     except PtqError:
         return config["device"]  # a GPU named that this machine lacks: the job says so where it runs
-
-
-# eval.zeroshot.backend vllm, for the zero-shot jobs: lm-eval's vllm model on each recipe's export for vLLM's CPU build
-# (workflow/rules/export.smk), in vLLM's own environment (ptqrepro.eval.zeroshot_vllm)
-ZEROSHOT_IN_VLLM = bool(plan.zeroshot) and plan.zeroshot["backend"] == VLLM
-VLLM_HARNESS = (
-    " --backend vllm --exported {input.exported}"
-    + (f" --vllm-python {plan.zeroshot['vllm_python']}" if plan.zeroshot.get("vllm_python") else "")
-    + " --vllm-log {log}.vllm"
-    if ZEROSHOT_IN_VLLM
-    else ""
-)
-
-
-def zeroshot_export(wildcards):
-    """The export of the run that vLLM evaluates zero-shot (none for the hf backend)."""
-    if not ZEROSHOT_IN_VLLM:
-        return []
-    fmt = export_folder(zeroshot_export_format(config, wildcards.recipe))
-    return f"results/export/{wildcards.model}/{wildcards.recipe}/s{wildcards.seed}/{fmt}"

@@ -125,7 +125,7 @@ if plan.zeroshot:
             quantized=f"results/quantized/{RUN_DIR}",
             tasks=[plan.local_tasks_dir] if plan.local_tasks_dir else [],
             staged=[plan.staged_tasks] if plan.staged_tasks else [],
-            exported=zeroshot_export,
+            exported=lambda w: plan.zeroshot_export(w.model, w.recipe, w.seed),
         output:
             [f"results/metrics/{RUN_DIR}/zeroshot-{task}.json" for task in plan.zeroshot["tasks"]],
             [f"results/metrics/{RUN_DIR}/zeroshot-{task}.items.csv" for task in plan.zeroshot["tasks"]],
@@ -150,11 +150,7 @@ if plan.zeroshot:
             tasks=" ".join(plan.zeroshot["tasks"]),
             metrics=plan.metric_option(),
             limit=f"--limit {plan.zeroshot['limit']}" if plan.zeroshot.get("limit") else "",
-            # the backend only where it is vllm: results of the hf backend keep their params
-            protocol={
-                **{key: plan.zeroshot[key] for key in ("batch_size", "max_length", "dtype", "num_fewshot")},
-                **({"backend": VLLM} if ZEROSHOT_IN_VLLM else {}),
-            },
+            protocol=plan.zeroshot_protocol(),
             device=lambda w: device_class(),
             out_dir=lambda w, output: os.path.dirname(output[0]),
         shell:
@@ -163,4 +159,4 @@ if plan.zeroshot:
             " {params.include} {params.staged} {params.metrics} {params.limit} --num-fewshot {params.protocol[num_fewshot]}"
             " --batch-size {params.protocol[batch_size]} --max-length {params.protocol[max_length]}"
             " --dtype {params.protocol[dtype]} --device {resources.device} --placement {resources.placement} --threads {threads}"
-            f"{VLLM_HARNESS} --out-dir {{params.out_dir}} > {{log}} 2>&1"
+            f"{plan.zeroshot_backend_options()} --out-dir {{params.out_dir}} > {{log}} 2>&1"
