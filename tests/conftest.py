@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random-initialised LLaMA with its own tokenizer, and a tiny corpus.
+"""Shared fixtures: a tiny random-initialised LLaMA with its own tokenizer, a tiny corpus, and the
+rehearsals' hub cache; and the order in which the two workers take the test files.
 
 Nothing is downloaded: the tokenizer is a byte-level BPE trained here on the tiny corpus.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,14 @@ def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2):
     return model.eval()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files with more slow tests first, each file's tests kept together and in order: with two
+    workers taking whole files (pyproject.toml's addopts), the long files start early and the
+    short ones fill the end."""
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     return write_tiny_corpus(tmp_path_factory.mktemp("corpus") / "tiny")
@@ -99,6 +109,17 @@ def prepare_tiny_run(root: Path, model_dir: Path, corpus: Path, nsamples: int, s
     assert main(["calibrate", "--model", str(root / "model"), "--corpus", str(root / "corpus"), "--nsamples",
                  str(nsamples), "--seqlen", str(seqlen), "--out", str(root / "calib.pt")]) == 0
     return root
+
+
+@pytest.fixture(scope="session")
+def hub_home(tmp_path_factory) -> Path:
+    """HF_HOME with the hub cache of every paper model and corpus and the zero-shot stand-ins
+    (tests/rehearsal/cache.py, about 20 s): what the rehearsals read, offline."""
+    from rehearsal.cache import build_hub_cache
+
+    home = tmp_path_factory.mktemp("hf-home")
+    build_hub_cache(home)
+    return home
 
 
 @pytest.fixture()

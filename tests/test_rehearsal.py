@@ -11,10 +11,10 @@ evaluation, tables, claims and the papers' tables. The values are meaningless; t
 
     pytest -m rehearsal            every paper config (tens of minutes: see README)
 
-The default run (and CI) deselects the ``rehearsal`` mark (pyproject.toml) and runs one slice: the
-MX-PTQ config on Llama-2-7B through ``--profile profiles/slurm`` on the SLURM test cluster
-(SLURM_SLICE; skipped where SLURM is not installed). ``-m rehearsal`` adds the LQER config on its
-Mistral-7B model (SLICE, about 2 minutes) and every whole paper config.
+The default run (and CI) deselects the ``rehearsal`` mark (pyproject.toml); it runs one slice of
+the MX-PTQ config through ``--profile profiles/slurm`` on the SLURM test cluster (test_slurm.py,
+with this module's ``rehearse``). ``-m rehearsal`` adds the LQER config on its Mistral-7B model
+(SLICE, about 2 minutes) and every whole paper config.
 """
 
 from __future__ import annotations
@@ -34,28 +34,14 @@ import pytest
 import yaml
 
 from hubcache import NETGUARD
-from rehearsal.cache import build_hub_cache
 from rehearsal.hub import ARCHITECTURES
 from rehearsal.shrink import write_shrunk_config
 from rehearsal.tasks import TASK_DATASETS
 from test_dag import REPO
-from test_slurm import slurm_cluster  # noqa: F401 (a fixture: the single-node SLURM test cluster)
 
 PAPERS = sorted(path.stem for path in (REPO / "config" / "papers").glob("*.yaml"))
 SLICE = ("lqer", ["mistral-7b"])
 """A slice run with -m rehearsal: the LQER config on Mistral-7B alone (4 recipes, the MX formats, LQER and L2QER)."""
-SLURM_SLICE = ("mxptq", ["llama-2-7b"], ["fp16", "sq+awq+gptq@mxint4_a=mxint8"])
-"""The slice through the SLURM test cluster: the MX-PTQ config on Llama-2-7B, two recipes (one of
-them SmoothQuant, AWQ and GPTQ composed), both of its corpora: GPU jobs asking for the config's A100."""
-
-
-@pytest.fixture(scope="session")
-def hub_home(tmp_path_factory) -> Path:
-    """HF_HOME with the hub cache of every paper model and corpus and the zero-shot stand-ins
-    (rehearsal.cache.build_hub_cache, about 20 s)."""
-    home = tmp_path_factory.mktemp("hf-home")
-    build_hub_cache(home)
-    return home
 
 
 @dataclass
@@ -218,24 +204,6 @@ def test_rehearsal_slice(hub_home, tmp_path):
     rehearsal = rehearse(paper, tmp_path, hub_home, models)
     print(f"rehearsal {paper} {models}: {rehearsal.jobs} jobs, {rehearsal.seconds:.0f} s")
     check_rehearsal(rehearsal)
-
-
-@pytest.mark.slow
-def test_rehearsal_slice_on_slurm(slurm_cluster, hub_home, tmp_path):  # noqa: F811 (the imported fixture)
-    """A slice of the MX-PTQ config through `--profile profiles/slurm` on the test cluster, with the
-    environment a user sets (partition and account as SBATCH_* variables): every job a SLURM job,
-    none of them reaching the network, the paper tables written."""
-    paper, models, recipes = SLURM_SLICE
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "SBATCH_"))}
-    env.update(PATH=os.pathsep.join([str(slurm_cluster / "bin"), str(Path(sys.executable).parent), env["PATH"]]),
-               SBATCH_PARTITION="ptqtest", SBATCH_ACCOUNT="ptqlab")
-    rehearsal = rehearse(paper, tmp_path, hub_home, models, recipes, env=env, timeout=1200, extra=[
-        "--profile", str(REPO / "profiles" / "slurm"), "--jobs", "4", "--retries", "0", "--latency-wait", "5",
-        "--slurm-init-seconds-before-status-checks", "1", "--slurm-keep-successful-logs"])
-    print(f"rehearsal {paper} {models} {recipes} on SLURM: {rehearsal.jobs} jobs, {rehearsal.seconds:.0f} s")
-    check_rehearsal(rehearsal)
-    submitted = list((tmp_path / ".snakemake" / "slurm_logs").rglob("*.log"))
-    assert len(submitted) >= 8, submitted  # data, calibration, quantize and evaluation jobs, tables
 
 
 @pytest.mark.rehearsal

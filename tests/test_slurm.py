@@ -1,5 +1,5 @@
-"""The tiny DAG through `--profile profiles/slurm` on a real single-node SLURM cluster with accounting
-(Debian's slurm-wlm, slurmdbd, mariadb-server and munge, brought up in a temp folder by
+"""A paper config's slice through `--profile profiles/slurm` on a real single-node SLURM cluster with
+accounting (Debian's slurm-wlm, slurmdbd, mariadb-server and munge, brought up in a temp folder by
 tests/slurm/start_cluster.sh)."""
 
 import os
@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas
 import pytest
 
-from test_dag import REPO, tiny_config, write_config
+from test_dag import REPO
+from test_rehearsal import check_rehearsal, rehearse
 
 SLURM_REQUIRED = os.environ.get("PTQ_REQUIRE_SLURM") == "1"
 """Set by .ci/run, which installs SLURM: there a missing piece fails the test instead of skipping it."""
@@ -73,53 +73,49 @@ def accounted_jobs(cluster: Path) -> dict[str, dict]:
     return {row.pop("JobID"): row for row in rows}
 
 
+SLICE = ("mxptq", ["llama-2-7b"], ["fp16", "sq+awq+gptq@mxint4_a=mxint8"])
+"""The paper slice run through the cluster: the MX-PTQ config on Llama-2-7B, two recipes (one of
+them SmoothQuant, AWQ and GPTQ composed), both of its corpora, GPU jobs asking for the config's A100."""
+GPU_JOBS = ("rule_quantize", "rule_float_reference")
+"""The submissions that compute on the model, besides the evaluation groups."""
+
+
 @pytest.mark.slow
-def test_tiny_dag_runs_as_slurm_jobs(slurm_cluster, tmp_path, tiny_model_dir, tiny_corpus):
-    """One recipe scored on two corpora, submitted through the plugin with the repository's profile:
-    every job a SLURM job in the config's partition and account (the plugin follows them through
-    `sacct`, its default status command), the GPU jobs asking for the config's GPU model, both
-    evaluations in one submission, the quantized model deleted after them
-    (storage.temporary_artifacts), the table complete."""
-    config = tiny_config(tiny_model_dir, tiny_corpus, {"rtn@int4-g16": {"steps": ["rtn"], "weight": "int4-g16"}})
-    config["device"] = "auto"  # asks for a GPU (the cluster's stand-in A100); computes on the CPU
-    config["corpora"]["tiny2"] = config["corpora"]["tiny"]
-    config["eval"]["ppl"]["datasets"] = ["tiny", "tiny2"]
-    gpu_job = {"gpus": 1, "gpu_model": "a100", "mem_mb": 1500, "runtime": 30}  # minutes: ample on a busy machine
-    config["resources"] = {"quantize": gpu_job, "eval_ppl": gpu_job, "other": {"mem_mb": 1000, "runtime": 30}}
-    config["slurm"] = {"partition": "ptqtest", "account": "ptqlab"}  # without them sbatch refuses or bills root
-    config["storage"] = {"temporary_artifacts": True}
-    write_config(tmp_path, config)
+def test_a_paper_slice_runs_as_slurm_jobs(slurm_cluster, hub_home, tmp_path):
+    """A slice of the MX-PTQ paper config, rehearsed offline (test_rehearsal), through the
+    repository's profile with the environment a user sets (partition and account as SBATCH_*
+    variables): the stage-in runs where Snakemake runs; every other job is a SLURM job in that
+    partition and account (the plugin follows them through `sacct`, its default status command);
+    the GPU jobs ask for the config's A100 and the tables none; each recipe's evaluations on both
+    corpora are one submission, after which the model is deleted (storage.temporary_artifacts);
+    no job reaches the network; the paper tables are filled."""
+    paper, models, recipes = SLICE
     env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "SBATCH_"))}
-    env["PATH"] = os.pathsep.join([str(slurm_cluster / "bin"), str(Path(sys.executable).parent), env["PATH"]])
-    run = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-         "--profile", str(REPO / "profiles" / "slurm"), "--jobs", "4", "--retries", "0", "--latency-wait", "5",
-         # the first status check after 1 s, not 40
-         "--slurm-init-seconds-before-status-checks", "1",
-         "--slurm-keep-successful-logs", "results/tables/all.csv"],
-        capture_output=True, text=True, env=env, timeout=900,  # 2-4 min; a hung status check fails, not hangs
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    env.update(PATH=os.pathsep.join([str(slurm_cluster / "bin"), str(Path(sys.executable).parent), env["PATH"]]),
+               SBATCH_PARTITION="ptqtest", SBATCH_ACCOUNT="ptqlab")
+    rehearsal = rehearse(paper, tmp_path, hub_home, models, recipes, env=env, timeout=1200, extra=[
+        "--profile", str(REPO / "profiles" / "slurm"), "--jobs", "4", "--retries", "0", "--latency-wait", "5",
+        # the first status check after 1 s, not 40
+        "--slurm-init-seconds-before-status-checks", "1", "--slurm-keep-successful-logs"])
+    print(f"rehearsal {paper} {models} {recipes} on SLURM: {rehearsal.jobs} jobs, {rehearsal.seconds:.0f} s")
+    check_rehearsal(rehearsal)
 
     # the plugin logs each submission under .snakemake/slurm_logs/<rule_RULE | group_GROUP_RULES>/.../<job id>.log
     logs = (tmp_path / ".snakemake" / "slurm_logs").rglob("*.log")
     submitted = {path.stem: path.relative_to(tmp_path / ".snakemake" / "slurm_logs").parts[0] for path in logs}
-    # the stage-in (prepare_model, prepare_corpus) runs where Snakemake runs; RTN reads no calibration
-    assert sorted(submitted.values()) == sorted([
-        "rule_float_reference", "rule_float_reference", "rule_quantize", "group_eval_tiny_rtn@int4-g16_s0_eval_ppl",
-        "rule_tables"]), submitted
+    kinds = sorted(set(submitted.values()))
+    assert not any(kind.startswith(("rule_prepare_", "rule_stage")) for kind in kinds), kinds
+    evaluations = sorted(kind for kind in submitted.values() if kind.startswith("group_eval_"))
+    assert evaluations == sorted(f"group_eval_llama-2-7b_{recipe}_s0_eval_ppl" for recipe in recipes), submitted
+    assert {"rule_quantize", "rule_float_reference", "rule_calibrate", "rule_tables"} <= set(kinds), kinds
     jobs = {job["JobId"]: job for job in slurm_jobs(slurm_cluster)}
     assert set(jobs) == set(submitted)
     assert all(job["JobState"] == "COMPLETED" and job["Partition"] == "ptqtest" for job in jobs.values()), jobs
     accounted = accounted_jobs(slurm_cluster)
     assert set(accounted) == set(submitted)
     assert all(job == {"State": "COMPLETED", "Account": "ptqlab", "Partition": "ptqtest"} for job in accounted.values()), accounted
-    gpus = {submitted[number]: job.get("TresPerJob") for number, job in jobs.items()}
-    assert gpus["rule_quantize"] == gpus["group_eval_tiny_rtn@int4-g16_s0_eval_ppl"] == "gres:gpu:a100:1", gpus
-    assert gpus["rule_float_reference"] == "gres:gpu:a100:1" and gpus["rule_tables"] is None, gpus
-
-    table = pandas.read_csv(tmp_path / "results/tables/all.csv")
-    ppl = table[(table.kind == "perplexity") & (table.metric == "ppl")]
-    assert sorted(zip(ppl.recipe, ppl.dataset)) == [("rtn@int4-g16", "tiny"), ("rtn@int4-g16", "tiny2")]
-    assert not (tmp_path / "results/quantized/tiny/rtn@int4-g16/s0").exists()  # deleted after its evaluations
-    assert (tmp_path / "results/metrics/tiny/rtn@int4-g16/s0/quantize.json").is_file()
+    for number, job in jobs.items():
+        gpu = submitted[number] in GPU_JOBS or submitted[number] in evaluations
+        assert job.get("TresPerJob") == ("gres:gpu:a100:1" if gpu else None), (submitted[number], job)
+    assert not (tmp_path / f"results/quantized/llama-2-7b/{recipes[1]}/s0").exists()  # deleted after its evaluations
+    assert (tmp_path / f"results/metrics/llama-2-7b/{recipes[1]}/s0/quantize.json").is_file()
