@@ -351,8 +351,9 @@ def test_an_interrupt_is_one_line_and_exit_code_130(world, tmp_path, signum):
             for part in quantize(SPEC, "{steps: [{magr: {iterations: 300}}, gptq], weight: int3}", "--threads", "1",
                                  "--checkpoint-dir", "%T/ckpt")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # SIGINT as a terminal's foreground job has it: a test worker may ignore it, which its children inherit
     job = subprocess.Popen([sys.executable, "-m", "ptqrepro.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, env=env)
+                           text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in job.stdout:
         if line.startswith("layer 0:"):
             job.send_signal(signum)
