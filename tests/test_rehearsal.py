@@ -9,7 +9,8 @@ Snakefile on it in a temp folder with HF_HUB_OFFLINE=1 and a network guard in ev
 (tests/netguard), through the data preparation, calibration, quantization,
 evaluation, tables, claims and the papers' tables. The values are meaningless; the path is not.
 
-    pytest -m rehearsal            every paper config (tens of minutes: see README)
+    python -m pytest -m rehearsal -n 0 -s    every paper config, each printing its jobs and time
+                                             (one worker: -s shows the prints; an hour and more)
 
 The default run (and CI) deselects the ``rehearsal`` mark (pyproject.toml); it runs one slice of
 the MX-PTQ config through ``--profile profiles/slurm`` on the SLURM test cluster (test_slurm.py,
